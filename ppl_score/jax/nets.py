@@ -1,0 +1,56 @@
+"""Small networks used as energies and score models (JAX): pure ``init`` / ``apply``
+functions over a list of ``(W [in, out], b [out])`` pairs, the layout of
+``ppl_score.torch.nets.mlp_params``."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def mlp_init(key, sizes, dtype=jnp.float32):
+    """Layers ``sizes[0] -> ... -> sizes[-1]`` with torch's default ``nn.Linear`` init
+    (uniform in +-1/sqrt(fan_in))."""
+    params = []
+    for k, (a, b) in zip(jax.random.split(key, len(sizes) - 1), zip(sizes[:-1], sizes[1:])):
+        kw, kb = jax.random.split(k)
+        bound = 1.0 / math.sqrt(a)
+        params.append(
+            (
+                jax.random.uniform(kw, (a, b), dtype, -bound, bound),
+                jax.random.uniform(kb, (b,), dtype, -bound, bound),
+            )
+        )
+    return params
+
+
+def mlp_apply(params, h, activation=jax.nn.softplus):
+    for w, b in params[:-1]:
+        h = activation(h @ w + b)
+    w, b = params[-1]
+    return h @ w + b
+
+
+def energy_init(key, dim: int, hidden=(512, 512, 512), dtype=jnp.float32):
+    """Parameters of ``energy_apply``: an MLP ``dim -> hidden -> 1``."""
+    return mlp_init(key, (dim, *hidden, 1), dtype)
+
+
+def energy_apply(params, x, activation=jax.nn.softplus, quadratic: float = 0.0):
+    """``log p(x) + const`` for ``x[B, *event] -> [B]``; mirrors ``torch.nets.MLPEnergy``."""
+    flat = x.reshape(x.shape[0], -1)
+    out = mlp_apply(params, flat, activation)[:, 0]
+    if quadratic:
+        out = out - 0.5 * quadratic * (flat * flat).sum(-1)
+    return out
+
+
+def score_init(key, dim: int, hidden=(256, 256), dtype=jnp.float32):
+    return mlp_init(key, (dim, *hidden, dim), dtype)
+
+
+def score_apply(params, x, activation=jax.nn.softplus):
+    """Score network ``x[B, *event] -> [B, *event]``; mirrors ``torch.nets.MLPScore``."""
+    return mlp_apply(params, x.reshape(x.shape[0], -1), activation).reshape(x.shape)

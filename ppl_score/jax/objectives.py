@@ -1,0 +1,191 @@
+"""The six score-matching objectives of ``ppl_score.spec.OBJECTIVES`` (JAX).
+
+Each ``_per_example_<method>`` returns the per-example value ``[B]``; ``score_matching_loss``
+validates, draws what is random, and reduces. The math is in ``ppl_score.spec`` and in
+SPEC.md section 1. Method, kind, options and reduction are static under ``jax.jit``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import spec
+from . import derivatives as d
+from .sampling import draw_directions, draw_noise, draw_projections, unit_directions
+
+__all__ = ["score_matching_loss"]
+
+
+def _flat_sum(t: jax.Array) -> jax.Array:
+    """Sum over all but the first dim (event dims of ``[N, *event]``)."""
+    return t.reshape(t.shape[0], -1).sum(-1)
+
+
+def _replicate(x: jax.Array, m: int) -> jax.Array:
+    """``[B, *event] -> [M * B, *event]``: M stacked copies."""
+    return x if m == 1 else jnp.broadcast_to(x, (m, *x.shape)).reshape(m * x.shape[0], *x.shape[1:])
+
+
+def _per_example_esm(fn, kind, x, **_):
+    s, trace = d.hessian_trace(fn, kind, x)
+    return trace + 0.5 * _flat_sum(s * s)
+
+
+def _per_example_ssm(fn, kind, x, *, v, **_):
+    s, vhv = d.score_and_quadratic_forms(fn, kind, x, v)  # [B, *event], [M, B]
+    vs = jax.vmap(lambda vm: _flat_sum(vm * s))(v)
+    return (vhv + 0.5 * vs**2).mean(0)
+
+
+def _per_example_ssm_vr(fn, kind, x, *, v, **_):
+    s, vhv = d.score_and_quadratic_forms(fn, kind, x, v)
+    return vhv.mean(0) + 0.5 * _flat_sum(s * s)
+
+
+def _per_example_dsm(fn, kind, x, *, noise, sigma, **_):
+    s = d.score_fn(fn, kind)(x + sigma * noise)
+    return 0.5 * _flat_sum((s + noise / sigma) ** 2)
+
+
+def _fd_steps(x, u, eps):
+    """``v = eps u/||u||`` flattened to ``[M * B, *event]`` and ``c = D / eps^2``."""
+    m = u.shape[0]
+    v = (eps * unit_directions(u)).reshape(m * x.shape[0], *x.shape[1:])
+    return v, spec.event_size(x.shape) / eps**2
+
+
+def _per_example_fd_ssm(fn, kind, x, *, u, eps, **_):
+    m, b = u.shape[0], x.shape[0]
+    v, c = _fd_steps(x, u, eps)
+    xr = _replicate(x, m)
+    if kind == "log_prob":
+        # one batched call on [x; x+v; x-v]
+        out = d.evaluate(fn, kind, jnp.concatenate([x, xr + v, xr - v]))
+        l0, lp, lm = out[:b], out[b : b + m * b], out[b + m * b :]
+        val = c * (lp + lm - 2 * _replicate(l0, m) + 0.125 * (lp - lm) ** 2)
+    else:
+        out = d.evaluate(fn, kind, jnp.concatenate([xr + v, xr - v]))
+        sp, sm = out[: m * b], out[m * b :]
+        val = 0.125 * _flat_sum((sp + sm) ** 2) + 0.5 * c * _flat_sum((sp - sm) * v)
+    return val.reshape(m, b).mean(0)
+
+
+def _per_example_fd_dsm(fn, kind, x, *, u, noise, sigma, eps, **_):
+    m, b = u.shape[0], x.shape[0]
+    v, c = _fd_steps(x, u, eps)
+    xt = _replicate(x + sigma * noise, m)
+    shift = _replicate(noise / sigma, m)  # (x~ - x) / sigma^2
+    out = d.evaluate(fn, kind, jnp.concatenate([xt + v, xt - v]))
+    fp, fm = out[: m * b], out[m * b :]
+    if kind == "log_prob":
+        inner = 0.5 * (fp - fm) + _flat_sum(v * shift)
+    else:
+        inner = _flat_sum(v * (0.5 * (fp + fm) + shift))
+    return (0.5 * c * inner**2).reshape(m, b).mean(0)
+
+
+_PER_EXAMPLE = {
+    "esm": _per_example_esm,
+    "ssm": _per_example_ssm,
+    "ssm_vr": _per_example_ssm_vr,
+    "dsm": _per_example_dsm,
+    "fd_ssm": _per_example_fd_ssm,
+    "fd_dsm": _per_example_fd_dsm,
+}
+
+
+def _is_concrete(a) -> bool:
+    return not isinstance(a, jax.core.Tracer)
+
+
+def _as_array(name: str, a, dtype=None) -> jax.Array:
+    if not isinstance(a, (jax.Array, np.ndarray)):
+        raise TypeError(f"argument {name!r} must be a jax.Array or numpy array, got {type(a).__name__}")
+    a = jnp.asarray(a) if dtype is None else jnp.asarray(a, dtype=dtype)
+    # finiteness needs concrete values: checked eagerly, skipped under tracing
+    if _is_concrete(a) and not bool(jnp.isfinite(a).all()):
+        raise ValueError(f"argument {name!r} contains non-finite values (nan or inf)")
+    return a
+
+
+def score_matching_loss(
+    fn,
+    x,
+    method: str = "ssm_vr",
+    *,
+    key=None,
+    kind: str = "log_prob",
+    projections=None,
+    noise=None,
+    reduction: str = "mean",
+    **options,
+) -> jax.Array:
+    """Score-matching objective ``method`` of ``fn`` on the batch ``x``.
+
+    Args:
+        fn: ``kind="log_prob"``: ``x[B, *event] -> [B]``, a log density up to a constant;
+            ``kind="score"``: ``x[B, *event] -> [B, *event]``, a score network.
+        x: data ``[B, *event]``, floating dtype.
+        method: one of ``ppl_score.spec.OBJECTIVES`` (``esm``, ``ssm``, ``ssm_vr``, ``dsm``,
+            ``fd_ssm``, ``fd_dsm``).
+        key: PRNG key, required when something random must be drawn.
+        projections: explicit ``v`` (``ssm``, ``ssm_vr``) or directions ``u`` (``fd_*``),
+            ``[M, B, *event]`` or ``[B, *event]``.
+        noise: explicit ``n ~ N(0, I)`` for ``dsm`` / ``fd_dsm``, ``[B, *event]``.
+        reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (per-example ``[B]``).
+        **options: the method's options (see ``OBJECTIVES[method].defaults``).
+
+    Returns:
+        The reduced objective; differentiate it with ``jax.grad`` of a function that
+        builds ``fn`` from its parameters. ``jit``-compatible with everything but the
+        arrays static.
+    """
+    resolved = spec.resolve(method, kind, options)
+    spec.check_reduction(reduction)
+    if not callable(fn):
+        raise TypeError(f"argument 'fn' must be callable, got {type(fn).__name__}")
+    x = _as_array("x", x)
+    spec.check_dtype(jnp.issubdtype(x.dtype, jnp.floating), x.dtype)
+    spec.check_x_shape(tuple(x.shape))
+    spec.check_unused(resolved, projections is not None, noise is not None)
+    opts = dict(resolved.options)
+    name, fd = resolved.method, resolved.method.startswith("fd_")
+    kwargs = {k: opts[k] for k in ("sigma", "eps") if k in opts}
+    needs_key = (resolved.spec.uses_projections and projections is None) or (
+        resolved.spec.uses_noise and noise is None
+    )
+    if needs_key and key is None:
+        raise ValueError(
+            f"argument 'key' is required: method {name!r} draws random "
+            f"{'projections' if projections is None and resolved.spec.uses_projections else 'noise'}"
+            " (or pass them explicitly)"
+        )
+    key_proj, key_noise = jax.random.split(key) if needs_key else (None, None)
+    if resolved.spec.uses_projections:
+        if projections is not None:
+            projections = _as_array("projections", projections, x.dtype)
+            m = spec.check_projection_shape(resolved, tuple(projections.shape), tuple(x.shape))
+            proj = projections.reshape(m, *x.shape)
+            if fd and _is_concrete(proj) and not bool((jnp.linalg.norm(proj.reshape(m, x.shape[0], -1), axis=-1) > 0).all()):
+                raise ValueError("argument 'projections' holds a zero direction u; fd_* methods use u/||u||")
+        else:
+            shape = (opts["n_projections"], *x.shape)
+            proj = draw_directions(key_proj, shape, x.dtype) if fd else draw_projections(
+                key_proj, shape, opts["projection"], x.dtype
+            )
+        kwargs["u" if fd else "v"] = proj
+    if resolved.spec.uses_noise:
+        if noise is not None:
+            noise = _as_array("noise", noise, x.dtype)
+            spec.check_noise_shape(resolved, tuple(noise.shape), tuple(x.shape))
+        else:
+            noise = draw_noise(key_noise, x.shape, x.dtype)
+        kwargs["noise"] = noise
+    if "eps" in opts:
+        spec.fd_roundoff_warning(opts["eps"], float(jnp.finfo(x.dtype).eps), str(x.dtype))
+    per_example = _PER_EXAMPLE[name](fn, resolved.kind, x, **kwargs)
+    if reduction == "none":
+        return per_example
+    return per_example.sum() if reduction == "sum" else per_example.mean()

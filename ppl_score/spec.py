@@ -1,0 +1,285 @@
+"""Backend-neutral registry of score-matching objectives and validation of their options.
+
+This module is the single source of truth for names, defaults and error messages shared
+by the torch and JAX backends and by the Pyro and NumPyro front ends. It imports neither
+framework, so ``import ppl_score`` stays light.
+
+Notation: ``x`` has shape ``[B, *event]``, ``D = prod(event)``, ``s(x) = grad_x log p(x)``,
+``H(x) = grad_x s(x)``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+__all__ = [
+    "OBJECTIVES",
+    "KINDS",
+    "PROJECTIONS",
+    "REDUCTIONS",
+    "ObjectiveSpec",
+    "Resolved",
+    "resolve",
+    "check_reduction",
+    "check_unused",
+    "check_x_shape",
+    "check_dtype",
+    "check_projection_shape",
+    "check_noise_shape",
+    "check_fn_output_shape",
+    "fd_roundoff_warning",
+    "event_size",
+]
+
+KINDS = ("log_prob", "score")
+PROJECTIONS = ("rademacher", "gaussian", "sphere")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """One score-matching objective: what it estimates and which options it takes."""
+
+    name: str
+    summary: str
+    formula: str
+    defaults: Mapping[str, Any]
+    kinds: tuple = KINDS
+    uses_projections: bool = False  # draws v (ssm, ssm_vr) or directions u (fd_*)
+    uses_noise: bool = False  # draws n ~ N(0, I) (dsm, fd_dsm)
+    reference: str = ""
+
+    def __post_init__(self):
+        object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
+
+
+OBJECTIVES: Mapping[str, ObjectiveSpec] = MappingProxyType(
+    {
+        "esm": ObjectiveSpec(
+            name="esm",
+            summary="Exact score matching: Hessian trace plus half the squared score norm.",
+            formula="tr H(x) + 1/2 ||s(x)||^2",
+            defaults={},
+            reference="Hyvarinen (2005), JMLR 6.",
+        ),
+        "ssm": ObjectiveSpec(
+            name="ssm",
+            summary="Sliced score matching: random projections of the Hessian and the score.",
+            formula="mean_m [ v_m^T H(x) v_m + 1/2 (v_m^T s(x))^2 ],  E[v v^T] = I",
+            defaults={"n_projections": 1, "projection": "rademacher"},
+            uses_projections=True,
+            reference="Song, Garg, Shi, Ermon (2019), UAI.",
+        ),
+        "ssm_vr": ObjectiveSpec(
+            name="ssm_vr",
+            summary="Sliced score matching with variance reduction (score norm in closed form).",
+            formula="mean_m [ v_m^T H(x) v_m ] + 1/2 ||s(x)||^2,  E[v v^T] = I",
+            defaults={"n_projections": 1, "projection": "rademacher"},
+            uses_projections=True,
+            reference="Song, Garg, Shi, Ermon (2019), UAI.",
+        ),
+        "dsm": ObjectiveSpec(
+            name="dsm",
+            summary="Denoising score matching with Gaussian noise of scale sigma.",
+            formula="1/2 || s(x~) + (x~ - x)/sigma^2 ||^2,  x~ = x + sigma n,  n ~ N(0, I)",
+            defaults={"sigma": 0.1},
+            uses_noise=True,
+            reference="Vincent (2011), Neural Computation 23.",
+        ),
+        "fd_ssm": ObjectiveSpec(
+            name="fd_ssm",
+            summary="Finite-difference sliced score matching (derivatives by central differences).",
+            formula=(
+                "log_prob: c [ l(x+v) + l(x-v) - 2 l(x) + 1/8 (l(x+v) - l(x-v))^2 ]; "
+                "score: 1/8 ||s(x+v) + s(x-v)||^2 + c/2 (s(x+v) - s(x-v))^T v; "
+                "v = eps u/||u||, c = D/eps^2"
+            ),
+            defaults={"eps": 0.1, "n_projections": 1},
+            uses_projections=True,
+            reference="Pang, Xu, Li, Song, Ermon, Zhu (2020), NeurIPS.",
+        ),
+        "fd_dsm": ObjectiveSpec(
+            name="fd_dsm",
+            summary="Finite-difference denoising score matching.",
+            formula=(
+                "log_prob: c/2 [ (l(x~+v) - l(x~-v))/2 + v^T (x~ - x)/sigma^2 ]^2; "
+                "score: c/2 [ v^T ((s(x~+v) + s(x~-v))/2 + (x~ - x)/sigma^2) ]^2; "
+                "v = eps u/||u||, c = D/eps^2"
+            ),
+            defaults={"sigma": 0.1, "eps": 0.1, "n_projections": 1},
+            uses_projections=True,
+            uses_noise=True,
+            reference="Pang, Xu, Li, Song, Ermon, Zhu (2020), NeurIPS.",
+        ),
+    }
+)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A validated ``(method, kind, options)`` triple.
+
+    ``explicit`` holds the option names the caller passed (an explicit ``n_projections``
+    must agree with the shape of explicit ``projections``).
+    """
+
+    spec: ObjectiveSpec
+    kind: str
+    options: Mapping[str, Any]
+    explicit: frozenset = field(default_factory=frozenset)
+
+    @property
+    def method(self) -> str:
+        return self.spec.name
+
+
+def _check_positive_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"option {name!r} must be a positive real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0.0:
+        raise ValueError(f"option {name!r} must be a finite number > 0, got {value!r}")
+    return value
+
+
+def _check_n_projections(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"option 'n_projections' must be an int >= 1, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"option 'n_projections' must be >= 1, got {value!r}")
+    return int(value)
+
+
+def _check_projection(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"option 'projection' must be a string, got {type(value).__name__}")
+    if value not in PROJECTIONS:
+        raise ValueError(f"option 'projection' must be one of {PROJECTIONS}, got {value!r}")
+    return value
+
+
+_OPTION_CHECKS = {
+    "sigma": lambda v: _check_positive_float("sigma", v),
+    "eps": lambda v: _check_positive_float("eps", v),
+    "n_projections": _check_n_projections,
+    "projection": _check_projection,
+}
+
+
+def resolve(method: Any, kind: Any = "log_prob", options: Mapping[str, Any] | None = None) -> Resolved:
+    """Validate ``method``, ``kind`` and ``options`` and fill in the defaults.
+
+    Raises ``ValueError`` (``TypeError`` for a wrong type) naming the offending argument.
+    """
+    if not isinstance(method, str):
+        raise TypeError(f"argument 'method' must be a string, got {type(method).__name__}")
+    if method not in OBJECTIVES:
+        raise ValueError(f"unknown method {method!r}; argument 'method' must be one of {tuple(OBJECTIVES)}")
+    spec = OBJECTIVES[method]
+    if not isinstance(kind, str):
+        raise TypeError(f"argument 'kind' must be a string, got {type(kind).__name__}")
+    if kind not in spec.kinds:
+        raise ValueError(f"argument 'kind' must be one of {spec.kinds} for method {method!r}, got {kind!r}")
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(spec.defaults))
+    if unknown:
+        allowed = tuple(spec.defaults) or "none"
+        raise ValueError(f"unknown option(s) {unknown} for method {method!r}; its options are {allowed}")
+    resolved = dict(spec.defaults)
+    for name, value in options.items():
+        resolved[name] = _OPTION_CHECKS[name](value)
+    return Resolved(spec=spec, kind=kind, options=MappingProxyType(resolved), explicit=frozenset(options))
+
+
+def check_reduction(reduction: Any) -> str:
+    if not isinstance(reduction, str):
+        raise TypeError(f"argument 'reduction' must be a string, got {type(reduction).__name__}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"argument 'reduction' must be one of {REDUCTIONS}, got {reduction!r}")
+    return reduction
+
+
+def event_size(shape: tuple) -> int:
+    """``D = prod(event)`` for ``x`` of shape ``[B, *event]``."""
+    return int(math.prod(shape[1:]))
+
+
+def check_x_shape(shape: tuple) -> None:
+    if len(shape) < 1:
+        raise ValueError("argument 'x' must have shape [B, *event] with a batch dimension, got a scalar")
+    if shape[0] < 1:
+        raise ValueError(f"argument 'x' must have a non-empty batch dimension, got shape {tuple(shape)}")
+
+
+def check_projection_shape(resolved: Resolved, proj_shape: tuple, x_shape: tuple) -> int:
+    """Return the number of projections M implied by explicit ``projections``.
+
+    Accepts ``[M, B, *event]`` or ``[B, *event]`` (M = 1).
+    """
+    proj_shape, x_shape = tuple(proj_shape), tuple(x_shape)
+    if proj_shape == x_shape:
+        m = 1
+    elif len(proj_shape) == len(x_shape) + 1 and proj_shape[1:] == x_shape:
+        m = proj_shape[0]
+    else:
+        raise ValueError(
+            f"argument 'projections' must have shape [M, *x.shape] or x.shape = {x_shape}, got {proj_shape}"
+        )
+    if m < 1:
+        raise ValueError("argument 'projections' must hold at least one projection (M >= 1)")
+    if "n_projections" in resolved.explicit and resolved.options["n_projections"] != m:
+        raise ValueError(
+            f"option 'n_projections'={resolved.options['n_projections']} disagrees with "
+            f"argument 'projections', which holds {m}"
+        )
+    return m
+
+
+def check_unused(resolved: Resolved, has_projections: bool, has_noise: bool) -> None:
+    """Explicit ``projections`` / ``noise`` for a method that draws none is an error."""
+    if has_projections and not resolved.spec.uses_projections:
+        raise ValueError(f"argument 'projections' is not used by method {resolved.method!r}")
+    if has_noise and not resolved.spec.uses_noise:
+        raise ValueError(f"argument 'noise' is not used by method {resolved.method!r}")
+
+
+def check_noise_shape(resolved: Resolved, noise_shape: tuple, x_shape: tuple) -> None:
+    if tuple(noise_shape) != tuple(x_shape):
+        raise ValueError(f"argument 'noise' must have the shape of x, {tuple(x_shape)}, got {tuple(noise_shape)}")
+
+
+def check_fn_output_shape(kind: str, out_shape: tuple, in_shape: tuple) -> None:
+    out_shape, in_shape = tuple(out_shape), tuple(in_shape)
+    expected = in_shape[:1] if kind == "log_prob" else in_shape
+    if out_shape != expected:
+        what = "[B] (one log density per example)" if kind == "log_prob" else "[B, *event] (the shape of x)"
+        raise ValueError(
+            f"argument 'fn' with kind={kind!r} must map x of shape {in_shape} to {what} = {expected}, "
+            f"got {out_shape}"
+        )
+
+
+def check_dtype(is_floating: bool, dtype: Any) -> None:
+    if not is_floating:
+        raise TypeError(f"argument 'x' must have a floating dtype, got {dtype}")
+
+
+def fd_roundoff_warning(eps: float, dtype_eps: float, dtype_name: str) -> None:
+    """Warn when central differences at ``eps`` drown in round-off for this dtype.
+
+    The second difference ``l(x+v) + l(x-v) - 2 l(x)`` has relative round-off of order
+    ``dtype_eps / eps^2``; below ``eps ~ 10 sqrt(dtype_eps)`` it exceeds about 1%.
+    """
+    threshold = 10.0 * math.sqrt(dtype_eps)
+    if eps < threshold:
+        warnings.warn(
+            f"option 'eps'={eps:g} is small for {dtype_name} (round-off in the finite differences "
+            f"grows like machine-eps/eps^2); use eps >= {threshold:.1e} or float64",
+            RuntimeWarning,
+            stacklevel=3,
+        )

@@ -1,0 +1,198 @@
+"""The six score-matching objectives of ``ppl_score.spec.OBJECTIVES`` (torch).
+
+Each ``_per_example_<method>`` returns the per-example value ``[B]``; ``score_matching_loss``
+validates, draws what is random, and reduces. The math is in ``ppl_score.spec`` and in
+SPEC.md section 1.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from .. import spec
+from . import derivatives as d
+from .sampling import draw_directions, draw_noise, draw_projections, unit_directions
+
+__all__ = ["score_matching_loss"]
+
+
+def _flat_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over all but the first dim (event dims of ``[N, *event]``)."""
+    return t.reshape(t.shape[0], -1).sum(-1)
+
+
+def _replicate(x: torch.Tensor, m: int) -> torch.Tensor:
+    """``[B, *event] -> [M * B, *event]``: M stacked copies (a view when M = 1)."""
+    return x if m == 1 else x.unsqueeze(0).expand(m, *x.shape).reshape(m * x.shape[0], *x.shape[1:])
+
+
+def _mean_over_projections(t: torch.Tensor, m: int) -> torch.Tensor:
+    return t.reshape(m, -1).mean(0)
+
+
+def _per_example_esm(fn, kind, x, **_):
+    xg = d.differentiable_input(x)
+    s = d.score(fn, kind, xg)
+    return d.hessian_trace(s, xg) + 0.5 * _flat_sum(s * s)
+
+
+def _sliced(fn, kind, x, v, variance_reduced):
+    m = v.shape[0]
+    xg = d.differentiable_input(_replicate(x, m))
+    s = d.score(fn, kind, xg)
+    vf = v.reshape(m * x.shape[0], *x.shape[1:])
+    vhv = d.quadratic_form(s, xg, vf)
+    if variance_reduced:
+        # the M copies of s are equal; use the first
+        return _mean_over_projections(vhv, m) + 0.5 * _flat_sum(s[: x.shape[0]] ** 2)
+    return _mean_over_projections(vhv + 0.5 * _flat_sum(s * vf) ** 2, m)
+
+
+def _per_example_ssm(fn, kind, x, *, v, **_):
+    return _sliced(fn, kind, x, v, variance_reduced=False)
+
+
+def _per_example_ssm_vr(fn, kind, x, *, v, **_):
+    return _sliced(fn, kind, x, v, variance_reduced=True)
+
+
+def _per_example_dsm(fn, kind, x, *, noise, sigma, **_):
+    xg = d.differentiable_input(x + sigma * noise)
+    s = d.score(fn, kind, xg)
+    return 0.5 * _flat_sum((s + noise / sigma) ** 2)
+
+
+def _fd_steps(x, u, eps):
+    """``v = eps u/||u||`` flattened to ``[M * B, *event]`` and ``c = D / eps^2``."""
+    m = u.shape[0]
+    v = (eps * unit_directions(u)).reshape(m * x.shape[0], *x.shape[1:])
+    return v, spec.event_size(tuple(x.shape)) / eps**2
+
+
+def _per_example_fd_ssm(fn, kind, x, *, u, eps, **_):
+    m, b = u.shape[0], x.shape[0]
+    v, c = _fd_steps(x, u, eps)
+    xr = _replicate(x, m)
+    if kind == "log_prob":
+        # one batched call on [x; x+v; x-v]
+        out = d.evaluate(fn, kind, torch.cat([x, xr + v, xr - v]))
+        l0, lp, lm = out[:b], out[b : b + m * b], out[b + m * b :]
+        val = c * (lp + lm - 2 * _replicate(l0, m) + 0.125 * (lp - lm) ** 2)
+    else:
+        out = d.evaluate(fn, kind, torch.cat([xr + v, xr - v]))
+        sp, sm = out[: m * b], out[m * b :]
+        val = 0.125 * _flat_sum((sp + sm) ** 2) + 0.5 * c * _flat_sum((sp - sm) * v)
+    return _mean_over_projections(val, m)
+
+
+def _per_example_fd_dsm(fn, kind, x, *, u, noise, sigma, eps, **_):
+    m, b = u.shape[0], x.shape[0]
+    v, c = _fd_steps(x, u, eps)
+    xt = _replicate(x + sigma * noise, m)
+    shift = _replicate(noise / sigma, m)  # (x~ - x) / sigma^2
+    out = d.evaluate(fn, kind, torch.cat([xt + v, xt - v]))
+    fp, fm = out[: m * b], out[m * b :]
+    if kind == "log_prob":
+        inner = 0.5 * (fp - fm) + _flat_sum(v * shift)
+    else:
+        inner = _flat_sum(v * (0.5 * (fp + fm) + shift))
+    return _mean_over_projections(0.5 * c * inner**2, m)
+
+
+_PER_EXAMPLE = {
+    "esm": _per_example_esm,
+    "ssm": _per_example_ssm,
+    "ssm_vr": _per_example_ssm_vr,
+    "dsm": _per_example_dsm,
+    "fd_ssm": _per_example_fd_ssm,
+    "fd_dsm": _per_example_fd_dsm,
+}
+
+
+def _check_x(x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"argument 'x' must be a torch.Tensor, got {type(x).__name__}")
+    spec.check_dtype(x.is_floating_point(), x.dtype)
+    spec.check_x_shape(tuple(x.shape))
+    if not torch.isfinite(x).all():
+        raise ValueError("argument 'x' contains non-finite values (nan or inf)")
+
+
+def _check_tensor(name: str, t, x: torch.Tensor) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"argument {name!r} must be a torch.Tensor, got {type(t).__name__}")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"argument {name!r} contains non-finite values (nan or inf)")
+    return t.to(dtype=x.dtype, device=x.device)
+
+
+def score_matching_loss(
+    fn,
+    x: torch.Tensor,
+    method: str = "ssm_vr",
+    *,
+    kind: str = "log_prob",
+    projections: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    reduction: str = "mean",
+    **options,
+) -> torch.Tensor:
+    """Score-matching objective ``method`` of ``fn`` on the batch ``x``.
+
+    Args:
+        fn: ``kind="log_prob"``: ``x[B, *event] -> [B]``, a log density up to a constant;
+            ``kind="score"``: ``x[B, *event] -> [B, *event]``, a score network.
+        x: data ``[B, *event]``, floating dtype. Its own graph is kept when it requires grad.
+        method: one of ``ppl_score.spec.OBJECTIVES`` (``esm``, ``ssm``, ``ssm_vr``, ``dsm``,
+            ``fd_ssm``, ``fd_dsm``).
+        projections: explicit ``v`` (``ssm``, ``ssm_vr``) or directions ``u`` (``fd_*``),
+            ``[M, B, *event]`` or ``[B, *event]``.
+        noise: explicit ``n ~ N(0, I)`` for ``dsm`` / ``fd_dsm``, ``[B, *event]``.
+        generator: ``torch.Generator`` for the random draws (default: the global one).
+        reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (per-example ``[B]``).
+        **options: the method's options (see ``OBJECTIVES[method].defaults``).
+
+    Returns:
+        The reduced objective, differentiable in the parameters ``fn`` closes over.
+    """
+    resolved = spec.resolve(method, kind, options)
+    spec.check_reduction(reduction)
+    if not callable(fn):
+        raise TypeError(f"argument 'fn' must be callable, got {type(fn).__name__}")
+    _check_x(x)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"argument 'generator' must be a torch.Generator, got {type(generator).__name__}")
+    spec.check_unused(resolved, projections is not None, noise is not None)
+    opts = dict(resolved.options)
+    draw = dict(generator=generator, dtype=x.dtype, device=x.device)
+    name, fd = resolved.method, resolved.method.startswith("fd_")
+    kwargs = {key: opts[key] for key in ("sigma", "eps") if key in opts}
+    if resolved.spec.uses_projections:
+        if projections is not None:
+            projections = _check_tensor("projections", projections, x)
+            m = spec.check_projection_shape(resolved, tuple(projections.shape), tuple(x.shape))
+            proj = projections.reshape(m, *x.shape)
+            if fd and not bool((proj.reshape(m, x.shape[0], -1).norm(dim=-1) > 0).all()):
+                raise ValueError("argument 'projections' holds a zero direction u; fd_* methods use u/||u||")
+        else:
+            shape = (opts["n_projections"], *x.shape)
+            proj = draw_directions(shape, **draw) if fd else draw_projections(shape, opts["projection"], **draw)
+        kwargs["u" if fd else "v"] = proj
+    if resolved.spec.uses_noise:
+        if noise is not None:
+            noise = _check_tensor("noise", noise, x)
+            spec.check_noise_shape(resolved, tuple(noise.shape), tuple(x.shape))
+        else:
+            noise = draw_noise(x.shape, **draw)
+        kwargs["noise"] = noise
+    if "eps" in opts:
+        spec.fd_roundoff_warning(opts["eps"], torch.finfo(x.dtype).eps, str(x.dtype))
+    per_example = _PER_EXAMPLE[name](fn, resolved.kind, x, **kwargs)
+    if reduction == "none":
+        return per_example
+    return per_example.sum() if reduction == "sum" else per_example.mean()
+

@@ -1,0 +1,49 @@
+"""Random projections, finite-difference directions and noise (torch).
+
+Every draw takes an optional ``torch.Generator``; without one the global generator is used.
+Shapes are ``[M, B, *event]`` for projections and ``[B, *event]`` for noise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def event_norm(u: torch.Tensor, batch_dims: int) -> torch.Tensor:
+    """Norm over the event dims of ``u``, shaped to broadcast against ``u``."""
+    lead = u.shape[:batch_dims]
+    norm = u.reshape(*lead, -1).norm(dim=-1)
+    return norm.reshape(*lead, *([1] * (u.dim() - batch_dims)))
+
+
+def unit_directions(u: torch.Tensor) -> torch.Tensor:
+    """``u / ||u||`` per example, for ``u`` of shape ``[M, B, *event]``."""
+    return u / event_norm(u, 2)
+
+
+def draw_projections(shape, projection: str, *, generator=None, dtype=None, device=None) -> torch.Tensor:
+    """Projections ``v`` with ``E[v v^T] = I`` of shape ``[M, B, *event]``.
+
+    ``rademacher``: entries +-1; ``gaussian``: N(0, I); ``sphere``: uniform on the sphere of
+    radius ``sqrt(D)``.
+    """
+    shape = tuple(shape)
+    if projection == "rademacher":
+        bits = torch.randint(0, 2, shape, generator=generator, device=device)
+        return bits.to(dtype) * 2 - 1
+    g = torch.randn(shape, generator=generator, dtype=dtype, device=device)
+    if projection == "gaussian":
+        return g
+    return math.sqrt(math.prod(shape[2:])) * unit_directions(g)
+
+
+def draw_directions(shape, *, generator=None, dtype=None, device=None) -> torch.Tensor:
+    """Finite-difference directions ``u``, uniform on the unit sphere, ``[M, B, *event]``."""
+    return unit_directions(torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device))
+
+
+def draw_noise(shape, *, generator=None, dtype=None, device=None) -> torch.Tensor:
+    """Standard normal noise ``n`` of shape ``[B, *event]``."""
+    return torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
