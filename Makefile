@@ -24,7 +24,7 @@ test: install
 
 bench: install
 	@mkdir -p out/bench
-	@set -e; for f in benchmarks/*.py; do \
+	@set -e; for f in benchmarks/[!_]*.py; do \
 		[ -e "$$f" ] || continue; \
 		name=$$(basename "$$f" .py); \
 		echo "== $$f (quick)"; \
@@ -33,7 +33,7 @@ bench: install
 
 bench-full: install
 	@mkdir -p out/bench
-	@set -e; for f in benchmarks/*.py; do \
+	@set -e; for f in benchmarks/[!_]*.py; do \
 		[ -e "$$f" ] || continue; \
 		name=$$(basename "$$f" .py); \
 		echo "== $$f"; \

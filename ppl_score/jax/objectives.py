@@ -104,8 +104,9 @@ def _as_array(name: str, a, dtype=None) -> jax.Array:
     if not isinstance(a, (jax.Array, np.ndarray)):
         raise TypeError(f"argument {name!r} must be a jax.Array or numpy array, got {type(a).__name__}")
     a = jnp.asarray(a) if dtype is None else jnp.asarray(a, dtype=dtype)
-    # finiteness needs concrete values: checked eagerly, skipped under tracing
-    if _is_concrete(a) and not bool(jnp.isfinite(a).all()):
+    # finiteness needs concrete values: checked eagerly, skipped under tracing. numpy, not
+    # jnp: inside a jit trace jnp ops on a closed-over concrete array return tracers.
+    if _is_concrete(a) and not np.isfinite(np.asarray(a)).all():
         raise ValueError(f"argument {name!r} contains non-finite values (nan or inf)")
     return a
 
@@ -168,7 +169,7 @@ def score_matching_loss(
             projections = _as_array("projections", projections, x.dtype)
             m = spec.check_projection_shape(resolved, tuple(projections.shape), tuple(x.shape))
             proj = projections.reshape(m, *x.shape)
-            if fd and _is_concrete(proj) and not bool((jnp.linalg.norm(proj.reshape(m, x.shape[0], -1), axis=-1) > 0).all()):
+            if fd and _is_concrete(proj) and not (np.asarray(proj).reshape(m, x.shape[0], -1) != 0).any(-1).all():
                 raise ValueError("argument 'projections' holds a zero direction u; fd_* methods use u/||u||")
         else:
             shape = (opts["n_projections"], *x.shape)

@@ -26,6 +26,16 @@ def differentiable_input(x: torch.Tensor) -> torch.Tensor:
     return x if x.requires_grad else x.detach().requires_grad_(True)
 
 
+def _grad(output: torch.Tensor, x: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``autograd.grad`` with create_graph, zeros where ``output`` does not depend on ``x``
+    (a linear log density has a constant score, a constant score a zero Jacobian)."""
+    if not output.requires_grad:
+        shape = kwargs["grad_outputs"].shape[:1] + x.shape if kwargs.get("is_grads_batched") else x.shape
+        return x.new_zeros(shape)
+    (g,) = torch.autograd.grad(output, x, create_graph=True, materialize_grads=True, **kwargs)
+    return g
+
+
 def evaluate(fn, kind: str, x: torch.Tensor) -> torch.Tensor:
     """``fn(x)`` with its output shape checked against ``kind``."""
     out = fn(x)
@@ -40,13 +50,12 @@ def score(fn, kind: str, x: torch.Tensor) -> torch.Tensor:
     out = evaluate(fn, kind, x)
     if kind == "score":
         return out
-    (s,) = torch.autograd.grad(out.sum(), x, create_graph=True)
-    return s
+    return _grad(out.sum(), x)
 
 
 def quadratic_form(s: torch.Tensor, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``v^T H v`` per example from the graph of ``s(x)``: ``v . grad_x (s . v)``."""
-    (hv,) = torch.autograd.grad((s * v).sum(), x, create_graph=True)
+    hv = _grad((s * v).sum(), x)
     return (hv * v).reshape(v.shape[0], -1).sum(-1)
 
 
@@ -63,7 +72,7 @@ def hessian_trace(s: torch.Tensor, x: torch.Tensor, chunk: int = ESM_CHUNK) -> t
     for start in range(0, d, chunk):
         basis = eye[start : start + chunk]  # [c, D]
         grads_out = basis[:, None, :].expand(-1, b, -1).reshape(-1, *s.shape)
-        (h,) = torch.autograd.grad(s, x, grad_outputs=grads_out, is_grads_batched=True, create_graph=True)
+        h = _grad(s, x, grad_outputs=grads_out, is_grads_batched=True)
         # diagonal entries H_ii for i in the chunk
         diag = h.reshape(basis.shape[0], b, d)[:, :, start : start + basis.shape[0]]
         trace = trace + diag.diagonal(dim1=0, dim2=2).sum(-1)

@@ -1,0 +1,182 @@
+"""Framework-free pieces of the deep equilibrium layers (``ppl_score.torch.deq``,
+``ppl_score.jax.deq``): option names, the configuration tuples and their checks, the
+convergence report and the non-convergence warning / error. Imports neither torch nor JAX.
+
+Both backends re-export every public name here, so ``ppl_score.torch.deq.FixedPointWarning``
+and ``ppl_score.jax.deq.FixedPointWarning`` are the same class. What differs per backend (the
+activation functions, the torch classes / JAX functions accepted as activation aliases, how
+a solve's convergence reaches the host) stays in the backend, which then calls
+``deq_config`` / ``report_nonconvergence`` here.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import Any, NamedTuple
+
+__all__ = [
+    "SOLVERS",
+    "BACKWARDS",
+    "NORMS",
+    "POLICIES",
+    "ACTIVATION_NAMES",
+    "ANDERSON_REG",
+    "FixedPointInfo",
+    "SolverConfig",
+    "DEQConfig",
+    "FixedPointWarning",
+    "FixedPointError",
+    "check_choice",
+    "check_positive_int",
+    "check_positive_float",
+    "solver_config",
+    "deq_config",
+    "nonconvergence_message",
+    "report_nonconvergence",
+]
+
+SOLVERS = ("anderson", "iteration")
+BACKWARDS = ("implicit", "phantom", "unrolled")
+NORMS = ("spectral", "frobenius")
+POLICIES = ("warn", "raise", "ignore")
+# the 1-Lipschitz smooth activations; each backend's ``ACTIVATIONS`` maps these names to functions
+ACTIVATION_NAMES = ("softplus", "tanh")
+# Anderson: relative Tikhonov regularization of the normalized Gram matrix.
+ANDERSON_REG = 1e-8
+
+
+class FixedPointWarning(RuntimeWarning):
+    """A fixed-point solve stopped at ``max_iter`` above its tolerance."""
+
+
+class FixedPointError(RuntimeError):
+    """A fixed-point solve did not converge and ``on_nonconvergence="raise"``."""
+
+
+class FixedPointInfo(NamedTuple):
+    """Convergence of one solve: number of map evaluations, the worst example's relative
+    residual ``||f(z) - z|| / (1 + ||f(z)||)`` at the last one, and whether it is ``<= tol``.
+    Python scalars in torch, arrays in JAX."""
+
+    iterations: Any
+    residual: Any
+    converged: Any
+
+
+class SolverConfig(NamedTuple):
+    solver: str = "anderson"
+    tol: float = 1e-6
+    max_iter: int = 100
+    memory: int = 5
+    on_nonconvergence: str = "warn"
+
+
+class DEQConfig(NamedTuple):
+    """Everything static about a DEQ layer but its sizes (the same in both backends;
+    hashable, so a static argument under ``jit``)."""
+
+    activation: str = "softplus"
+    gamma: float = 0.9
+    norm: str = "spectral"
+    backward: str = "implicit"
+    phantom_steps: int = 2
+    solver: SolverConfig = SolverConfig()
+
+
+# ---------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------
+
+
+def check_choice(name: str, value, allowed) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"argument {name!r} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+    return value
+
+
+def check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"argument {name!r} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"argument {name!r} must be >= 1, got {value}")
+    return int(value)
+
+
+def check_positive_float(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"argument {name!r} must be a real number, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"argument {name!r} must be a finite number > 0, got {value}")
+    return float(value)
+
+
+def solver_config(solver="anderson", tol=1e-6, max_iter=100, memory=5, on_nonconvergence="warn") -> SolverConfig:
+    """Validated ``SolverConfig``; ``memory`` is Anderson's history length."""
+    return SolverConfig(
+        check_choice("solver", solver, SOLVERS),
+        check_positive_float("tol", tol),
+        check_positive_int("max_iter", max_iter),
+        check_positive_int("memory", memory),
+        check_choice("on_nonconvergence", on_nonconvergence, POLICIES),
+    )
+
+
+def deq_config(
+    activation="softplus",
+    gamma=0.9,
+    norm="spectral",
+    backward="implicit",
+    phantom_steps=2,
+    solver="anderson",
+    tol=1e-6,
+    max_iter=100,
+    memory=5,
+    on_nonconvergence="warn",
+) -> DEQConfig:
+    """Validated ``DEQConfig``; ``activation`` is a name (the backends' ``deq_config`` also
+    map their activation classes / functions to it). ``gamma`` in (0, 1) bounds the
+    Lipschitz constant of the map."""
+    if not isinstance(activation, str) or activation not in ACTIVATION_NAMES:
+        raise ValueError(
+            f"argument 'activation' must be one of {', '.join(map(repr, ACTIVATION_NAMES))} (a 1-Lipschitz "
+            f"smooth activation, so the map stays contractive), got {activation!r}"
+        )
+    gamma = check_positive_float("gamma", gamma)
+    if not gamma < 1:
+        raise ValueError(f"argument 'gamma' must be in (0, 1) for a contraction, got {gamma}")
+    return DEQConfig(
+        activation,
+        gamma,
+        check_choice("norm", norm, NORMS),
+        check_choice("backward", backward, BACKWARDS),
+        check_positive_int("phantom_steps", phantom_steps),
+        solver_config(solver, tol, max_iter, memory, on_nonconvergence),
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Non-convergence
+# ---------------------------------------------------------------------------------------
+
+
+def nonconvergence_message(what: str, residual, iterations, cfg: SolverConfig) -> str:
+    """``residual`` / ``iterations``: the worst example's (a float / int, or a numpy scalar)."""
+    return (
+        f"DEQ {what} fixed-point solve did not converge: relative residual {residual:.3g} > "
+        f"tol={cfg.tol:g} after {iterations} iterations (solver={cfg.solver!r}); raise "
+        f"max_iter, loosen tol, or lower gamma"
+    )
+
+
+def report_nonconvergence(what: str, residual, iterations, cfg: SolverConfig, stacklevel: int = 1) -> None:
+    """Apply ``cfg.on_nonconvergence`` to a solve that did not converge: raise
+    ``FixedPointError``, warn ``FixedPointWarning`` or do nothing. ``stacklevel`` counts
+    from the caller, as in ``warnings.warn``."""
+    if cfg.on_nonconvergence == "ignore":
+        return
+    msg = nonconvergence_message(what, residual, iterations, cfg)
+    if cfg.on_nonconvergence == "raise":
+        raise FixedPointError(msg)
+    warnings.warn(msg, FixedPointWarning, stacklevel=stacklevel + 1)

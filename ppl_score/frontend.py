@@ -1,0 +1,221 @@
+"""Framework-free logic shared by the Pyro and NumPyro front ends (``ppl_score.pyro``,
+``ppl_score.numpyro``): argument validation of ``ScoreMatching`` and ``Unnormalized``, the
+choice of matched sites, and every error message, so both front ends say the same thing.
+Imports neither torch nor JAX.
+
+The loss of ``ScoreMatching`` (SPEC.md section 3), for a model with observed sites ``x`` and
+latent sites ``z`` and a guide ``q(z)``::
+
+    loss = E_q[ beta * sum_i w_i SM_i(z) + log q(z) - log p(z) ]
+
+where ``SM_i(z)`` is the per-example objective of SPEC.md section 1 of the joint per-datum
+log density of the matched sites (in the unconstrained space of ``biject_to(support)``, with
+the log-abs-det-Jacobian added), and ``w_i`` the datum's scale (``N / B`` in a subsampled
+plate) times its mask.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Collection, Mapping, NamedTuple, Sequence
+
+from . import spec
+
+__all__ = [
+    "Config",
+    "make_config",
+    "check_beta",
+    "check_num_particles",
+    "check_sites",
+    "check_event_shape",
+    "select_matched",
+    "sites_after",
+    "discrete_site_error",
+    "missing_guide_site_error",
+    "nonreparam_guide_site_error",
+    "batch_shape_error",
+    "scale_mismatch_error",
+    "dependency_error",
+    "log_density_output_error",
+    "sampling_error",
+]
+
+
+class Config(NamedTuple):
+    """A validated ``ScoreMatching`` configuration."""
+
+    resolved: spec.Resolved
+    sites: tuple | None
+    beta: float
+    num_particles: int
+
+    @property
+    def method(self) -> str:
+        return self.resolved.method
+
+    @property
+    def options(self) -> dict:
+        """The method's options as the caller passed them (the backend fills in defaults,
+        and an explicit ``n_projections`` keeps its meaning there)."""
+        return {k: self.resolved.options[k] for k in self.resolved.explicit}
+
+
+def check_beta(beta: Any) -> float:
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
+        raise TypeError(f"argument 'beta' must be a positive real number, got {type(beta).__name__}")
+    beta = float(beta)
+    if not math.isfinite(beta) or beta <= 0.0:
+        raise ValueError(f"argument 'beta' must be a finite number > 0, got {beta!r}")
+    return beta
+
+
+def check_num_particles(num_particles: Any) -> int:
+    if isinstance(num_particles, bool) or not isinstance(num_particles, numbers.Integral):
+        raise TypeError(f"argument 'num_particles' must be an int >= 1, got {type(num_particles).__name__}")
+    if num_particles < 1:
+        raise ValueError(f"argument 'num_particles' must be >= 1, got {num_particles!r}")
+    return int(num_particles)
+
+
+def check_sites(sites: Any) -> tuple | None:
+    """``None`` (every observed site), a site name, or a non-empty collection of names."""
+    if sites is None:
+        return None
+    if isinstance(sites, str):
+        sites = (sites,)
+    try:
+        sites = tuple(sites)
+    except TypeError:
+        raise TypeError(
+            f"argument 'sites' must be None, a site name or a list of site names, got {type(sites).__name__}"
+        ) from None
+    if not sites:
+        raise ValueError("argument 'sites' must name at least one observed site (or be None for all of them)")
+    bad = [s for s in sites if not isinstance(s, str)]
+    if bad:
+        raise TypeError(f"argument 'sites' must hold site names (strings), got {bad!r}")
+    if len(set(sites)) != len(sites):
+        raise ValueError(f"argument 'sites' names a site twice: {list(sites)}")
+    return sites
+
+
+def make_config(method: Any, sites: Any, beta: Any, num_particles: Any, options: Mapping[str, Any]) -> Config:
+    """Validate every constructor argument of ``ScoreMatching`` (unknown method, unknown
+    option or bad option value raise here, at construction time)."""
+    return Config(
+        resolved=spec.resolve(method, "log_prob", options),
+        sites=check_sites(sites),
+        beta=check_beta(beta),
+        num_particles=check_num_particles(num_particles),
+    )
+
+
+def check_event_shape(event_shape: Any) -> tuple:
+    """``event_shape`` of ``Unnormalized``: an int or a tuple of positive ints."""
+    if isinstance(event_shape, numbers.Integral) and not isinstance(event_shape, bool):
+        event_shape = (event_shape,)
+    try:
+        shape = tuple(event_shape)
+    except TypeError:
+        raise TypeError(
+            f"argument 'event_shape' must be an int or a tuple of ints, got {type(event_shape).__name__}"
+        ) from None
+    if not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1 for n in shape):
+        raise ValueError(f"argument 'event_shape' must hold positive ints, got {shape!r}")
+    return tuple(int(n) for n in shape)
+
+
+def select_matched(observed: Sequence[str], latent: Collection[str], sites: tuple | None) -> tuple:
+    """The matched sites, in model order: every observed site, or those named in ``sites``."""
+    if not observed:
+        raise ValueError(
+            "the model has no observed sample sites; ScoreMatching matches the scores of observed "
+            "sites (sample statements with obs=...)"
+        )
+    if sites is None:
+        return tuple(observed)
+    for name in sites:
+        if name in latent:
+            raise ValueError(
+                f"argument 'sites' names {name!r}, a latent site of the model; it must name observed "
+                f"sites, one of {list(observed)}"
+            )
+        if name not in observed:
+            raise ValueError(
+                f"argument 'sites' names {name!r}, which is not an observed sample site of the model; "
+                f"its observed sites are {list(observed)}"
+            )
+    return tuple(name for name in observed if name in sites)
+
+
+def sites_after(order: Sequence[str], matched: Collection[str]) -> list:
+    """Sample sites that run after the first matched one: only those can depend on a matched
+    site's value (a program can only use values it has already drawn)."""
+    for k, name in enumerate(order):
+        if name in matched:
+            return list(order[k + 1 :])
+    return []
+
+
+def discrete_site_error(name: str) -> ValueError:
+    return ValueError(
+        f"observed site {name!r} has a discrete support; score matching needs a continuous density "
+        "(exclude it with sites=[...] to condition on it instead)"
+    )
+
+
+def missing_guide_site_error(name: str) -> ValueError:
+    return ValueError(
+        f"latent site {name!r} of the model is not provided by the guide; ScoreMatching needs a guide "
+        "sample site for every latent site (e.g. an AutoNormal or AutoDelta guide), or observe it"
+    )
+
+
+def nonreparam_guide_site_error(name: str) -> ValueError:
+    return ValueError(
+        f"guide site {name!r} has no reparameterized sampler (has_rsample is False); ScoreMatching "
+        "differentiates through the guide's samples"
+    )
+
+
+def batch_shape_error(shapes: Mapping[str, tuple]) -> ValueError:
+    desc = ", ".join(f"{name!r}: {tuple(shape)}" for name, shape in shapes.items())
+    return ValueError(
+        f"matched sites must share their batch (plate) shape to be matched jointly, got {desc}; "
+        "match them separately (sites=[...]) or put them in the same plates"
+    )
+
+
+def scale_mismatch_error(names: Sequence[str]) -> ValueError:
+    return ValueError(
+        f"matched sites {list(names)} have different scales (poutine.scale / subsampling); sites "
+        "matched jointly must share one scale per data point"
+    )
+
+
+def dependency_error(dependencies: Mapping[str, Sequence[str]]) -> ValueError:
+    desc = "; ".join(f"{site!r} depends on {sorted(on)}" for site, on in dependencies.items())
+    return ValueError(
+        "ScoreMatching evaluates each matched site's log density with the distribution the model "
+        "built for it, so a site's distribution must not depend on the value of a matched site; "
+        f"found: {desc}. Match the dependent sites jointly in one multivariate site, or match only "
+        "the sites nothing depends on (sites=[...])"
+    )
+
+
+def log_density_output_error(shape: tuple, expected: tuple) -> ValueError:
+    return ValueError(
+        f"argument 'log_density_fn' must map x of shape [n, *event_shape] to [n] (one log density "
+        f"per row), expected {tuple(expected)}, got {tuple(shape)}"
+    )
+
+
+def sampling_error(frontend: str) -> NotImplementedError:
+    """What ``Unnormalized.sample`` raises: the density has no normalizer and no sampler."""
+    return NotImplementedError(
+        "Unnormalized has no exact sampler (its normalizing constant is unknown); sample an observed "
+        f"site of a fitted model with Langevin dynamics, ppl_score.{frontend}.langevin, or with the "
+        f"PPL's NUTS on its potential -log_prob, ppl_score.{frontend}.nuts / "
+        f"ppl_score.{frontend}.potential_fn (see ppl_score.{frontend}.sampling)"
+    )

@@ -1,0 +1,169 @@
+"""Backend-neutral validation for the score estimators, ``ImplicitELBO`` and ``WAE``.
+
+Shared by ``ppl_score.{torch,jax}.estimators`` and ``ppl_score.{pyro,numpyro}.{implicit,wae}``;
+imports neither torch nor JAX. Every check raises ``ValueError`` (``TypeError`` for a wrong
+type) whose message names the offending argument.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+__all__ = [
+    "KERNEL_ESTIMATORS",
+    "LEARNED_METHODS",
+    "REGULARIZERS",
+    "RECONSTRUCTIONS",
+    "check_samples_shape",
+    "check_at_shape",
+    "check_eta",
+    "check_threshold",
+    "check_n_eigen",
+    "check_bandwidth",
+    "check_positive",
+    "check_int",
+    "check_learned_method",
+    "check_kernel_name",
+    "check_regularizer",
+    "check_reconstruction",
+    "check_sites",
+    "median_positions",
+]
+
+KERNEL_ESTIMATORS = ("stein", "spectral")
+# Objectives of section 1 a score network is trained by (kind="score"): the others need
+# second derivatives of a network that is itself a derivative (esm, ssm) or add nothing.
+LEARNED_METHODS = ("ssm_vr", "fd_ssm", "dsm")
+REGULARIZERS = ("score", "mmd")
+RECONSTRUCTIONS = ("likelihood", "squared_error")
+
+
+def _is_real(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, numbers.Real)
+
+
+def check_positive(name: str, value: Any) -> float:
+    """A finite real number ``> 0``."""
+    if not _is_real(value):
+        raise TypeError(f"argument {name!r} must be a positive real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0.0:
+        raise ValueError(f"argument {name!r} must be a finite number > 0, got {value!r}")
+    return value
+
+
+def check_int(name: str, value: Any, low: int = 1, high: int | None = None) -> int:
+    """An ``int`` in ``[low, high]``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"argument {name!r} must be an int, got {type(value).__name__}")
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"argument {name!r} must be an int {bound}, got {value}")
+    return value
+
+
+def check_samples_shape(shape: tuple, name: str = "samples") -> tuple[int, int]:
+    """``samples`` is ``[N, D]`` with ``N >= 2`` (the median heuristic needs a pair)."""
+    shape = tuple(shape)
+    if len(shape) != 2:
+        raise ValueError(f"argument {name!r} must have shape [N, D], got {shape}")
+    n, d = shape
+    if n < 2:
+        raise ValueError(f"argument {name!r} must hold at least 2 samples (N >= 2), got N = {n}")
+    if d < 1:
+        raise ValueError(f"argument {name!r} must have D >= 1 columns, got shape {shape}")
+    return n, d
+
+
+def check_at_shape(shape: tuple, d: int) -> int:
+    """``at`` is ``[K, D]`` with the ``D`` of ``samples``."""
+    shape = tuple(shape)
+    if len(shape) != 2 or shape[1] != d:
+        raise ValueError(f"argument 'at' must have shape [K, {d}] (D of 'samples'), got {shape}")
+    return shape[0]
+
+
+def check_eta(eta: Any) -> float:
+    return check_positive("eta", eta)
+
+
+def check_threshold(threshold: Any) -> float:
+    if not _is_real(threshold):
+        raise TypeError(f"argument 'threshold' must be a real number in (0, 1], got {type(threshold).__name__}")
+    threshold = float(threshold)
+    if not (0.0 < threshold <= 1.0):
+        raise ValueError(f"argument 'threshold' must be in (0, 1], got {threshold!r}")
+    return threshold
+
+
+def check_n_eigen(n_eigen: Any, n: int) -> int | None:
+    if n_eigen is None:
+        return None
+    return check_int("n_eigen", n_eigen, 1, n)
+
+
+def check_bandwidth(bandwidth: Any) -> float | None:
+    """``None`` (median heuristic) or a finite number ``> 0``; a 0-d array is accepted."""
+    if bandwidth is None:
+        return None
+    if not _is_real(bandwidth):
+        try:
+            bandwidth = float(bandwidth)  # 0-d torch / numpy / JAX arrays
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"argument 'bandwidth' must be None or a positive real number, got {type(bandwidth).__name__}"
+            ) from None
+    return check_positive("bandwidth", bandwidth)
+
+
+def check_learned_method(method: Any) -> str:
+    if not isinstance(method, str):
+        raise TypeError(f"argument 'method' must be a string, got {type(method).__name__}")
+    if method not in LEARNED_METHODS:
+        raise ValueError(f"argument 'method' must be one of {LEARNED_METHODS} for a score network, got {method!r}")
+    return method
+
+
+def check_kernel_name(name: Any, argname: str = "estimator") -> str:
+    if name not in KERNEL_ESTIMATORS:
+        raise ValueError(
+            f"argument {argname!r} must be a learned score estimator, a callable, or one of "
+            f"{KERNEL_ESTIMATORS}, got {name!r}"
+        )
+    return name
+
+
+def check_regularizer(regularizer: Any) -> str:
+    if regularizer not in REGULARIZERS:
+        raise ValueError(f"argument 'regularizer' must be one of {REGULARIZERS}, got {regularizer!r}")
+    return regularizer
+
+
+def check_reconstruction(reconstruction: Any) -> str:
+    if reconstruction not in RECONSTRUCTIONS:
+        raise ValueError(f"argument 'reconstruction' must be one of {RECONSTRUCTIONS}, got {reconstruction!r}")
+    return reconstruction
+
+
+def check_sites(sites: Any) -> tuple | None:
+    """``None`` or a non-empty collection of site names."""
+    if sites is None:
+        return None
+    if isinstance(sites, str):
+        return (sites,)
+    try:
+        sites = tuple(sites)
+    except TypeError:
+        raise TypeError(f"argument 'sites' must be None, a site name or a list of names, got {type(sites).__name__}") from None
+    if not sites or not all(isinstance(s, str) for s in sites):
+        raise ValueError(f"argument 'sites' must be a non-empty list of site names, got {sites!r}")
+    return sites
+
+
+def median_positions(n_pairs: int) -> tuple[int, int]:
+    """Positions in the sorted pairwise distances whose average is the median (the two
+    middle values for an even count, the middle one twice for an odd count)."""
+    return (n_pairs - 1) // 2, n_pairs // 2

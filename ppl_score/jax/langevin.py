@@ -1,0 +1,240 @@
+"""Langevin samplers over a batch of chains (JAX): unadjusted (ULA) and
+Metropolis-adjusted (MALA).
+
+One step of size ``h`` proposes ``x' = x + h s(x) + sqrt(2 h) z`` with ``z ~ N(0, I)`` and
+``s = grad log p``; ULA keeps every proposal (stationary law biased by O(h)), MALA accepts
+with probability ``min(1, p(x') q(x | x') / (p(x) q(x' | x)))``,
+``q(b | a) = N(b; a + h s(a), 2 h I)`` (exact for every ``h``). The math and the shared
+argument checks live in ``ppl_score.langevin``; ``ppl_score.torch.langevin`` mirrors this file.
+
+``init`` and ``step`` are pure and jit-compatible (a ``LangevinState`` NamedTuple in, one
+out, randomness from an explicit key). ``ula`` / ``mala`` drive ``step`` with ``lax.scan``
+under ``jit``, in chunks when a progress bar is shown; every step's key is split from
+``key`` up front, so the draws do not depend on the chunking.
+
+``fn`` maps chains ``x[C, *event]`` to log densities ``[C]`` (``kind="log_prob"``, up to a
+constant) or, for ULA only, to scores ``[C, *event]`` (``kind="score"``); row ``c`` of its
+output may depend only on ``x[c]``.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from tqdm.auto import tqdm
+
+from .. import langevin as shared
+from .. import spec
+
+__all__ = ["LangevinState", "LangevinInfo", "LangevinResult", "init", "step", "ula", "mala"]
+
+# Number of progress-bar updates over a run (each one ends a jitted chunk of scan).
+PROGRESS_CHUNKS = 20
+
+
+class LangevinState(NamedTuple):
+    x: jax.Array  # [C, *event]
+    log_prob: jax.Array  # [C]; zeros for kind="score"
+    score: jax.Array  # [C, *event]
+
+
+class LangevinInfo(NamedTuple):
+    accept_prob: jax.Array  # [C]: Metropolis-Hastings acceptance probability (ones for ULA)
+    is_accepted: jax.Array  # [C] bool
+
+
+class LangevinResult(NamedTuple):
+    samples: jax.Array  # [num_steps // thin, C, *event]; samples[-1] is the last state
+    accept_rate: jax.Array  # [C]: mean acceptance probability over the kept-phase steps
+
+
+def _evaluate(fn, kind: str, x: jax.Array):
+    """``(log p(x) [C], s(x) [C, *event])``; ``log p`` is zeros for ``kind="score"``."""
+    if kind == "score":
+        out = fn(x)
+        spec.check_fn_output_shape(kind, tuple(out.shape), tuple(x.shape))
+        return jnp.zeros(x.shape[:1], x.dtype), out
+    out, pullback = jax.vjp(fn, x)
+    spec.check_fn_output_shape(kind, tuple(out.shape), tuple(x.shape))
+    return out, pullback(jnp.ones_like(out))[0]
+
+
+def _flat_sum(t: jax.Array) -> jax.Array:
+    return t.reshape(t.shape[0], -1).sum(-1)
+
+
+def init(fn, x: jax.Array, kind: str = "log_prob") -> LangevinState:
+    """The state at ``x[C, *event]``: its log density and score."""
+    log_prob, score = _evaluate(fn, kind, x)
+    return LangevinState(x, log_prob, score)
+
+
+def step(key, state: LangevinState, fn, step_size, *, adjusted: bool = True, kind: str = "log_prob"):
+    """One Langevin transition of every chain; returns ``(state, info)``. Pure."""
+    x, log_prob, score = state
+    h = jnp.asarray(step_size, x.dtype)
+    key_noise, key_accept = jax.random.split(key)
+    z = jax.random.normal(key_noise, x.shape, x.dtype)
+    proposal = x + h * score + jnp.sqrt(2.0 * h) * z
+    prop_log_prob, prop_score = _evaluate(fn, kind, proposal)
+    c = x.shape[0]
+    if not adjusted:
+        ones = jnp.ones((c,), x.dtype)
+        return LangevinState(proposal, prop_log_prob, prop_score), LangevinInfo(ones, ones > 0)
+    # log q(x'|x) = -||z||^2 / 2 and log q(x|x') = -||x - x' - h s(x')||^2 / (4 h), up to the same constant
+    log_fwd = -0.5 * _flat_sum(z * z)
+    back = x - proposal - h * prop_score
+    log_bwd = -_flat_sum(back * back) / (4.0 * h)
+    log_alpha = prop_log_prob - log_prob + log_bwd - log_fwd
+    # a non-finite proposal (nan log density or score) is rejected, never accepted
+    log_alpha = jnp.where(jnp.isnan(log_alpha), -jnp.inf, log_alpha)
+    accept_prob = jnp.exp(jnp.minimum(log_alpha, 0.0))
+    u = jax.random.uniform(key_accept, (c,), x.dtype)
+    accepted = jnp.log(u) < log_alpha
+    mask = accepted.reshape(c, *([1] * (x.ndim - 1)))
+    new = LangevinState(
+        jnp.where(mask, proposal, x),
+        jnp.where(accepted, prop_log_prob, log_prob),
+        jnp.where(mask, prop_score, score),
+    )
+    return new, LangevinInfo(accept_prob, accepted)
+
+
+@partial(jax.jit, static_argnames=("fn", "kind"))
+def _init_checked(fn, kind, x):
+    """``init`` under jit (eager dispatch of a traced model is slow), with a finiteness flag."""
+    state = init(fn, x, kind)
+    return state, jnp.isfinite(state.log_prob).all() & jnp.isfinite(state.score).all()
+
+
+@partial(jax.jit, static_argnames=("fn", "kind", "adjusted", "collect"))
+def _scan(fn, kind, adjusted, collect, step_size, state, accept_sum, keys):
+    """Run ``keys.shape[0]`` transitions (``collect=False``: warmup keys ``[n]``) or
+    ``n`` blocks of ``thin`` transitions keeping each block's last state (keys ``[n, thin]``)."""
+
+    def transition(carry, key):
+        state, acc = carry
+        state, info = step(key, state, fn, step_size, adjusted=adjusted, kind=kind)
+        return (state, acc + info.accept_prob), None
+
+    if not collect:
+        (state, _), _ = lax.scan(transition, (state, accept_sum), keys)
+        return state, accept_sum, None
+
+    def block(carry, block_keys):
+        carry, _ = lax.scan(transition, carry, block_keys)
+        return carry, carry[0].x
+
+    (state, accept_sum), xs = lax.scan(block, (state, accept_sum), keys)
+    return state, accept_sum, xs
+
+
+def _chunks(n: int, progress_bar: bool):
+    size = max(1, math.ceil(n / PROGRESS_CHUNKS)) if progress_bar else max(n, 1)
+    return [(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _check_x0(x0) -> jax.Array:
+    if not isinstance(x0, (jax.Array, np.ndarray)):
+        raise TypeError(f"argument 'x0' must be a jax.Array or numpy array, got {type(x0).__name__}")
+    x0 = jnp.asarray(x0)
+    if not jnp.issubdtype(x0.dtype, jnp.floating):
+        raise TypeError(f"argument 'x0' must have a floating dtype, got {x0.dtype}")
+    shared.check_chains_shape(tuple(x0.shape), "x0")
+    if not bool(jnp.isfinite(x0).all()):
+        raise ValueError("argument 'x0' contains non-finite values (nan or inf)")
+    return x0
+
+
+def _run(fn, x0, step_size, num_steps, *, key, adjusted, kind, num_warmup, thin, progress_bar) -> LangevinResult:
+    if not callable(fn):
+        raise TypeError(f"argument 'fn' must be callable, got {type(fn).__name__}")
+    plan = shared.check_plan(step_size, num_steps, num_warmup, thin)
+    shared.check_kind(kind, adjusted)
+    x0 = _check_x0(x0)
+    if key is None:
+        raise ValueError("argument 'key' is required (a jax.random key)")
+    state, finite = _init_checked(fn, kind, x0)
+    if not bool(finite):
+        raise shared.init_error("x0")
+    h = jnp.asarray(plan.step_size, x0.dtype)
+    keys = jax.random.split(key, plan.num_warmup + plan.num_steps)
+    warm_keys = keys[: plan.num_warmup]
+    sample_keys = keys[plan.num_warmup :].reshape(plan.num_samples, plan.thin, *keys.shape[1:])
+    accept_sum = jnp.zeros(x0.shape[:1], x0.dtype)
+    pieces = []
+    with tqdm(total=plan.num_warmup + plan.num_steps, disable=not progress_bar, desc="warmup" if plan.num_warmup else "sample") as bar:
+        for a, b in _chunks(plan.num_warmup, progress_bar) if plan.num_warmup else []:
+            state, accept_sum, _ = _scan(fn, kind, adjusted, False, h, state, accept_sum, warm_keys[a:b])
+            jax.block_until_ready(state.x)
+            bar.update(b - a)
+        bar.set_description("sample")
+        for a, b in _chunks(plan.num_samples, progress_bar):
+            state, accept_sum, xs = _scan(fn, kind, adjusted, True, h, state, accept_sum, sample_keys[a:b])
+            pieces.append(xs)
+            jax.block_until_ready(xs)
+            bar.update((b - a) * plan.thin)
+    samples = pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
+    if not (bool(jnp.isfinite(samples).all()) and bool(jnp.isfinite(state.score).all())):
+        raise shared.divergence_error(plan.step_size, adjusted)
+    return LangevinResult(samples, accept_sum / plan.num_steps)
+
+
+def ula(
+    fn,
+    x0,
+    step_size: float,
+    num_steps: int,
+    *,
+    key,
+    kind: str = "log_prob",
+    num_warmup: int = 0,
+    thin: int = 1,
+    progress_bar: bool = False,
+) -> LangevinResult:
+    """Unadjusted Langevin: ``x <- x + h s(x) + sqrt(2 h) z`` for ``C`` chains in parallel.
+
+    Args:
+        fn: ``x[C, *event] -> [C]`` log density (``kind="log_prob"``) or
+            ``-> [C, *event]`` score (``kind="score"``); jax-traceable.
+        x0: initial states ``[C, *event]``.
+        step_size: ``h > 0``; the stationary law is biased by O(h).
+        num_steps: steps after warmup (a multiple of ``thin``).
+        key: a ``jax.random`` key; the same key gives the same draws.
+        num_warmup: steps run first and discarded.
+        thin: keep every ``thin``-th state.
+        progress_bar: show a tqdm bar (the scan then runs in ``PROGRESS_CHUNKS`` pieces).
+
+    Returns:
+        ``LangevinResult(samples [num_steps // thin, C, *event], accept_rate [C])``;
+        ``accept_rate`` is all ones. A run that reaches non-finite states raises ``ValueError``.
+    """
+    return _run(fn, x0, step_size, num_steps, key=key, adjusted=False, kind=kind,
+                num_warmup=num_warmup, thin=thin, progress_bar=progress_bar)
+
+
+def mala(
+    fn,
+    x0,
+    step_size: float,
+    num_steps: int,
+    *,
+    key,
+    num_warmup: int = 0,
+    thin: int = 1,
+    progress_bar: bool = False,
+) -> LangevinResult:
+    """Metropolis-adjusted Langevin for ``C`` chains in parallel; exact stationary law ``p``.
+
+    Same arguments as ``ula`` (``fn`` must be a log density). ``accept_rate`` is each
+    chain's mean Metropolis-Hastings acceptance probability over the ``num_steps`` steps
+    after warmup (about 0.57 is optimal in high dimension, Roberts & Rosenthal 1998).
+    """
+    return _run(fn, x0, step_size, num_steps, key=key, adjusted=True, kind="log_prob",
+                num_warmup=num_warmup, thin=thin, progress_bar=progress_bar)

@@ -1,0 +1,147 @@
+"""A small training loop for energy models with any score-matching objective (JAX).
+
+Mirrors ``ppl_score.torch.training``. Used by ``python -m ppl_score demo``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import spec
+from .objectives import score_matching_loss
+
+__all__ = ["FitResult", "fit_energy", "evaluator"]
+
+# Rows per chunk when evaluating the trained model (bounds the memory of esm's HVPs); the
+# last chunk is padded so each evaluator compiles once.
+EVAL_CHUNK = 512
+# The learning rate decays along a cosine to this fraction of ``lr``.
+LR_FLOOR = 0.05
+
+
+class FitResult(NamedTuple):
+    """Trained energy parameters and numpy callables to evaluate them.
+
+    ``log_prob(x) -> [N]`` (unnormalized), ``score(x) -> [N, *event]`` and ``esm(x) -> [N]``
+    (the per-example exact score-matching objective ``tr H + 1/2 ||s||^2``) take and return
+    float64 numpy arrays. ``losses[t]`` is the training objective at step ``t``.
+    """
+
+    params: Any
+    losses: np.ndarray
+    seconds: float
+    log_prob: Callable[[np.ndarray], np.ndarray]
+    score: Callable[[np.ndarray], np.ndarray]
+    esm: Callable[[np.ndarray], np.ndarray]
+
+
+def _chunked(f, x: np.ndarray, dtype) -> np.ndarray:
+    x = np.asarray(x)
+    n = len(x)
+    size = min(EVAL_CHUNK, n)
+    outs = []
+    for start in range(0, n, size):
+        xb = x[start : start + size]
+        pad = size - len(xb)
+        if pad:
+            xb = np.concatenate([xb, np.broadcast_to(xb[:1], (pad, *xb.shape[1:]))])
+        out = np.asarray(f(jnp.asarray(xb, dtype)), dtype=np.float64)
+        outs.append(out[: size - pad])
+    return np.concatenate(outs) if outs else np.zeros((0,))
+
+
+def evaluator(apply_fn, params, dtype=jnp.float32):
+    """``(log_prob, score, esm)`` numpy callables for the log density
+    ``apply_fn(params, x) -> [B]``, jitted and chunked."""
+    log_prob = jax.jit(lambda x: apply_fn(params, x))
+    score = jax.jit(jax.grad(lambda x: apply_fn(params, x).sum()))
+    esm = jax.jit(lambda x: score_matching_loss(lambda y: apply_fn(params, y), x, "esm", reduction="none"))
+    return tuple((lambda x, f=f: _chunked(f, x, dtype)) for f in (log_prob, score, esm))
+
+
+def fit_energy(
+    apply_fn,
+    params,
+    data,
+    method: str = "ssm_vr",
+    *,
+    steps: int = 2000,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    seed: int = 0,
+    progress: bool = True,
+    dtype=jnp.float32,
+    **options,
+) -> FitResult:
+    """Fit the log density ``apply_fn(params, x)`` (``x[B, *event] -> [B]``, up to a
+    constant) to ``data`` ``[N, *event]`` by minimizing
+    ``score_matching_loss(lambda y: apply_fn(params, y), batch, method, key=..., **options)``
+    with ``optax.adam`` on minibatches drawn with replacement, one jitted update per step.
+    The learning rate decays from ``lr`` to ``LR_FLOOR * lr`` along a cosine.
+
+    ``seed`` fixes the minibatches and the objective's projections and noise (not the
+    initial ``params``). Returns new parameters; ``params`` are not modified.
+
+    Raises:
+        FloatingPointError: the loss became non-finite (lower ``lr``, or raise ``eps`` /
+            ``sigma`` for the finite-difference and denoising methods).
+    """
+    import optax
+
+    spec.resolve(method, "log_prob", options)  # fail before any work
+    if not callable(apply_fn):
+        raise TypeError(f"argument 'apply_fn' must be callable, got {type(apply_fn).__name__}")
+    for name, value in (("steps", steps), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "steps" else 1):
+            raise ValueError(f"argument {name!r} must be an int >= {0 if name == 'steps' else 1}, got {value!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"argument 'lr' must be a finite number > 0, got {lr!r}")
+    x = jnp.asarray(np.asarray(data), dtype)
+    spec.check_x_shape(tuple(x.shape))
+    if not bool(jnp.isfinite(x).all()):
+        raise ValueError("argument 'data' contains non-finite values (nan or inf)")
+
+    params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+    optimizer = optax.adam(optax.cosine_decay_schedule(lr, max(steps, 1), alpha=LR_FLOOR))
+
+    def loss_fn(p, xb, key):
+        return score_matching_loss(lambda y: apply_fn(p, y), xb, method, key=key, **options)
+
+    @jax.jit
+    def update(p, opt_state, key, data):
+        key, k_batch, k_loss = jax.random.split(key, 3)
+        idx = jax.random.randint(k_batch, (batch_size,), 0, data.shape[0])
+        loss, grads = jax.value_and_grad(loss_fn)(p, data[idx], k_loss)
+        updates, opt_state = optimizer.update(grads, opt_state, p)
+        return optax.apply_updates(p, updates), opt_state, key, loss
+
+    opt_state = optimizer.init(params)
+    key = jax.random.PRNGKey(seed)
+    losses = []
+    report = max(1, steps // 100)
+
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    with tqdm(range(steps), desc=f"jax {method}", disable=not progress, leave=False) as bar:
+        for t in bar:
+            params, opt_state, key, loss = update(params, opt_state, key, x)
+            losses.append(loss)
+            if (t + 1) % report == 0 or t + 1 == steps:
+                value = float(loss)  # also waits for the step: the bar shows real progress
+                if not math.isfinite(value):
+                    raise FloatingPointError(
+                        f"the {method} loss became non-finite by step {t + 1}; lower 'lr' "
+                        "(or raise 'eps' / 'sigma')"
+                    )
+                bar.set_postfix(loss=f"{value:.4g}", refresh=False)
+    jax.block_until_ready(params)
+    seconds = time.perf_counter() - start
+    losses = np.asarray(jnp.stack(losses), dtype=np.float64) if losses else np.zeros((0,))
+    return FitResult(params, losses, seconds, *evaluator(apply_fn, params, dtype))

@@ -1,0 +1,133 @@
+"""Langevin samplers: the math, and the argument checks shared by both backends and both
+front ends. Imports neither torch nor JAX.
+
+With ``l(x) = log p(x) + const`` and its score ``s(x) = grad_x l(x)``, one step of size
+``h`` (the Euler-Maruyama discretization of ``dX = s(X) dt + sqrt(2) dW``) proposes
+
+    x' = x + h s(x) + sqrt(2 h) z,    z ~ N(0, I).
+
+- **ULA** (unadjusted Langevin) accepts every proposal. Its stationary law is biased,
+  by O(h) (for a Gaussian ``N(mu, S)`` with precision ``P``: ``N(mu, S (I - h P / 2)^{-1})``),
+  and it needs only the score, so it also runs on a score network.
+- **MALA** (Metropolis-adjusted Langevin; Roberts & Tweedie 1996) accepts ``x'`` with
+  probability ``min(1, exp(l(x') - l(x) + log q(x | x') - log q(x' | x)))``, where
+  ``log q(b | a) = -||b - a - h s(a)||^2 / (4 h) + const``; its stationary law is ``p``
+  exactly, for every ``h``.
+
+Chains run in parallel: ``x`` has shape ``[C, *event]`` and ``fn(x) -> [C]``. Each row of
+``fn``'s output must depend only on the same row of ``x`` (the chains are independent),
+so one gradient of ``fn(x).sum()`` gives every chain's score.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, NamedTuple
+
+__all__ = [
+    "KINDS",
+    "Plan",
+    "check_plan",
+    "check_step_size",
+    "check_kind",
+    "check_adjusted",
+    "check_chains_shape",
+    "check_num_chains",
+    "divergence_error",
+    "init_error",
+]
+
+KINDS = ("log_prob", "score")
+
+
+class Plan(NamedTuple):
+    """A validated run: ``num_warmup`` discarded steps, then ``num_steps`` steps of which
+    every ``thin``-th state is kept (``num_samples = num_steps // thin`` states)."""
+
+    step_size: float
+    num_steps: int
+    num_warmup: int
+    thin: int
+
+    @property
+    def num_samples(self) -> int:
+        return self.num_steps // self.thin
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"argument {name!r} must be an int >= {minimum}, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"argument {name!r} must be >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_step_size(step_size: Any) -> float:
+    if isinstance(step_size, bool) or not isinstance(step_size, numbers.Real):
+        raise TypeError(f"argument 'step_size' must be a positive real number, got {type(step_size).__name__}")
+    step_size = float(step_size)
+    if not math.isfinite(step_size) or step_size <= 0.0:
+        raise ValueError(f"argument 'step_size' must be a finite number > 0, got {step_size!r}")
+    return step_size
+
+
+def check_plan(step_size: Any, num_steps: Any, num_warmup: Any = 0, thin: Any = 1) -> Plan:
+    """Validate the run length arguments; ``num_steps`` must be a multiple of ``thin`` so
+    that no step is run and silently dropped."""
+    plan = Plan(
+        step_size=check_step_size(step_size),
+        num_steps=_check_int("num_steps", num_steps, 1),
+        num_warmup=_check_int("num_warmup", num_warmup, 0),
+        thin=_check_int("thin", thin, 1),
+    )
+    if plan.num_steps % plan.thin:
+        raise ValueError(
+            f"argument 'num_steps'={plan.num_steps} must be a multiple of argument 'thin'={plan.thin}"
+        )
+    return plan
+
+
+def check_kind(kind: Any, adjusted: bool) -> str:
+    if not isinstance(kind, str):
+        raise TypeError(f"argument 'kind' must be a string, got {type(kind).__name__}")
+    if kind not in KINDS:
+        raise ValueError(f"argument 'kind' must be one of {KINDS}, got {kind!r}")
+    if adjusted and kind != "log_prob":
+        raise ValueError(
+            "argument 'kind'='score' needs the unadjusted sampler (ULA): the Metropolis "
+            "correction of MALA evaluates the log density, which a score network does not give"
+        )
+    return kind
+
+
+def check_chains_shape(shape: tuple, name: str = "x0") -> None:
+    """``[C, *event]`` with ``C >= 1``."""
+    shape = tuple(shape)
+    if len(shape) < 1:
+        raise ValueError(f"argument {name!r} must have shape [C, *event] with a chain dimension, got a scalar")
+    if shape[0] < 1:
+        raise ValueError(f"argument {name!r} must hold at least one chain, got shape {shape}")
+
+
+def check_num_chains(num_chains: Any) -> int:
+    return _check_int("num_chains", num_chains, 1)
+
+
+def check_adjusted(adjusted: Any) -> bool:
+    if not isinstance(adjusted, bool):
+        raise TypeError(f"argument 'adjusted' must be a bool, got {type(adjusted).__name__}")
+    return adjusted
+
+
+def divergence_error(step_size: float, adjusted: bool) -> ValueError:
+    """The error for a run whose states became non-finite."""
+    if adjusted:
+        hint = "the log density or its score is non-finite at the chains' states"
+    else:
+        hint = "ULA diverged (its step is unstable when step_size exceeds ~2 / largest curvature)"
+    return ValueError(f"Langevin chains reached non-finite values with step_size={step_size:g}: {hint}; decrease 'step_size'")
+
+
+def init_error(name: str = "x0") -> ValueError:
+    return ValueError(f"the log density or its score is non-finite at argument {name!r}; start the chains where the density is positive")

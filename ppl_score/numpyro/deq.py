@@ -1,0 +1,75 @@
+"""DEQ energies and score networks registered as NumPyro modules, for use inside models.
+
+``deq_energy`` / ``deq_score`` return stax-style ``(init_fn, apply_fn)`` pairs, which
+``numpyro.module`` registers as one param (``name + "$params"``) that ``SVI`` optimizes;
+``deq_energy_module`` / ``deq_score_module`` do that call. The math, options and backward
+modes are those of ``ppl_score.jax.deq``::
+
+    def model(x):
+        energy = deq_energy_module("energy", dim, width=64, quadratic=1.0)
+        with numpyro.plate("data", x.shape[0]):
+            numpyro.sample("x", Unnormalized(energy, event_shape=(dim,)), obs=x)
+
+The returned function is also a plain ``fn`` for ``ppl_score.jax.score_matching_loss``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpyro
+
+from ..jax import deq as _deq
+
+__all__ = ["deq_energy", "deq_score", "deq_energy_module", "deq_score_module"]
+
+
+def _event_size(input_shape) -> int:
+    if input_shape is None or len(input_shape) < 2:
+        raise ValueError(f"argument 'input_shape' must be [B, *event], got {input_shape!r}")
+    return math.prod(input_shape[1:])
+
+
+def deq_energy(width: int = 512, *, quadratic: float = 0.0, dtype=None, **options):
+    """Stax-style ``(init_fn, apply_fn)`` of ``ppl_score.jax.deq.deq_energy_apply``
+    (``x [B, *event] -> [B]``); ``options`` go to ``ppl_score.jax.deq.deq_config``.
+    ``dtype`` defaults to JAX's default float (float64 with x64 enabled)."""
+    config = _deq.deq_config(**options)
+    width = _deq._positive_int("width", width)
+
+    def init_fn(rng_key, input_shape):
+        params = _deq.deq_energy_init(rng_key, _event_size(input_shape), width, dtype or jnp.result_type(float))
+        return tuple(input_shape[:1]), params
+
+    def apply_fn(params, x, **_):
+        return _deq.deq_energy_apply(params, x, config, quadratic=quadratic)
+
+    return init_fn, apply_fn
+
+
+def deq_score(width: int = 256, *, dtype=None, **options):
+    """Stax-style ``(init_fn, apply_fn)`` of ``ppl_score.jax.deq.deq_score_apply``
+    (``x [B, *event] -> [B, *event]``)."""
+    config = _deq.deq_config(**options)
+    width = _deq._positive_int("width", width)
+
+    def init_fn(rng_key, input_shape):
+        params = _deq.deq_score_init(rng_key, _event_size(input_shape), width, dtype or jnp.result_type(float))
+        return tuple(input_shape), params
+
+    def apply_fn(params, x, **_):
+        return _deq.deq_score_apply(params, x, config)
+
+    return init_fn, apply_fn
+
+
+def deq_energy_module(name: str, dim: int, width: int = 512, *, quadratic: float = 0.0, **options):
+    """``numpyro.module(name, deq_energy(...), input_shape=(1, dim))``: call inside a model
+    (under a ``seed`` handler on first use, as ``numpyro.module`` requires)."""
+    return numpyro.module(name, deq_energy(width, quadratic=quadratic, **options), input_shape=(1, dim))
+
+
+def deq_score_module(name: str, dim: int, width: int = 256, **options):
+    """``numpyro.module(name, deq_score(...), input_shape=(1, dim))``."""
+    return numpyro.module(name, deq_score(width, **options), input_shape=(1, dim))

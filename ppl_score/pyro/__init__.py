@@ -1,0 +1,11 @@
+"""The Pyro front end: score matching as an SVI loss, and unnormalized distributions."""
+
+from .distributions import Unnormalized
+from .score_matching import ScoreMatching
+
+__all__ = ["ScoreMatching", "Unnormalized"]
+
+# ---- samplers (ppl_score/pyro/sampling.py) and other front-end modules: add imports here ----
+from .sampling import langevin, nuts, potential_fn, site_log_density  # noqa: E402,F401
+from .flows import InvertibleMLPTransform, RelativeGradientMLE  # noqa: E402,F401
+from .deq import DEQEnergy, DEQScore  # noqa: E402,F401

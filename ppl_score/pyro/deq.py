@@ -1,0 +1,46 @@
+"""DEQ energies and score networks as ``PyroModule``s, for use inside Pyro models.
+
+The math, options and backward modes are those of ``ppl_score.torch.deq``. Submodules are
+converted to ``PyroModule`` too, so every weight is a Pyro param (named after the module's
+attribute path, e.g. ``energy.deq.weight``) that ``SVI`` optimizes::
+
+    energy = DEQEnergy(dim, width=64, quadratic=1.0)
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", Unnormalized(energy, event_shape=(dim,)), obs=x)
+
+``energy`` is also a plain ``fn`` for ``ppl_score.torch.score_matching_loss``.
+"""
+
+from __future__ import annotations
+
+from pyro.nn.module import PyroModule, to_pyro_module_
+
+from ..torch import deq as _deq
+
+__all__ = ["DEQEnergy", "DEQScore"]
+
+
+def _convert_children(module: PyroModule) -> None:
+    for name, child in list(module.named_children()):
+        to_pyro_module_(child)
+        setattr(module, name, child)
+
+
+class DEQEnergy(PyroModule[_deq.DEQEnergy]):
+    """``PyroModule`` version of ``ppl_score.torch.deq.DEQEnergy``: ``x [B, *event] -> [B]``,
+    ``log p(x) = w^T z*(x) + c - quadratic/2 ||x||^2 + const``."""
+
+    def __init__(self, dim: int, width: int = 512, quadratic: float = 0.0, **options):
+        super().__init__(dim, width, quadratic, **options)
+        _convert_children(self)
+
+
+class DEQScore(PyroModule[_deq.DEQScore]):
+    """``PyroModule`` version of ``ppl_score.torch.deq.DEQScore``: ``x [B, *event] ->
+    [B, *event]``."""
+
+    def __init__(self, dim: int, width: int = 256, **options):
+        super().__init__(dim, width, **options)
+        _convert_children(self)

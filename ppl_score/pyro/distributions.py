@@ -1,0 +1,81 @@
+"""``Unnormalized``: a Pyro distribution given by an unnormalized log density (an energy
+model), to be fitted by :class:`~ppl_score.pyro.ScoreMatching`."""
+
+from __future__ import annotations
+
+import torch
+from pyro.distributions import TorchDistribution, constraints
+
+from .. import frontend
+
+__all__ = ["Unnormalized"]
+
+
+class Unnormalized(TorchDistribution):
+    r"""A distribution known up to its normalizing constant,
+    :math:`p(x) \propto \exp(f(x))`, with ``log_prob(x) = f(x)``.
+
+    Observe it in a model and fit ``f``'s parameters by score matching, whose objectives
+    need only :math:`\nabla_x f` and its derivatives, never the normalizer::
+
+        energy = PyroModule[MLPEnergy](2, hidden=(64, 64))
+        def model(x):
+            with pyro.plate("data", len(x)):
+                pyro.sample("x", Unnormalized(energy, event_shape=(2,)), obs=x)
+        svi = SVI(model, lambda x: None, Adam({"lr": 1e-3}), loss=ScoreMatching())
+
+    ``log_prob`` is *not* normalized, so ``Trace_ELBO`` and likelihood comparisons across
+    parameter values are meaningless with it. ``sample`` raises: draw from a fitted model
+    with ``ppl_score.pyro.langevin`` or NUTS on the potential ``-f``.
+
+    :param callable log_density_fn: ``x[n, *event_shape] -> [n]``, the log density up to a
+        constant (a ``torch.nn.Module`` or any function of tensors).
+    :param event_shape: the shape of one draw (an int or a tuple).
+    :param support: the support of one coordinate (or of the event when its ``event_dim`` is
+        positive, e.g. ``constraints.simplex``); ``ScoreMatching`` matches a constrained
+        support in the unconstrained space of ``biject_to(support)``. Default: real.
+    """
+
+    arg_constraints = {}
+    has_rsample = False
+
+    def __init__(self, log_density_fn, event_shape, support=constraints.real, *, validate_args=None):
+        if not callable(log_density_fn):
+            raise TypeError(f"argument 'log_density_fn' must be callable, got {type(log_density_fn).__name__}")
+        if not isinstance(support, constraints.Constraint):
+            raise TypeError(f"argument 'support' must be a constraint, got {type(support).__name__}")
+        if support.is_discrete:
+            raise ValueError(f"argument 'support' must be a continuous constraint, got {support}")
+        event_shape = torch.Size(frontend.check_event_shape(event_shape))
+        extra = len(event_shape) - support.event_dim
+        if extra < 0:
+            raise ValueError(
+                f"argument 'support' has event_dim {support.event_dim} > len(event_shape) = {len(event_shape)}"
+            )
+        self.log_density_fn = log_density_fn
+        self._support = constraints.independent(support, extra) if extra else support
+        super().__init__(torch.Size(), event_shape, validate_args=validate_args)
+
+    @property
+    def support(self):
+        return self._support
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        k = len(self.event_shape)
+        lead = value.shape[: value.dim() - k]
+        out = self.log_density_fn(value.reshape(-1, *self.event_shape))
+        n = lead.numel()
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (n,):
+            raise frontend.log_density_output_error(getattr(out, "shape", ()), (n,))
+        return out.reshape(lead)
+
+    def sample(self, sample_shape=torch.Size()):
+        raise frontend.sampling_error("pyro")
+
+    def rsample(self, sample_shape=torch.Size()):
+        raise frontend.sampling_error("pyro")
+
+    def __repr__(self) -> str:
+        return f"Unnormalized(log_density_fn={self.log_density_fn!r}, event_shape={tuple(self.event_shape)})"

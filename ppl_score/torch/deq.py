@@ -1,0 +1,463 @@
+"""Deep equilibrium (DEQ) layers, energies and score models (torch).
+
+A DEQ layer replaces a deep stack by the fixed point of one weight-tied map,
+
+    z*(x) = f(z*, x),    f(z, x) = act(W_hat z + U x + b),
+    W_hat = W / max(1, ||W|| / gamma),
+
+with ``act`` 1-Lipschitz (softplus, tanh) and ``||W||`` the spectral norm (exact, by SVD)
+or the Frobenius norm (an upper bound of it). Then ``Lip_z(f) <= ||W_hat||_2 <= gamma < 1``:
+``f`` is a contraction in ``z`` for every ``x`` and the fixed point exists, is unique, and
+plain iteration converges to it from any start (Banach). This is the norm-scaled variant of
+the ICLR 2024 paper's ``softplus(B softplus(A z)) / (C ||A||_F ||B||_F) + y(x)``.
+
+Forward: plain iteration or Anderson acceleration under ``no_grad`` (memory does not grow
+with the number of iterations). Backward modes:
+
+- ``"implicit"``: exact implicit differentiation. With ``J = df/dz`` at ``z*``, the
+  vector-Jacobian product is ``theta_bar = (df/dtheta)^T g`` with ``g = v + J^T g`` (the
+  adjoint fixed point, also contractive since ``||J^T||_2 <= gamma``). The adjoint solve is
+  itself an implicit fixed point of the same kind, built from differentiable autograd ops,
+  so its backward is again an implicit solve: double backward (``create_graph=True``), and
+  any higher order, is exact up to the solver tolerance, at constant memory in the number
+  of iterations. Score matching needs this: ``s = grad_x log p`` goes through one adjoint
+  solve, ``v^T H v`` and the parameter gradients of the loss through more.
+- ``"phantom"``: ``K`` steps ``z <- f(z, x)`` from the detached fixed point with plain
+  autograd (the ICLR 2024 code's "phantom gradient"); it truncates the Neumann series of
+  ``(I - J)^{-1}`` after ``K`` terms, so its error decays like ``gamma^K``.
+- ``"unrolled"``: ``max_iter`` plain iterations from ``z0`` with autograd through all of
+  them (memory grows with ``max_iter``): the reference the other two are tested against.
+
+Convergence: iteration stops when every example satisfies
+``||f(z) - z|| <= tol * (1 + ||f(z)||)``; ``FixedPointInfo(iterations, residual,
+converged)`` reports the worst example's relative residual. A solve that does not converge
+warns (``FixedPointWarning``), raises (``FixedPointError``) or is ignored, per
+``on_nonconvergence``.
+
+The layout mirrors ``ppl_score.jax.deq`` (``deq_params`` converts the weights).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import _deq
+from .._deq import (  # noqa: F401  (re-exported: the framework-free part, shared with ppl_score.jax.deq)
+    ANDERSON_REG,
+    BACKWARDS,
+    NORMS,
+    POLICIES,
+    SOLVERS,
+    DEQConfig,
+    FixedPointError,
+    FixedPointInfo,
+    FixedPointWarning,
+    SolverConfig,
+    solver_config,
+)
+from .._deq import check_choice as _choice
+from .._deq import check_positive_int as _positive_int
+
+__all__ = [
+    "SOLVERS",
+    "BACKWARDS",
+    "NORMS",
+    "ACTIVATIONS",
+    "FixedPointInfo",
+    "SolverConfig",
+    "DEQConfig",
+    "FixedPointWarning",
+    "FixedPointError",
+    "solver_config",
+    "deq_config",
+    "solve",
+    "fixed_point",
+    "lipschitz_scaled",
+    "DEQLayer",
+    "DEQEnergy",
+    "DEQScore",
+    "deq_params",
+]
+
+ACTIVATIONS = {"softplus": F.softplus, "tanh": torch.tanh}  # keys: _deq.ACTIVATION_NAMES
+# torch activation classes accepted for parity with ``nets.MLPEnergy(activation=...)``
+_ACTIVATION_CLASSES = {nn.Softplus: "softplus", nn.Tanh: "tanh"}
+
+
+@functools.wraps(_deq.deq_config, assigned=())  # signature: that of the shared deq_config
+def deq_config(activation="softplus", *args, **kwargs) -> DEQConfig:
+    """Validated ``DEQConfig``. ``gamma`` in (0, 1) bounds the Lipschitz constant of the map.
+    ``activation`` is ``"softplus"`` / ``"tanh"`` or ``nn.Softplus`` / ``nn.Tanh``."""
+    if isinstance(activation, type) and activation in _ACTIVATION_CLASSES:
+        activation = _ACTIVATION_CLASSES[activation]
+    return _deq.deq_config(activation, *args, **kwargs)
+
+
+def _report(info: FixedPointInfo, cfg: SolverConfig, what: str) -> None:
+    if info.converged:
+        return
+    _deq.report_nonconvergence(what, info.residual, info.iterations, cfg, stacklevel=3)
+
+
+# ---------------------------------------------------------------------------------------
+# Solvers: ``step`` maps z [B, *shape] -> f(z); no autograd.
+# ---------------------------------------------------------------------------------------
+
+
+def _residuals(fz: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Per-example ``||f(z) - z|| / (1 + ||f(z)||)``."""
+    b = fz.shape[0]
+    return (fz - z).reshape(b, -1).norm(dim=-1) / (1 + fz.reshape(b, -1).norm(dim=-1))
+
+
+def _iteration(step, z0, cfg: SolverConfig):
+    z = z0
+    for k in range(1, cfg.max_iter + 1):
+        fz = step(z)
+        res = _residuals(fz, z).max().item()
+        z = fz
+        if res <= cfg.tol:
+            break
+    return z, FixedPointInfo(k, res, res <= cfg.tol)
+
+
+def _anderson_mix(xs, fs, k: int, m: int):
+    """Anderson's next iterate from the ring buffers ``xs``, ``fs`` ``[B, m, N]`` holding
+    ``min(k, m)`` valid entries: ``sum_i alpha_i f_i`` with ``alpha`` minimizing
+    ``||sum_i alpha_i (f_i - x_i)||`` subject to ``sum_i alpha_i = 1``, i.e.
+    ``alpha ~ A^{-1} 1`` with ``A`` the (normalized, regularized) Gram matrix. Invalid slots
+    get identity rows and a zero right-hand side, so every shape is fixed (as in JAX)."""
+    valid = (torch.arange(m, device=xs.device) < min(k, m)).to(xs.dtype)  # [m]
+    g = (fs - xs) * valid[:, None]
+    gram = g @ g.transpose(1, 2)  # [B, m, m]
+    scale = gram.diagonal(dim1=1, dim2=2).sum(-1) / valid.sum()
+    tiny = torch.finfo(xs.dtype).tiny
+    gram = gram / scale.clamp_min(tiny)[:, None, None]
+    eye = torch.eye(m, dtype=xs.dtype, device=xs.device)
+    outer = valid[:, None] * valid[None, :]
+    a = gram * outer + eye * (ANDERSON_REG * valid + (1 - valid))
+    alpha = torch.linalg.solve(a, valid.expand(xs.shape[0], m))
+    alpha = alpha / alpha.sum(-1, keepdim=True)
+    return (alpha[:, None, :] @ fs)[:, 0]
+
+
+def _anderson(step, z0, cfg: SolverConfig):
+    b, shape, m = z0.shape[0], z0.shape, cfg.memory
+    xs = z0.new_zeros(b, m, z0[0].numel())
+    fs = torch.zeros_like(xs)
+    z = z0
+    for k in range(1, cfg.max_iter + 1):
+        fz = step(z)
+        res = _residuals(fz, z).max().item()
+        if res <= cfg.tol:
+            break
+        slot = (k - 1) % m
+        xs[:, slot] = z.reshape(b, -1)
+        fs[:, slot] = fz.reshape(b, -1)
+        z = _anderson_mix(xs, fs, k, m).reshape(shape)
+    return fz, FixedPointInfo(k, res, res <= cfg.tol)
+
+
+_SOLVE = {"iteration": _iteration, "anderson": _anderson}
+
+
+def solve(step: Callable, z0: torch.Tensor, cfg: SolverConfig = SolverConfig(), what: str = "forward"):
+    """Fixed point of ``step`` from ``z0`` ``[B, *shape]`` (no autograd): ``(z, info)``,
+    with the non-convergence policy of ``cfg`` applied."""
+    with torch.no_grad():
+        z, info = _SOLVE[cfg.solver](step, z0, cfg)
+    _report(info, cfg, what)
+    return z, info
+
+
+# ---------------------------------------------------------------------------------------
+# Implicit differentiation, exact at every order
+# ---------------------------------------------------------------------------------------
+
+
+def _partial_input(t: torch.Tensor, create_graph: bool) -> torch.Tensor:
+    """An input to differentiate with respect to *only along its own edge*: an alias (a
+    view, no copy) keeps the graph to ``t``'s upstream (for higher orders) while
+    ``autograd.grad`` with respect to the alias gives the partial derivative, not the total
+    one through other uses of ``t``'s upstream (e.g. the fixed point, itself a function of
+    ``t``)."""
+    if create_graph and t.requires_grad:
+        return t.view_as(t)
+    return t.detach().requires_grad_(True)
+
+
+class _Map:
+    """A differentiable map ``f(z, *params)`` and a fast no-autograd step for solving."""
+
+    def __init__(self, f: Callable):
+        self.f = f
+
+    def __call__(self, z, *params):
+        return self.f(z, *params)
+
+    def stepper(self, *params):
+        return lambda z: self.f(z, *params)
+
+
+class _AdjointMap(_Map):
+    """``A(g; v, z, *params) = v + (df/dz)(z, params)^T g``: the adjoint fixed-point map of
+    ``f``. Its output stays differentiable in all its inputs (``create_graph=True``), so its
+    own implicit backward can differentiate it."""
+
+    def __init__(self, inner: _Map):
+        self.inner = inner
+
+    def __call__(self, g, v, z, *params):
+        with torch.enable_grad():
+            za = _partial_input(z, True)
+            out = self.inner(za, *params)
+            (jtg,) = torch.autograd.grad(out, za, g, create_graph=True)
+        return v + jtg
+
+    def stepper(self, v, z, *params):
+        # one graph of f at (z*, params), reused by every iteration's vector-Jacobian product
+        with torch.enable_grad():
+            za = z.detach().requires_grad_(True)
+            out = self.inner(za, *[p.detach() for p in params])
+        v = v.detach()
+
+        def step(g):
+            with torch.enable_grad():
+                (jtg,) = torch.autograd.grad(out, za, g, retain_graph=True)
+            return v + jtg
+
+        return step
+
+
+def _is_legacy_batched(t: torch.Tensor) -> bool:
+    check = getattr(getattr(torch._C, "_functorch", None), "is_legacy_batchedtensor", None)
+    return bool(check is not None and check(t))
+
+
+class _ImplicitFixedPoint(torch.autograd.Function):
+    """``z* = f(z*, *params)``; the backward solves the adjoint fixed point with another
+    ``_ImplicitFixedPoint`` (of ``_AdjointMap(f)``), so it is differentiable again."""
+
+    @staticmethod
+    def forward(ctx, fmap: _Map, cfg: SolverConfig, sink: list, what: str, z0, *params):
+        z, info = solve(fmap.stepper(*params), z0.detach(), cfg, what)
+        sink.append(info)
+        ctx.fmap, ctx.cfg = fmap, cfg
+        ctx.save_for_backward(z, *params)
+        return z
+
+    @staticmethod
+    def backward(ctx, gz):
+        z, *params = ctx.saved_tensors
+        needs = ctx.needs_input_grad[5:]
+        none = (None,) * 5
+        if not any(needs):
+            return (*none, *(None,) * len(params))
+        create_graph = torch.is_grad_enabled()  # True iff the caller asked for create_graph
+        adjoint = _AdjointMap(ctx.fmap)
+        if _is_legacy_batched(gz):
+            # Under ``autograd.grad(..., is_grads_batched=True)`` (the exact-SM Hessian trace)
+            # tensors are vmapped: no data-dependent stop, no detach. Solve the adjoint by
+            # max_iter differentiable plain iterations instead (error <= gamma^max_iter).
+            g = gz
+            for _ in range(ctx.cfg.max_iter):
+                g = adjoint(g, gz, z, *params)
+        else:
+            # g = gz + J^T g, differentiable in (gz, z, params) when create_graph
+            g = _ImplicitFixedPoint.apply(adjoint, ctx.cfg, [], "adjoint", gz.detach(), gz, z, *params)
+        with torch.enable_grad():
+            zi = z if create_graph else z.detach()
+            ps = [
+                _partial_input(p, create_graph) if n else (p if create_graph else p.detach())
+                for p, n in zip(params, needs)
+            ]
+            out = ctx.fmap(zi, *ps)
+            wrt = [p for p, n in zip(ps, needs) if n]
+            grads = iter(torch.autograd.grad(out, wrt, g, create_graph=create_graph, allow_unused=True))
+        return (*none, *(next(grads) if n else None for n in needs))
+
+
+def _unrolled(f, z0, params, cfg: SolverConfig):
+    z = z0
+    for _ in range(cfg.max_iter):
+        fz = f(z, *params)
+        res = _residuals(fz.detach(), z.detach()).max().item()
+        z = fz
+    info = FixedPointInfo(cfg.max_iter, res, res <= cfg.tol)
+    _report(info, cfg, "unrolled")
+    return z, info
+
+
+def fixed_point(
+    f: Callable,
+    z0: torch.Tensor,
+    params: Sequence[torch.Tensor] = (),
+    *,
+    backward: str = "implicit",
+    phantom_steps: int = 2,
+    **solver_options,
+):
+    """Differentiable fixed point ``z* = f(z*, *params)`` of a contraction ``f`` in ``z``.
+
+    Args:
+        f: ``(z [B, *shape], *params) -> [B, *shape]``, built from differentiable torch ops
+            (``implicit`` differentiates it to any order).
+        z0: the start ``[B, *shape]`` (the fixed point does not depend on it).
+        params: the tensors ``f`` depends on that gradients must reach (closed-over tensors
+            get no gradient in ``implicit`` mode).
+        backward: ``"implicit"``, ``"phantom"`` (``phantom_steps`` unrolled steps from the
+            detached fixed point) or ``"unrolled"`` (``max_iter`` iterations with autograd).
+        **solver_options: ``solver``, ``tol``, ``max_iter``, ``memory``, ``on_nonconvergence``
+            (see ``solver_config``).
+
+    Returns:
+        ``(z, FixedPointInfo)``.
+    """
+    backward = _choice("backward", backward, BACKWARDS)
+    phantom_steps = _positive_int("phantom_steps", phantom_steps)
+    cfg = solver_config(**solver_options)
+    return _fixed_point(_Map(f), z0, tuple(params), backward, phantom_steps, cfg)
+
+
+def _fixed_point(fmap: _Map, z0, params, backward, phantom_steps, cfg):
+    if not isinstance(z0, torch.Tensor) or z0.dim() < 1:
+        raise ValueError("argument 'z0' must be a tensor [B, *shape] with a leading batch dim")
+    for i, p in enumerate(params):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"argument 'params' must hold tensors, item {i} is {type(p).__name__}")
+    if backward == "unrolled":
+        return _unrolled(fmap, z0, params, cfg)
+    if backward == "phantom":
+        z, info = solve(fmap.stepper(*params), z0.detach(), cfg)
+        for _ in range(phantom_steps):
+            z = fmap(z, *params)
+        return z, info
+    sink: list = []
+    z = _ImplicitFixedPoint.apply(fmap, cfg, sink, "forward", z0, *params)
+    return z, sink[0]
+
+
+# ---------------------------------------------------------------------------------------
+# The DEQ layer and models
+# ---------------------------------------------------------------------------------------
+
+
+def lipschitz_scaled(weight: torch.Tensor, gamma: float, norm: str = "spectral") -> torch.Tensor:
+    """``W / max(1, ||W|| / gamma)``: spectral norm ``<= gamma``. ``norm="spectral"`` is
+    exact (SVD, fine for the widths used here); ``"frobenius"`` is a cheaper upper bound."""
+    norm = _choice("norm", norm, NORMS)
+    n = torch.linalg.matrix_norm(weight, ord=2 if norm == "spectral" else "fro")
+    return weight / torch.clamp(n / gamma, min=1.0)
+
+
+def _layer_map(activation: str) -> Callable:
+    act = ACTIVATIONS[activation]
+
+    def f(z, w_hat, u):
+        return act(z @ w_hat.T + u)
+
+    return f
+
+
+class DEQLayer(nn.Module):
+    """``x [B, in_dim] -> z*(x) [B, width]`` with ``z* = act(W_hat z* + U x + b)``.
+
+    Options: see ``deq_config``. After each call ``last_info`` holds the forward solve's
+    ``FixedPointInfo``.
+    """
+
+    def __init__(self, in_dim: int, width: int, **options):
+        super().__init__()
+        in_dim, width = _positive_int("in_dim", in_dim), _positive_int("width", width)
+        self.config = deq_config(**options)
+        bound = 1.0 / math.sqrt(width)
+        self.weight = nn.Parameter(torch.empty(width, width).uniform_(-bound, bound))
+        self.inject = nn.Linear(in_dim, width)
+        self._map = _Map(_layer_map(self.config.activation))
+        self.last_info: FixedPointInfo | None = None
+
+    @property
+    def width(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        u = self.inject(x)  # the input injection, computed once per solve
+        w_hat = lipschitz_scaled(self.weight, c.gamma, c.norm)
+        z0 = u.new_zeros(x.shape[0], self.width)
+        z, self.last_info = _fixed_point(self._map, z0, (w_hat, u), c.backward, c.phantom_steps, c.solver)
+        return z
+
+
+def _check_input(x, dim: int) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"argument 'x' must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 2 or x[0].numel() != dim:
+        raise ValueError(f"argument 'x' must have shape [B, *event] with prod(event) = {dim}, got {tuple(x.shape)}")
+    return x.reshape(x.shape[0], -1)
+
+
+class DEQEnergy(nn.Module):
+    """DEQ energy model: ``log p(x) = w^T z*(x) + c - quadratic/2 ||x||^2 + const``,
+    ``x [B, *event] -> [B]``; the DEQ counterpart of ``nets.MLPEnergy`` (one weight-tied
+    layer of ``width`` units instead of a stack). Options: see ``deq_config``."""
+
+    def __init__(self, dim: int, width: int = 512, quadratic: float = 0.0, **options):
+        super().__init__()
+        self.dim = _positive_int("dim", dim)
+        self.deq = DEQLayer(self.dim, width, **options)
+        self.readout = nn.Linear(self.deq.width, 1)
+        if isinstance(quadratic, bool) or not isinstance(quadratic, numbers.Real) or not quadratic >= 0:
+            raise ValueError(f"argument 'quadratic' must be a real number >= 0, got {quadratic!r}")
+        self.quadratic = float(quadratic)
+
+    @property
+    def last_info(self) -> FixedPointInfo | None:
+        return self.deq.last_info
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = _check_input(x, self.dim)
+        out = self.readout(self.deq(flat)).squeeze(-1)
+        if self.quadratic:
+            out = out - 0.5 * self.quadratic * (flat * flat).sum(-1)
+        return out
+
+
+class DEQScore(nn.Module):
+    """DEQ score network ``x [B, *event] -> [B, *event]``: ``s(x) = V z*(x) + c``, the DEQ
+    counterpart of ``nets.MLPScore``. Options: see ``deq_config``."""
+
+    def __init__(self, dim: int, width: int = 256, **options):
+        super().__init__()
+        self.dim = _positive_int("dim", dim)
+        self.deq = DEQLayer(self.dim, width, **options)
+        self.readout = nn.Linear(self.deq.width, self.dim)
+
+    @property
+    def last_info(self) -> FixedPointInfo | None:
+        return self.deq.last_info
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = _check_input(x, self.dim)
+        return self.readout(self.deq(flat)).reshape(x.shape)
+
+
+def deq_params(module: nn.Module) -> dict:
+    """The weights of a ``DEQEnergy`` / ``DEQScore`` as float64 numpy arrays in the layout of
+    ``ppl_score.jax.deq`` (``[in, out]`` matrices), for cross-backend parity."""
+    if not isinstance(module, (DEQEnergy, DEQScore)):
+        raise TypeError(f"argument 'module' must be a DEQEnergy or DEQScore, got {type(module).__name__}")
+    np_ = lambda t: t.detach().double().cpu().numpy().copy()  # noqa: E731
+    layer = module.deq
+    return {
+        "weight": np_(layer.weight.T),
+        "inject": (np_(layer.inject.weight.T), np_(layer.inject.bias)),
+        "readout": (np_(module.readout.weight.T), np_(module.readout.bias)),
+    }

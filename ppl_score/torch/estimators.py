@@ -1,0 +1,353 @@
+"""Score estimators for samples of an implicit distribution ``q`` (torch).
+
+Kernel estimators (pure functions; ``samples [N, D]`` -> estimated ``grad log q`` at ``at``):
+
+* ``stein_scores``: the Stein gradient estimator (Li & Turner, ICLR 2018),
+  ``G = -(K + eta I)^{-1} <grad, K>`` with ``<grad, K>_i = sum_m grad_{x_m} k(x_m, x_i)``;
+  for a new point ``x*`` the out-of-sample extension of their section 3.4: the row of
+  ``x*`` in the Stein estimator on ``{x*} u samples``, by block (Schur complement) inversion
+  with the in-sample ``G`` held fixed,
+  ``g(x*) = -(k*^T G - sum_m (1 + a_m) grad_{x*} k(x*, x_m)) / (1 + eta - a^T k*)``,
+  ``a = (K + eta I)^{-1} k*``.
+* ``spectral_scores``: the spectral Stein gradient estimator (SSGE; Shi, Sun & Zhu, ICML
+  2018): Nystrom eigenfunctions ``psi_j(x) = sqrt(N)/lambda_j sum_m k(x, x_m) u_jm`` of the
+  kernel operator, ``beta_j = -mean_m grad psi_j(x_m)``, ``g(x) = sum_j beta_j psi_j(x)``,
+  i.e. ``g(x) = -k(x)^T U diag(1/lambda^2) U^T <grad, K>`` over the kept eigenpairs: the
+  fewest whose eigenvalues hold ``threshold`` of the total, recomputed on every call.
+
+Both use ``k(x, y) = exp(-||x - y||^2 / (2 h^2))``, ``h`` by default the median of the
+pairwise distances between distinct samples; the numbers match ``ppl_score.jax.estimators``.
+
+Learned estimator: ``LearnedScoreEstimator``, a score network ``s_psi(z[, c])`` trained online
+by ``ssm_vr``, ``fd_ssm`` or ``dsm`` (``score_matching_loss(kind="score")``) on fresh
+samples, one optimizer step per ``update``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .. import implicit_spec as ispec
+from .objectives import score_matching_loss
+
+__all__ = [
+    "stein_scores",
+    "spectral_scores",
+    "median_bandwidth",
+    "ScoreMLP",
+    "LearnedScoreEstimator",
+]
+
+
+# ---------------------------------------------------------------------------------------
+# kernel estimators (batched internals over leading dims; public functions take [N, D])
+
+
+def _sqdist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``||x_i - y_j||^2``, ``[..., N, D] x [..., K, D] -> [..., N, K]``, clamped at 0."""
+    d2 = (x * x).sum(-1)[..., :, None] + (y * y).sum(-1)[..., None, :] - 2.0 * x @ y.transpose(-1, -2)
+    return d2.clamp_min(0.0)
+
+
+def _median_bandwidth(d2: torch.Tensor) -> torch.Tensor:
+    """Median of the distances between distinct samples, from ``d2 [..., N, N]``."""
+    n = d2.shape[-1]
+    iu = torch.triu_indices(n, n, offset=1, device=d2.device)
+    pairs = torch.sort(d2[..., iu[0], iu[1]].sqrt(), dim=-1).values
+    lo, hi = ispec.median_positions(pairs.shape[-1])
+    return 0.5 * (pairs[..., lo] + pairs[..., hi])
+
+
+def _prepare(samples, at, bandwidth):
+    """Centre (the kernel is translation invariant; centring keeps ``||x||^2 + ||y||^2 -
+    2 x.y`` accurate), kernel matrix, bandwidth ``[...]`` and ``<grad, K> [..., N, D]``."""
+    mu = samples.mean(-2, keepdim=True)
+    x = samples - mu
+    d2 = _sqdist(x, x)
+    n = x.shape[-2]
+    d2 = d2 * (1.0 - torch.eye(n, dtype=x.dtype, device=x.device))  # k(x, x) = 1 exactly
+    if bandwidth is None:
+        h = _median_bandwidth(d2)
+        if not bool((h > 0).all()):
+            raise ValueError(
+                "argument 'samples': the median heuristic gives bandwidth 0 (most samples coincide); "
+                "pass 'bandwidth' explicitly"
+            )
+    else:
+        h = torch.as_tensor(bandwidth, dtype=x.dtype, device=x.device).expand(x.shape[:-2])
+    h2 = (h * h)[..., None, None]
+    kxx = torch.exp(-d2 / (2.0 * h2))
+    # <grad, K>_i = sum_m grad_{x_m} k(x_m, x_i) = sum_m (x_i - x_m) k_im / h^2
+    grad_k = (x * kxx.sum(-1, keepdim=True) - kxx @ x) / h2
+    xa = None if at is None else at - mu
+    return x, xa, kxx, h2, grad_k
+
+
+def _stein(samples, at, eta, bandwidth):
+    x, xa, kxx, h2, grad_k = _prepare(samples, at, bandwidth)
+    n = x.shape[-2]
+    chol = torch.linalg.cholesky(kxx + eta * torch.eye(n, dtype=x.dtype, device=x.device))
+    g = -torch.cholesky_solve(grad_k, chol)
+    if xa is None:
+        return g
+    kax = torch.exp(-_sqdist(xa, x) / (2.0 * h2))  # [..., K, N]
+    a = torch.cholesky_solve(kax.transpose(-1, -2), chol).transpose(-1, -2)  # k* (K + eta I)^{-1}
+    schur = 1.0 + eta - (a * kax).sum(-1, keepdim=True)  # k(x*, x*) = 1; >= eta > 0
+    w = (a + 1.0) * kax
+    # sum_m (1 + a_m) grad_{x*} k(x*, x_m) = -sum_m w_m (x* - x_m) / h^2
+    wgrad = -(xa * w.sum(-1, keepdim=True) - w @ x) / h2
+    return -(kax @ g - wgrad) / schur
+
+
+def _spectral(samples, at, n_eigen, threshold, bandwidth):
+    x, xa, kxx, h2, grad_k = _prepare(samples, at, bandwidth)
+    n = x.shape[-2]
+    lam, u = torch.linalg.eigh(kxx)
+    lam, u = lam.flip(-1), u.flip(-1)  # descending
+    if n_eigen is None:
+        mass = lam.clamp_min(0.0).cumsum(-1)
+        # the fewest leading eigenpairs holding `threshold` of the mass (recomputed per call)
+        n_keep = (mass < threshold * mass[..., -1:]).sum(-1, keepdim=True) + 1
+    else:
+        n_keep = torch.full((*lam.shape[:-1], 1), n_eigen, device=lam.device)
+    # numerically null eigenpairs (round-off, possibly negative) are always dropped: their
+    # 1/lambda^2 would only amplify round-off
+    floor = n * torch.finfo(lam.dtype).eps * lam[..., :1]
+    keep = (torch.arange(n, device=lam.device) < n_keep) & (lam > floor)
+    safe = torch.where(keep, lam, torch.ones_like(lam))
+    inv_lam2 = torch.where(keep, 1.0 / (safe * safe), torch.zeros_like(lam))
+    kax = kxx if xa is None else torch.exp(-_sqdist(xa, x) / (2.0 * h2))
+    coef = (u.transpose(-1, -2) @ grad_k) * inv_lam2[..., :, None]  # [..., J, D]
+    return -(kax @ u) @ coef
+
+
+def _check_array(name: str, t) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"argument {name!r} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"argument {name!r} must have a floating dtype, got {t.dtype}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"argument {name!r} contains non-finite values (nan or inf)")
+    return t
+
+
+def _check_inputs(samples, at):
+    samples = _check_array("samples", samples)
+    n, d = ispec.check_samples_shape(tuple(samples.shape))
+    if at is not None:
+        at = _check_array("at", at)
+        ispec.check_at_shape(tuple(at.shape), d)
+        at = at.to(dtype=samples.dtype, device=samples.device)
+    return samples, at, n
+
+
+def median_bandwidth(samples: torch.Tensor) -> torch.Tensor:
+    """The median heuristic: median of ``||x_i - x_j||`` over pairs ``i < j`` of ``samples [N, D]``."""
+    samples, _, n = _check_inputs(samples, None)
+    x = samples - samples.mean(0)
+    return _median_bandwidth(_sqdist(x, x))
+
+
+def stein_scores(samples: torch.Tensor, at: torch.Tensor | None = None, *, eta: float = 0.1, bandwidth=None):
+    """Stein gradient estimate of ``grad log q`` from ``samples [N, D]`` of ``q``.
+
+    ``at=None``: at the samples, ``-(K + eta I)^{-1} <grad, K>`` (Li & Turner 2018, eq. 11).
+    ``at [K, D]``: each row by the out-of-sample extension (their section 3.4), which is the
+    estimate the in-sample formula would give that point were it added to the samples
+    (also for a row that coincides with a sample). Returns ``[N, D]`` or ``[K, D]``.
+    """
+    samples, at, _ = _check_inputs(samples, at)
+    eta = ispec.check_eta(eta)
+    bandwidth = ispec.check_bandwidth(bandwidth)
+    return _stein(samples, at, eta, bandwidth)
+
+
+def spectral_scores(
+    samples: torch.Tensor, at: torch.Tensor | None = None, *, n_eigen=None, threshold: float = 0.99, bandwidth=None
+):
+    """Spectral Stein gradient estimate (SSGE, Shi et al. 2018) of ``grad log q`` at ``at``
+    (default: the samples) from ``samples [N, D]``.
+
+    Keeps the ``n_eigen`` leading eigenpairs of ``K``, or when ``n_eigen`` is None the fewest
+    whose eigenvalues sum to at least ``threshold`` of the total (counted anew on every call);
+    eigenvalues below ``N * machine-eps * lambda_max`` are numerically zero and never kept.
+    """
+    samples, at, n = _check_inputs(samples, at)
+    n_eigen = ispec.check_n_eigen(n_eigen, n)
+    threshold = ispec.check_threshold(threshold)
+    bandwidth = ispec.check_bandwidth(bandwidth)
+    return _spectral(samples, at, n_eigen, threshold, bandwidth)
+
+
+def kernel_scores_batched(kind: str, samples: torch.Tensor, **options) -> torch.Tensor:
+    """In-sample kernel estimates for independent sample sets ``samples [..., N, D]`` (one
+    distribution per leading index); used by the implicit ELBO across particles."""
+    if kind == "stein":
+        return _stein(samples, None, ispec.check_eta(options.get("eta", 0.1)), ispec.check_bandwidth(options.get("bandwidth")))
+    ispec.check_kernel_name(kind)
+    n = samples.shape[-2]
+    return _spectral(
+        samples,
+        None,
+        ispec.check_n_eigen(options.get("n_eigen"), n),
+        ispec.check_threshold(options.get("threshold", 0.99)),
+        ispec.check_bandwidth(options.get("bandwidth")),
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# learned estimator
+
+
+class ScoreMLP(nn.Module):
+    """Score network ``s(z[, c])``: an MLP on ``[z, c]`` (``[N, D]``, ``[N, C]``) -> ``[N, D]``.
+
+    A smooth activation is required: ``ssm_vr`` differentiates the network once more.
+    """
+
+    def __init__(self, dim: int, context_dim: int = 0, hidden=(128, 128), activation=nn.Softplus):
+        super().__init__()
+        self.dim = ispec.check_int("dim", dim)
+        self.context_dim = ispec.check_int("context_dim", context_dim, 0)
+        sizes = (self.dim + self.context_dim, *hidden)
+        layers = []
+        for a, b in zip(sizes[:-1], sizes[1:]):
+            layers += [nn.Linear(a, b), activation()]
+        layers.append(nn.Linear(sizes[-1], self.dim))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        h = z if context is None else torch.cat([z, context], dim=-1)
+        return self.net(h)
+
+
+class LearnedScoreEstimator:
+    """A score network ``s_psi`` fitted online to samples of a moving ``q`` by score matching.
+
+    ``update(samples, context)`` takes ``n_steps`` optimizer steps (default 1) of
+    ``score_matching_loss(s_psi, samples.detach(), method, kind="score", **options)`` and
+    returns the last loss; ``estimator(z, context)`` evaluates ``s_psi``. With
+    ``context_dim > 0`` the network models ``grad_z log q(z | c)`` (amortized guides:
+    ``c`` is, e.g., the data point the encoder was given).
+
+    Args:
+        dim: ``D`` of the samples ``[N, D]``.
+        context_dim: ``C`` of the context ``[N, C]`` (0: unconditional).
+        hidden, activation: the MLP (``ScoreMLP``), or pass ``net`` (an ``nn.Module``
+            ``(z, context) -> [N, D]``) instead.
+        method: ``"ssm_vr"`` (default), ``"fd_ssm"`` or ``"dsm"``.
+        optimizer: a ``torch.optim`` class (default ``Adam``), built on the net's
+            parameters with ``lr``.
+        n_steps: optimizer steps per ``update``.
+        generator: ``torch.Generator`` for the objective's random draws.
+        **options: the method's options (``n_projections``, ``projection``, ``sigma``, ``eps``).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        context_dim: int = 0,
+        *,
+        hidden=(128, 128),
+        activation=nn.Softplus,
+        net: nn.Module | None = None,
+        method: str = "ssm_vr",
+        optimizer=torch.optim.Adam,
+        lr: float = 1e-3,
+        n_steps: int = 1,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype | None = None,
+        **options,
+    ):
+        from ..spec import resolve
+
+        self.dim = ispec.check_int("dim", dim)
+        self.context_dim = ispec.check_int("context_dim", context_dim, 0)
+        self.method = ispec.check_learned_method(method)
+        resolve(self.method, "score", options)  # unknown / bad options fail here, not at the first step
+        self.options = dict(options)
+        self.n_steps = ispec.check_int("n_steps", n_steps)
+        lr = ispec.check_positive("lr", lr)
+        if net is None:
+            net = ScoreMLP(self.dim, self.context_dim, hidden, activation)
+        elif not isinstance(net, nn.Module):
+            raise TypeError(f"argument 'net' must be a torch.nn.Module, got {type(net).__name__}")
+        self.net = net if dtype is None else net.to(dtype)
+        self.optimizer = optimizer(self.net.parameters(), lr=lr)
+        self.generator = generator
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.net.parameters()).dtype
+
+    def _check(self, z, context, name="samples"):
+        if not isinstance(z, torch.Tensor):
+            raise TypeError(f"argument {name!r} must be a torch.Tensor, got {type(z).__name__}")
+        if z.dim() != 2 or z.shape[1] != self.dim:
+            raise ValueError(f"argument {name!r} must have shape [N, {self.dim}], got {tuple(z.shape)}")
+        if self.context_dim == 0:
+            if context is not None:
+                raise ValueError("argument 'context' given to an unconditional estimator (context_dim=0)")
+            return z.to(self.dtype), None
+        if context is None:
+            raise ValueError(f"argument 'context' of shape [N, {self.context_dim}] is required (context_dim > 0)")
+        if not isinstance(context, torch.Tensor):
+            raise TypeError(f"argument 'context' must be a torch.Tensor, got {type(context).__name__}")
+        if tuple(context.shape) != (z.shape[0], self.context_dim):
+            raise ValueError(
+                f"argument 'context' must have shape [{z.shape[0]}, {self.context_dim}], got {tuple(context.shape)}"
+            )
+        return z.to(self.dtype), context.detach().to(self.dtype)
+
+    def loss(self, samples: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """The score-matching loss of the current network on ``samples`` (differentiable in psi)."""
+        z, c = self._check(samples, context)
+        if not bool(torch.isfinite(z).all()):
+            raise ValueError("argument 'samples' contains non-finite values (nan or inf)")
+        with torch.enable_grad():
+            return score_matching_loss(
+                lambda x: self.net(x, c), z.detach(), self.method, kind="score", generator=self.generator, **self.options
+            )
+
+    def update(self, samples: torch.Tensor, context: torch.Tensor | None = None) -> float:
+        """``n_steps`` optimizer steps on the (detached) ``samples``; returns the last loss."""
+        for _ in range(self.n_steps):
+            with torch.enable_grad():
+                loss = self.loss(samples, context)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            self.optimizer.step()
+        return loss.item()
+
+    def fit(
+        self,
+        samples: torch.Tensor,
+        context: torch.Tensor | None = None,
+        *,
+        n_steps: int,
+        batch_size: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> list[float]:
+        """``n_steps`` steps on minibatches of ``batch_size`` rows drawn from ``samples``."""
+        n_steps = ispec.check_int("n_steps", n_steps)
+        self._check(samples, context)
+        n = samples.shape[0]
+        batch_size = n if batch_size is None else ispec.check_int("batch_size", batch_size, 1, n)
+        losses = []
+        for _ in range(n_steps):
+            idx = torch.randperm(n, generator=generator)[:batch_size]
+            with torch.enable_grad():
+                loss = self.loss(samples[idx], None if context is None else context[idx])
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            self.optimizer.step()
+            losses.append(loss.item())
+        return losses
+
+    def __call__(self, z: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """``s_psi(z[, context])`` for ``z [N, D]`` (differentiable in psi and ``z``)."""
+        z_, c = self._check(z, context, "z")
+        return self.net(z_, c).to(z.dtype)

@@ -1,0 +1,200 @@
+"""Langevin samplers over a batch of chains (torch): unadjusted (ULA) and
+Metropolis-adjusted (MALA).
+
+One step of size ``h`` proposes ``x' = x + h s(x) + sqrt(2 h) z`` with ``z ~ N(0, I)`` and
+``s = grad log p``; ULA keeps every proposal (stationary law biased by O(h)), MALA accepts
+with probability ``min(1, p(x') q(x | x') / (p(x) q(x' | x)))``,
+``q(b | a) = N(b; a + h s(a), 2 h I)`` (exact for every ``h``). The math and the shared
+argument checks live in ``ppl_score.langevin``; ``ppl_score.jax.langevin`` mirrors this file.
+
+``fn`` maps chains ``x[C, *event]`` to log densities ``[C]`` (``kind="log_prob"``, up to a
+constant) or, for ULA only, to scores ``[C, *event]`` (``kind="score"``); row ``c`` of its
+output may depend only on ``x[c]``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import langevin as shared
+from .. import spec
+
+__all__ = ["LangevinState", "LangevinInfo", "LangevinResult", "init", "step", "ula", "mala"]
+
+
+class LangevinState(NamedTuple):
+    x: torch.Tensor  # [C, *event]
+    log_prob: torch.Tensor  # [C]; zeros for kind="score"
+    score: torch.Tensor  # [C, *event]
+
+
+class LangevinInfo(NamedTuple):
+    accept_prob: torch.Tensor  # [C]: Metropolis-Hastings acceptance probability (ones for ULA)
+    is_accepted: torch.Tensor  # [C] bool
+
+
+class LangevinResult(NamedTuple):
+    samples: torch.Tensor  # [num_steps // thin, C, *event]; samples[-1] is the last state
+    accept_rate: torch.Tensor  # [C]: mean acceptance probability over the kept-phase steps
+
+
+def _evaluate(fn, kind: str, x: torch.Tensor):
+    """``(log p(x) [C], s(x) [C, *event])`` detached; ``log p`` is zeros for ``kind="score"``.
+
+    Only ``x`` is differentiated, so nothing accumulates in the parameters ``fn`` closes over.
+    """
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(kind == "log_prob")
+        out = fn(xg)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"argument 'fn' must return a torch.Tensor, got {type(out).__name__}")
+        spec.check_fn_output_shape(kind, tuple(out.shape), tuple(x.shape))
+        if kind == "score":
+            return x.new_zeros(x.shape[0]), out.detach()
+        (s,) = torch.autograd.grad(out.sum(), xg)
+    return out.detach(), s.detach()
+
+
+def _flat_sum(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1).sum(-1)
+
+
+def init(fn, x: torch.Tensor, kind: str = "log_prob") -> LangevinState:
+    """The state at ``x[C, *event]``: its log density and score."""
+    log_prob, score = _evaluate(fn, kind, x)
+    return LangevinState(x.detach().clone(), log_prob, score)
+
+
+def step(
+    fn,
+    state: LangevinState,
+    step_size: float,
+    *,
+    adjusted: bool = True,
+    kind: str = "log_prob",
+    generator: torch.Generator | None = None,
+):
+    """One Langevin transition of every chain; returns ``(state, info)``."""
+    x, log_prob, score = state
+    h = step_size
+    z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    proposal = x + h * score + math.sqrt(2.0 * h) * z
+    prop_log_prob, prop_score = _evaluate(fn, kind, proposal)
+    c = x.shape[0]
+    if not adjusted:
+        ones = x.new_ones(c)
+        return LangevinState(proposal, prop_log_prob, prop_score), LangevinInfo(ones, ones.bool())
+    # log q(x'|x) = -||z||^2 / 2 and log q(x|x') = -||x - x' - h s(x')||^2 / (4 h), up to the same constant
+    log_fwd = -0.5 * _flat_sum(z * z)
+    back = x - proposal - h * prop_score
+    log_bwd = -_flat_sum(back * back) / (4.0 * h)
+    log_alpha = prop_log_prob - log_prob + log_bwd - log_fwd
+    # a non-finite proposal (nan log density or score) is rejected, never accepted
+    log_alpha = torch.where(torch.isnan(log_alpha), torch.full_like(log_alpha, -math.inf), log_alpha)
+    accept_prob = log_alpha.clamp(max=0.0).exp()
+    u = torch.rand(c, generator=generator, dtype=x.dtype, device=x.device)
+    accepted = torch.log(u) < log_alpha
+    mask = accepted.reshape(c, *([1] * (x.dim() - 1)))
+    new = LangevinState(
+        torch.where(mask, proposal, x),
+        torch.where(accepted, prop_log_prob, log_prob),
+        torch.where(mask, prop_score, score),
+    )
+    return new, LangevinInfo(accept_prob, accepted)
+
+
+def _check_x0(x0) -> None:
+    if not isinstance(x0, torch.Tensor):
+        raise TypeError(f"argument 'x0' must be a torch.Tensor, got {type(x0).__name__}")
+    if not x0.is_floating_point():
+        raise TypeError(f"argument 'x0' must have a floating dtype, got {x0.dtype}")
+    shared.check_chains_shape(tuple(x0.shape), "x0")
+    if not torch.isfinite(x0).all():
+        raise ValueError("argument 'x0' contains non-finite values (nan or inf)")
+
+
+def _run(fn, x0, step_size, num_steps, *, adjusted, kind, num_warmup, thin, generator, progress_bar) -> LangevinResult:
+    if not callable(fn):
+        raise TypeError(f"argument 'fn' must be callable, got {type(fn).__name__}")
+    plan = shared.check_plan(step_size, num_steps, num_warmup, thin)
+    shared.check_kind(kind, adjusted)
+    _check_x0(x0)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"argument 'generator' must be a torch.Generator, got {type(generator).__name__}")
+    state = init(fn, x0, kind)
+    if not (torch.isfinite(state.log_prob).all() and torch.isfinite(state.score).all()):
+        raise shared.init_error("x0")
+    samples = x0.new_empty((plan.num_samples, *x0.shape))
+    accept_sum = x0.new_zeros(x0.shape[0])
+    with tqdm(total=plan.num_warmup + plan.num_steps, disable=not progress_bar, desc="warmup" if plan.num_warmup else "sample") as bar:
+        for i in range(plan.num_warmup + plan.num_steps):
+            state, info = step(fn, state, plan.step_size, adjusted=adjusted, kind=kind, generator=generator)
+            j = i - plan.num_warmup
+            if j >= 0:
+                accept_sum += info.accept_prob
+                if (j + 1) % plan.thin == 0:
+                    samples[j // plan.thin] = state.x
+            if j == 0 and plan.num_warmup:
+                bar.set_description("sample")
+            bar.update()
+    if not (torch.isfinite(samples).all() and torch.isfinite(state.score).all()):
+        raise shared.divergence_error(plan.step_size, adjusted)
+    return LangevinResult(samples, accept_sum / plan.num_steps)
+
+
+def ula(
+    fn,
+    x0: torch.Tensor,
+    step_size: float,
+    num_steps: int,
+    *,
+    kind: str = "log_prob",
+    num_warmup: int = 0,
+    thin: int = 1,
+    generator: torch.Generator | None = None,
+    progress_bar: bool = False,
+) -> LangevinResult:
+    """Unadjusted Langevin: ``x <- x + h s(x) + sqrt(2 h) z`` for ``C`` chains in parallel.
+
+    Args:
+        fn: ``x[C, *event] -> [C]`` log density (``kind="log_prob"``) or
+            ``-> [C, *event]`` score (``kind="score"``).
+        x0: initial states ``[C, *event]`` (not modified).
+        step_size: ``h > 0``; the stationary law is biased by O(h).
+        num_steps: steps after warmup (a multiple of ``thin``).
+        num_warmup: steps run first and discarded.
+        thin: keep every ``thin``-th state.
+        generator: ``torch.Generator`` for the noise (default: the global one).
+        progress_bar: show a tqdm bar.
+
+    Returns:
+        ``LangevinResult(samples [num_steps // thin, C, *event], accept_rate [C])``;
+        ``accept_rate`` is all ones. A run that reaches non-finite states raises ``ValueError``.
+    """
+    return _run(fn, x0, step_size, num_steps, adjusted=False, kind=kind, num_warmup=num_warmup,
+                thin=thin, generator=generator, progress_bar=progress_bar)
+
+
+def mala(
+    fn,
+    x0: torch.Tensor,
+    step_size: float,
+    num_steps: int,
+    *,
+    num_warmup: int = 0,
+    thin: int = 1,
+    generator: torch.Generator | None = None,
+    progress_bar: bool = False,
+) -> LangevinResult:
+    """Metropolis-adjusted Langevin for ``C`` chains in parallel; exact stationary law ``p``.
+
+    Same arguments as ``ula`` (``fn`` must be a log density). ``accept_rate`` is each
+    chain's mean Metropolis-Hastings acceptance probability over the ``num_steps`` steps
+    after warmup (about 0.57 is optimal in high dimension, Roberts & Rosenthal 1998).
+    """
+    return _run(fn, x0, step_size, num_steps, adjusted=True, kind="log_prob", num_warmup=num_warmup,
+                thin=thin, generator=generator, progress_bar=progress_bar)
