@@ -147,7 +147,7 @@ def figure(results, dims, path):
     ax.set_xticks(np.arange(len(dims)), [f"D = {d}" for d in dims])
     ax.set_yscale("log")
     ax.set_ylabel("held-out Fisher divergence / E||s||^2")
-    ax.set_title("Score estimation on a 4-component Gaussian mixture (equal sample budget)")
+    ax.set_title("Gaussian mixture (K = 4): equal sample budget per estimator", fontsize=10)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

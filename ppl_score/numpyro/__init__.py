@@ -1,11 +1,33 @@
-"""The NumPyro front end: score matching as an SVI loss, and unnormalized distributions."""
+"""The NumPyro front end: thin adapters from NumPyro traces to the JAX backend.
 
+Score matching as an SVI loss (``ScoreMatching``) for unnormalized models (``Unnormalized``),
+samplers for fitted models, implicit variational inference (``ImplicitELBO``), Wasserstein
+auto-encoders (``WAE``), relative-gradient flows and DEQ energies.
+"""
+
+from .deq import deq_energy, deq_energy_module, deq_score, deq_score_module
 from .distributions import Unnormalized
+from .flows import InvertibleMLPTransform, RelativeGradientMLE, invertible_mlp
+from .implicit import ImplicitELBO, score_state
+from .sampling import langevin, nuts, potential_fn, site_log_density
 from .score_matching import ScoreMatching
+from .wae import WAE
 
-__all__ = ["ScoreMatching", "Unnormalized"]
-
-# ---- samplers (ppl_score/numpyro/sampling.py) and other front-end modules: add imports here ----
-from .sampling import langevin, nuts, potential_fn, site_log_density  # noqa: E402,F401
-from .flows import InvertibleMLPTransform, RelativeGradientMLE, invertible_mlp  # noqa: E402,F401
-from .deq import deq_energy, deq_energy_module, deq_score, deq_score_module  # noqa: E402,F401
+__all__ = [
+    "ImplicitELBO",
+    "InvertibleMLPTransform",
+    "RelativeGradientMLE",
+    "ScoreMatching",
+    "Unnormalized",
+    "WAE",
+    "deq_energy",
+    "deq_energy_module",
+    "deq_score",
+    "deq_score_module",
+    "invertible_mlp",
+    "langevin",
+    "nuts",
+    "potential_fn",
+    "score_state",
+    "site_log_density",
+]

@@ -1,11 +1,29 @@
-"""The Pyro front end: score matching as an SVI loss, and unnormalized distributions."""
+"""The Pyro front end: thin adapters from Pyro traces to the torch backend.
 
+Score matching as an SVI loss (``ScoreMatching``) for unnormalized models (``Unnormalized``),
+samplers for fitted models, implicit variational inference (``ImplicitELBO``), Wasserstein
+auto-encoders (``WAE``), relative-gradient flows and DEQ energies.
+"""
+
+from .deq import DEQEnergy, DEQScore
 from .distributions import Unnormalized
+from .flows import InvertibleMLPTransform, RelativeGradientMLE
+from .implicit import ImplicitELBO
+from .sampling import langevin, nuts, potential_fn, site_log_density
 from .score_matching import ScoreMatching
+from .wae import WAE
 
-__all__ = ["ScoreMatching", "Unnormalized"]
-
-# ---- samplers (ppl_score/pyro/sampling.py) and other front-end modules: add imports here ----
-from .sampling import langevin, nuts, potential_fn, site_log_density  # noqa: E402,F401
-from .flows import InvertibleMLPTransform, RelativeGradientMLE  # noqa: E402,F401
-from .deq import DEQEnergy, DEQScore  # noqa: E402,F401
+__all__ = [
+    "DEQEnergy",
+    "DEQScore",
+    "ImplicitELBO",
+    "InvertibleMLPTransform",
+    "RelativeGradientMLE",
+    "ScoreMatching",
+    "Unnormalized",
+    "WAE",
+    "langevin",
+    "nuts",
+    "potential_fn",
+    "site_log_density",
+]
