@@ -11,10 +11,10 @@ a solve's convergence reaches the host) stays in the backend, which then calls
 
 from __future__ import annotations
 
-import math
-import numbers
 import warnings
 from typing import Any, NamedTuple
+
+from ._validate import check_choice, check_int, check_positive_float
 
 __all__ = [
     "SOLVERS",
@@ -90,26 +90,8 @@ class DEQConfig(NamedTuple):
 # ---------------------------------------------------------------------------------------
 
 
-def check_choice(name: str, value, allowed) -> str:
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"argument {name!r} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-    return value
-
-
 def check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"argument {name!r} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"argument {name!r} must be >= 1, got {value}")
-    return int(value)
-
-
-def check_positive_float(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"argument {name!r} must be a real number, got {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"argument {name!r} must be a finite number > 0, got {value}")
-    return float(value)
+    return check_int(name, value)
 
 
 def solver_config(solver="anderson", tol=1e-6, max_iter=100, memory=5, on_nonconvergence="warn") -> SolverConfig:

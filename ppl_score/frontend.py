@@ -16,11 +16,11 @@ plate) times its mask.
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Any, Collection, Mapping, NamedTuple, Sequence
 
 from . import spec
+from ._validate import check_int, check_positive_float
 
 __all__ = [
     "Config",
@@ -62,20 +62,11 @@ class Config(NamedTuple):
 
 
 def check_beta(beta: Any) -> float:
-    if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
-        raise TypeError(f"argument 'beta' must be a positive real number, got {type(beta).__name__}")
-    beta = float(beta)
-    if not math.isfinite(beta) or beta <= 0.0:
-        raise ValueError(f"argument 'beta' must be a finite number > 0, got {beta!r}")
-    return beta
+    return check_positive_float("beta", beta)
 
 
 def check_num_particles(num_particles: Any) -> int:
-    if isinstance(num_particles, bool) or not isinstance(num_particles, numbers.Integral):
-        raise TypeError(f"argument 'num_particles' must be an int >= 1, got {type(num_particles).__name__}")
-    if num_particles < 1:
-        raise ValueError(f"argument 'num_particles' must be >= 1, got {num_particles!r}")
-    return int(num_particles)
+    return check_int("num_particles", num_particles)
 
 
 def check_sites(sites: Any) -> tuple | None:

@@ -7,9 +7,10 @@ type) whose message names the offending argument.
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Any
+
+from ._validate import check_int, check_positive_float
 
 __all__ = [
     "KERNEL_ESTIMATORS",
@@ -40,29 +41,12 @@ REGULARIZERS = ("score", "mmd")
 RECONSTRUCTIONS = ("likelihood", "squared_error")
 
 
+# ``check_positive(name, value)`` and ``check_int(name, value, low, high)``
+check_positive = check_positive_float
+
+
 def _is_real(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, numbers.Real)
-
-
-def check_positive(name: str, value: Any) -> float:
-    """A finite real number ``> 0``."""
-    if not _is_real(value):
-        raise TypeError(f"argument {name!r} must be a positive real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value <= 0.0:
-        raise ValueError(f"argument {name!r} must be a finite number > 0, got {value!r}")
-    return value
-
-
-def check_int(name: str, value: Any, low: int = 1, high: int | None = None) -> int:
-    """An ``int`` in ``[low, high]``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"argument {name!r} must be an int, got {type(value).__name__}")
-    value = int(value)
-    if value < low or (high is not None and value > high):
-        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"argument {name!r} must be an int {bound}, got {value}")
-    return value
 
 
 def check_samples_shape(shape: tuple, name: str = "samples") -> tuple[int, int]:

@@ -21,9 +21,9 @@ so one gradient of ``fn(x).sum()`` gives every chain's score.
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any, NamedTuple
+
+from ._validate import check_int, check_positive_float
 
 __all__ = [
     "KINDS",
@@ -56,20 +56,11 @@ class Plan(NamedTuple):
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"argument {name!r} must be an int >= {minimum}, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"argument {name!r} must be >= {minimum}, got {value!r}")
-    return int(value)
+    return check_int(name, value, low=minimum)
 
 
 def check_step_size(step_size: Any) -> float:
-    if isinstance(step_size, bool) or not isinstance(step_size, numbers.Real):
-        raise TypeError(f"argument 'step_size' must be a positive real number, got {type(step_size).__name__}")
-    step_size = float(step_size)
-    if not math.isfinite(step_size) or step_size <= 0.0:
-        raise ValueError(f"argument 'step_size' must be a finite number > 0, got {step_size!r}")
-    return step_size
+    return check_positive_float("step_size", step_size)
 
 
 def check_plan(step_size: Any, num_steps: Any, num_warmup: Any = 0, thin: Any = 1) -> Plan:

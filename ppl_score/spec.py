@@ -11,11 +11,12 @@ Notation: ``x`` has shape ``[B, *event]``, ``D = prod(event)``, ``s(x) = grad_x 
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
+
+from ._validate import check_choice, check_int, check_positive_float
 
 __all__ = [
     "OBJECTIVES",
@@ -138,36 +139,11 @@ class Resolved:
         return self.spec.name
 
 
-def _check_positive_float(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"option {name!r} must be a positive real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value <= 0.0:
-        raise ValueError(f"option {name!r} must be a finite number > 0, got {value!r}")
-    return value
-
-
-def _check_n_projections(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"option 'n_projections' must be an int >= 1, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"option 'n_projections' must be >= 1, got {value!r}")
-    return int(value)
-
-
-def _check_projection(value: Any) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"option 'projection' must be a string, got {type(value).__name__}")
-    if value not in PROJECTIONS:
-        raise ValueError(f"option 'projection' must be one of {PROJECTIONS}, got {value!r}")
-    return value
-
-
 _OPTION_CHECKS = {
-    "sigma": lambda v: _check_positive_float("sigma", v),
-    "eps": lambda v: _check_positive_float("eps", v),
-    "n_projections": _check_n_projections,
-    "projection": _check_projection,
+    "sigma": lambda v: check_positive_float("sigma", v, what="option"),
+    "eps": lambda v: check_positive_float("eps", v, what="option"),
+    "n_projections": lambda v: check_int("n_projections", v, what="option"),
+    "projection": lambda v: check_choice("projection", v, PROJECTIONS, what="option"),
 }
 
 

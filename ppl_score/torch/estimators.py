@@ -25,7 +25,6 @@ samples, one optimizer step per ``update``.
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn

@@ -7,8 +7,6 @@ SPEC.md section 1.
 
 from __future__ import annotations
 
-import math
-import numbers
 
 import torch
 
