@@ -8,7 +8,7 @@ type) whose message names the offending argument.
 from __future__ import annotations
 
 import numbers
-from typing import Any
+from typing import Any, Mapping
 
 from ._validate import check_int, check_positive_float
 
@@ -31,6 +31,7 @@ __all__ = [
     "check_reconstruction",
     "check_sites",
     "median_positions",
+    "for_site",
 ]
 
 KERNEL_ESTIMATORS = ("stein", "spectral")
@@ -151,3 +152,15 @@ def median_positions(n_pairs: int) -> tuple[int, int]:
     """Positions in the sorted pairwise distances whose average is the median (the two
     middle values for an even count, the middle one twice for an odd count)."""
     return (n_pairs - 1) // 2, n_pairs // 2
+
+
+def for_site(estimator: Any, options: Any, name: str, what: str = "implicit site"):
+    """The estimator and kernel options of site ``name``: ``estimator`` may be a dict per
+    site, ``options`` a dict of options or a dict of them per site."""
+    if isinstance(estimator, Mapping):
+        if name not in estimator:
+            raise ValueError(f"argument 'estimator' has no entry for {what} {name!r}")
+        estimator = estimator[name]
+    if isinstance(options, Mapping) and name in options and isinstance(options[name], Mapping):
+        options = options[name]
+    return estimator, options

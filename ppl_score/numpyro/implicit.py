@@ -198,14 +198,7 @@ class ImplicitELBO(ELBO):
         self.update_estimator = bool(update_estimator)
 
     def _for_site(self, name):
-        est = self.estimator
-        if isinstance(est, Mapping):
-            if name not in est:
-                raise ValueError(f"argument 'estimator' has no entry for implicit site {name!r}")
-            est = est[name]
-        opts = self.estimator_options or {}
-        if isinstance(opts, Mapping) and name in opts and isinstance(opts[name], Mapping):
-            opts = opts[name]
+        est, opts = ispec.for_site(self.estimator, self.estimator_options or {}, name, "implicit site")
         ctx = self.context.get(name) if isinstance(self.context, Mapping) else self.context
         return est, dict(opts), ctx
 

@@ -86,14 +86,7 @@ class WAE(ELBO):
         self.estimator_options = estimator_options
 
     def _for_site(self, name):
-        est = self.estimator
-        if isinstance(est, Mapping):
-            if name not in est:
-                raise ValueError(f"argument 'estimator' has no entry for code site {name!r}")
-            est = est[name]
-        opts = self.estimator_options or {}
-        if isinstance(opts, Mapping) and name in opts and isinstance(opts[name], Mapping):
-            opts = opts[name]
+        est, opts = ispec.for_site(self.estimator, self.estimator_options or {}, name, "code site")
         return est, dict(opts)
 
     def _terms(self, rng_key, param_map, model, guide, args, kwargs, train):

@@ -121,14 +121,7 @@ class WAE(ELBO):
 
     def _estimator_for(self, name):
         if name not in self._resolved:
-            est = self._estimator_arg
-            if isinstance(est, Mapping):
-                if name not in est:
-                    raise ValueError(f"argument 'estimator' has no entry for code site {name!r}")
-                est = est[name]
-            opts = self._options_arg
-            if isinstance(opts, Mapping) and name in opts and isinstance(opts[name], Mapping):
-                opts = opts[name]
+            est, opts = ispec.for_site(self._estimator_arg, self._options_arg, name, "code site")
             self._resolved[name] = _Estimator(est, opts)
         return self._resolved[name]
 
