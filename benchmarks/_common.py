@@ -15,6 +15,7 @@ This module imports neither torch nor JAX.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -122,6 +123,47 @@ def maxrss_bytes() -> int:
         pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(r if sys.platform == "darwin" else r * 1024)
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 (C++ logging that Python's ``sys.stderr`` does not see)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def torch_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak of the bytes held by torch's allocator while ``fn()`` runs, above the level at its
+    start: the running sum of the profiler's allocation and release events
+    (``profile_memory=True``), the CPU counterpart of ``torch.cuda.max_memory_allocated``.
+    Exact and deterministic (unlike the RSS, which malloc's arenas and page reuse blur at the
+    scale of a few MB). Buffers allocated before the call and released during it are not seen
+    as releases, so they are never credited."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():  # kineto logs a line per start and stop to fd 2
+        prof.start()
+    try:
+        fn()
+    finally:
+        with _quiet_stderr():
+            prof.stop()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
+    events.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
 
 
 def run_worker(script: str, args: Sequence[str], timeout: float = 600.0, env: Mapping[str, str] | None = None) -> dict:

@@ -1,7 +1,8 @@
 """Memory, speed and fit of DEQ energies against explicit MLP energies of growing depth.
 
 Score models ``log p(x) = f(x) - quadratic/2 ||x||^2`` trained by score matching (``ssm_vr``
-and ``fd_ssm``) for the same number of Adam steps (lr 1e-3, batch 128, float32) on
+and ``fd_ssm``) for the same number of Adam steps (every model: the same learning rate, batch
+128, float32) on
 
 * ``mixture16``: a 16-D Gaussian mixture (4 components, seeded) whose score is known, so the
   held-out Fisher divergence ``1/2 E||s_model - s_true||^2`` is reported too;
@@ -10,27 +11,34 @@ and ``fd_ssm``) for the same number of Adam steps (lr 1e-3, batch 128, float32) 
 Models: explicit MLP energies (``nets.MLPEnergy`` / ``nets.energy_init``) with ``depth`` hidden
 layers of ``width`` units, depth in {2, 5, 10, 20, 40}, and the DEQ energy
 (``deq.DEQEnergy`` / ``deq.deq_energy_init``, one weight-tied layer of the same width,
-``gamma=0.9``, ``tol=1e-4``) with ``implicit`` and ``phantom`` (K=2) backward and plain
+``tol=1e-4``; a row per contraction bound ``gamma`` in {0.5, 0.9}, the DEQ's counterpart of
+the depth sweep: a lower ``gamma`` converges in fewer iterations, a higher one lets the
+layer feed more of itself back) with ``implicit`` and ``phantom`` (K=2) backward and plain
 iteration or Anderson acceleration (history 5: it keeps ``2 * 5`` copies of the batch's
-hidden state per solve, which is most of a DEQ step's memory). A DEQ row's ``depth`` is the
-mean number of forward solver iterations on the held-out batches.
+hidden state per solve). A DEQ row's ``depth`` is the mean number of forward solver
+iterations on the held-out batches. Each row is trained once per seed of ``--seeds``
+(initialization, batches, projections; the data are fixed by ``--seed``).
 
 Measured per row:
 * ``step_ms``: median wall time of one training step (loss and parameter gradients and the
-  Adam update) over the training run (JAX: the jitted step, compiled before timing).
-* ``peak_mem_mb``: torch, in a fresh subprocess per row: ``ru_maxrss`` after two steps on
-  the full batch minus ``ru_maxrss`` after one warm-up step on a 2-example batch (so lazy
-  one-time allocations, LAPACK and autograd threads, are not charged; CPU tensors are
-  invisible to ``tracemalloc``). JAX: the compiled step's ``memory_analysis()``, temporaries
-  plus outputs less aliased buffers. The two methods differ: compare rows within a backend.
+  Adam update) over the training run (JAX: the jitted step, compiled before timing); the
+  median over seeds.
+* ``peak_mem_mb``: torch: the peak of the bytes held by torch's allocator during one
+  full-batch training step, above the level at its start (the profiler's allocation events;
+  the CPU counterpart of ``torch.cuda.max_memory_allocated``), so it counts the activations
+  and graphs kept for the backward, the gradients and the temporaries. JAX: the compiled
+  step's ``memory_analysis()``, temporaries plus outputs less aliased buffers. The two
+  methods differ: compare rows within a backend.
 * ``test_sm_loss``: exact score matching (``esm``: Hessian trace plus half the squared score
-  norm) on held-out data, mean; ``fisher``: the Fisher divergence where the score is known.
+  norm) on held-out data, mean over seeds (with its standard error); ``fisher``: the Fisher
+  divergence where the score is known. A DEQ is judged with exact derivatives from tight
+  solves whatever it was trained with (``eval_config``).
 
 Targets (per backend, task, objective): DEQ peak memory <= 1.5x the depth-2 explicit net's
 and <= 1/4 of the depth-40 net's; DEQ held-out SM loss no worse than the depth-5 net's.
 
     python benchmarks/deq.py --quick --json out/bench/deq.json
-    python benchmarks/deq.py --json benchmarks/results/deq.json          # the full table
+    python benchmarks/deq.py --solvers iteration --json benchmarks/results/deq.json   # the README's table
 
 Timings taken on a shared, loaded CPU are not reliable; memory and losses are.
 """
@@ -57,12 +65,14 @@ DEPTHS = (2, 5, 10, 20, 40)
 DEQ_BACKWARDS = ("implicit", "phantom")
 DEQ_SOLVERS = ("iteration", "anderson")
 BATCH = 128
-LR = 1e-3
+LR = 1e-2
 QUADRATIC = 0.5
-DEQ_OPTIONS = dict(gamma=0.9, tol=1e-4, max_iter=50, phantom_steps=2, on_nonconvergence="ignore")
+GAMMAS = (0.5, 0.9)
+DEQ_OPTIONS = dict(tol=1e-4, max_iter=50, phantom_steps=2, on_nonconvergence="ignore")
+EVAL_SOLVER = dict(tol=1e-5, max_iter=500, on_nonconvergence="warn")  # see eval_config
 
-FULL = dict(width=128, steps=1000, n_eval=1000, depths=DEPTHS, tasks=TASKS, backwards=DEQ_BACKWARDS, solvers=DEQ_SOLVERS)
-QUICK = dict(width=32, steps=30, n_eval=128, depths=(2, 5, 40), tasks=("mixture16",), backwards=("implicit",),
+FULL = dict(lr=LR, seeds=(0, 1, 2), gammas=GAMMAS, width=128, steps=500, n_eval=1000, depths=DEPTHS, tasks=TASKS, backwards=DEQ_BACKWARDS, solvers=DEQ_SOLVERS)
+QUICK = dict(lr=LR, seeds=(0,), gammas=(0.9,), width=32, steps=30, n_eval=128, depths=(2, 5, 40), tasks=("mixture16",), backwards=("implicit",),
              solvers=DEQ_SOLVERS)
 
 
@@ -97,6 +107,13 @@ def load_task(task: str, seed: int):
     raise ValueError(f"unknown task {task!r}")
 
 
+def eval_config(config):
+    """The configuration a DEQ is judged with, whatever it was trained with: exact (implicit)
+    derivatives from tight solves, so ``phantom`` rows are scored on the model they fitted,
+    not on their truncated derivatives."""
+    return config._replace(backward="implicit", solver=config.solver._replace(**EVAL_SOLVER))
+
+
 def batches(train: np.ndarray, steps: int, seed: int):
     rng = np.random.default_rng([seed, 3])
     for _ in range(steps):
@@ -106,23 +123,23 @@ def batches(train: np.ndarray, steps: int, seed: int):
 # -------------------------------------------------------------------------------- torch
 
 
-def torch_model(model: str, depth: int, backward: str, solver: str, dim: int, width: int, seed: int):
+def torch_model(model: str, depth: int, backward: str, solver: str, gamma, dim: int, width: int, seed: int):
     import torch
 
     from ppl_score.torch import deq, nets
 
     torch.manual_seed(seed)
     if model == "deq":
-        return deq.DEQEnergy(dim, width, quadratic=QUADRATIC, backward=backward, solver=solver, **DEQ_OPTIONS)
+        return deq.DEQEnergy(dim, width, quadratic=QUADRATIC, backward=backward, solver=solver, gamma=gamma, **DEQ_OPTIONS)
     return nets.MLPEnergy(dim, (width,) * depth, quadratic=QUADRATIC)
 
 
-def torch_step_fn(module, objective: str, seed: int):
+def torch_step_fn(module, objective: str, seed: int, lr: float):
     import torch
 
     from ppl_score.torch import score_matching_loss
 
-    opt = torch.optim.Adam(module.parameters(), lr=LR)
+    opt = torch.optim.Adam(module.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed + 5)
 
     def step(xb):
@@ -141,54 +158,53 @@ def torch_evaluate(module, test: np.ndarray, score_true, n_eval: int):
     from ppl_score.torch import score_matching_loss
 
     x = torch.as_tensor(test[:n_eval])
-    sm, fisher, iters = [], [], []
+    sm, fisher = [], []
     for xb in x.split(BATCH):
         sm.append(score_matching_loss(module, xb, "esm", reduction="sum").item())
-        iters.append(getattr(module, "last_info", None) and module.last_info.iterations)
         if score_true is not None:
             xg = xb.clone().requires_grad_(True)
             (s,) = torch.autograd.grad(module(xg).sum(), xg)
             diff = s.double().numpy() - score_true(xb.double().numpy())
             fisher.append(0.5 * (diff * diff).sum())
     n = len(x)
-    return sum(sm) / n, (sum(fisher) / n if fisher else None), (float(np.mean(iters)) if iters[0] else None)
+    return sum(sm) / n, (sum(fisher) / n if fisher else None)
 
 
-def torch_memory_worker(task, objective, model, depth, backward, solver, width, seed) -> None:
-    """Run in a fresh process: peak RSS of two full-batch steps over the RSS after a warm-up
-    step on a 2-example batch."""
+def torch_peak_mb(task, objective, model, depth, backward, solver, gamma, width, lr, data, seed) -> float:
+    """Peak allocator bytes of one full-batch training step of a fresh model, after a
+    warm-up step (so Adam's state exists before, as in every later step)."""
     import torch
 
-    train, _, _ = load_task(task, seed)
-    module = torch_model(model, depth, backward, solver, train.shape[1], width, seed)
-    step = torch_step_fn(module, objective, seed)
-    step(torch.as_tensor(train[:2]))
-    baseline = C.maxrss_bytes()
+    train = data[0]
+    module = torch_model(model, depth, backward, solver, gamma, train.shape[1], width, seed)
+    step = torch_step_fn(module, objective, seed, lr)
     xb = torch.as_tensor(train[:BATCH])
-    for _ in range(2):
-        step(xb)
-    C.emit_worker_result({"baseline_bytes": baseline, "peak_bytes": C.maxrss_bytes()})
+    step(xb)
+    return C.torch_peak_bytes(lambda: step(xb)) / C.MB
 
 
-def torch_row(task, objective, model, depth, backward, solver, cfg, data, seed):
+def torch_row(task, objective, model, depth, backward, solver, gamma, cfg, data, seed, measure_memory=True):
     import torch
 
     train, test, score_true = data
-    module = torch_model(model, depth, backward, solver, train.shape[1], cfg["width"], seed)
-    step = torch_step_fn(module, objective, seed)
+    module = torch_model(model, depth, backward, solver, gamma, train.shape[1], cfg["width"], seed)
+    step = torch_step_fn(module, objective, seed, cfg["lr"])
     times = []
     for xb in batches(train, cfg["steps"], seed):
         xb = torch.as_tensor(xb)
         t0 = time.perf_counter()
         step(xb)
         times.append(time.perf_counter() - t0)
-    sm, fisher, iters = torch_evaluate(module, test, score_true, cfg["n_eval"])
-    worker = C.run_worker(
-        __file__,
-        ["--worker-memory", task, objective, model, str(depth), backward, solver, str(cfg["width"]), "--seed", str(seed)],
-    )
+    iters = None
+    if model == "deq":
+        with torch.no_grad():
+            iters = float(np.mean([module(xb) is not None and module.last_info.iterations
+                                   for xb in torch.as_tensor(test[: cfg["n_eval"]]).split(BATCH)]))
+        module.deq.config = eval_config(module.deq.config)
+    sm, fisher = torch_evaluate(module, test, score_true, cfg["n_eval"])
     return {
-        "peak_mem_mb": (worker["peak_bytes"] - worker["baseline_bytes"]) / C.MB,
+        "peak_mem_mb": torch_peak_mb(task, objective, model, depth, backward, solver, gamma, cfg["width"], cfg["lr"], data, seed)
+        if measure_memory else None,
         "step_ms": 1e3 * float(np.median(times[1:] if len(times) > 1 else times)),
         "test_sm_loss": sm,
         "fisher": fisher,
@@ -199,20 +215,23 @@ def torch_row(task, objective, model, depth, backward, solver, cfg, data, seed):
 # ---------------------------------------------------------------------------------- JAX
 
 
-def jax_model(model: str, depth: int, backward: str, solver: str, dim: int, width: int, seed: int):
-    """``(params, energy(params, x))``."""
+def jax_model(model: str, depth: int, backward: str, solver: str, gamma, dim: int, width: int, seed: int):
+    """``(params, energy(params, x), eval_energy(params, x))``; they differ for a DEQ only (see
+    ``eval_config``)."""
     import jax
 
     from ppl_score.jax import deq, nets
 
     key = jax.random.PRNGKey(seed)
     if model == "deq":
-        config = deq.deq_config(backward=backward, solver=solver, **DEQ_OPTIONS)
-        return deq.deq_energy_init(key, dim, width), lambda p, x: deq.deq_energy_apply(p, x, config, quadratic=QUADRATIC)
-    return nets.energy_init(key, dim, (width,) * depth), lambda p, x: nets.energy_apply(p, x, quadratic=QUADRATIC)
+        config = deq.deq_config(backward=backward, solver=solver, gamma=gamma, **DEQ_OPTIONS)
+        energies = (lambda p, x, c=c: deq.deq_energy_apply(p, x, c, quadratic=QUADRATIC) for c in (config, eval_config(config)))
+        return deq.deq_energy_init(key, dim, width), *energies
+    energy = lambda p, x: nets.energy_apply(p, x, quadratic=QUADRATIC)  # noqa: E731
+    return nets.energy_init(key, dim, (width,) * depth), energy, energy
 
 
-def jax_row(task, objective, model, depth, backward, solver, cfg, data, seed):
+def jax_row(task, objective, model, depth, backward, solver, gamma, cfg, data, seed, measure_memory=True):
     import jax
     import jax.numpy as jnp
     import optax
@@ -220,8 +239,8 @@ def jax_row(task, objective, model, depth, backward, solver, cfg, data, seed):
     from ppl_score.jax import deq, score_matching_loss
 
     train, test, score_true = data
-    params, energy = jax_model(model, depth, backward, solver, train.shape[1], cfg["width"], seed)
-    opt = optax.adam(LR)
+    params, energy, eval_energy = jax_model(model, depth, backward, solver, gamma, train.shape[1], cfg["width"], seed)
+    opt = optax.adam(cfg["lr"])
     state = opt.init(params)
 
     def train_step(params, state, x, key):
@@ -245,8 +264,8 @@ def jax_row(task, objective, model, depth, backward, solver, cfg, data, seed):
 
     @jax.jit
     def evaluate(p, x):
-        sm = score_matching_loss(lambda y: energy(p, y), x, "esm", reduction="sum")
-        s = jax.grad(lambda y: energy(p, y).sum())(x)
+        sm = score_matching_loss(lambda y: eval_energy(p, y), x, "esm", reduction="sum")
+        s = jax.grad(lambda y: eval_energy(p, y).sum())(x)
         return sm, s
 
     x = test[: cfg["n_eval"]]
@@ -261,7 +280,7 @@ def jax_row(task, objective, model, depth, backward, solver, cfg, data, seed):
             diff = np.asarray(s, np.float64) - score_true(xb.astype(np.float64))
             fisher += 0.5 * float((diff * diff).sum())
         if model == "deq":
-            config = deq.deq_config(backward=backward, solver=solver, **DEQ_OPTIONS)
+            config = deq.deq_config(backward=backward, solver=solver, gamma=gamma, **DEQ_OPTIONS)
             _, info = deq.deq_energy_apply(params, jnp.asarray(xb), config, quadratic=QUADRATIC, return_info=True)
             iters.append(int(info.iterations))
     n = (len(x) // BATCH) * BATCH
@@ -277,8 +296,20 @@ def jax_row(task, objective, model, depth, backward, solver, cfg, data, seed):
 # --------------------------------------------------------------------------------- main
 
 
+def seed_summary(name: str, values) -> dict:
+    """``{name: mean, name_se: standard error, name + "_seeds": values}`` over training seeds
+    (``None`` throughout where the metric does not exist)."""
+    if any(v is None for v in values):
+        return {name: None, f"{name}_se": None, f"{name}_seeds": None}
+    v = np.asarray(values, dtype=float)
+    se = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None
+    return {name: float(v.mean()), f"{name}_se": se, f"{name}_seeds": v.tolist()}
+
+
 def check_targets(rows):
-    """Per (backend, task, objective): the three targets of issue 5, as printable lines."""
+    """Per (backend, task, objective): the three targets of issue 5, as printable lines. The
+    SM comparison is on the mean over seeds; with several seeds the paired difference
+    (same seeds: same batches and projections) and its standard error are printed too."""
     lines = []
     groups = sorted({(r["backend"], r["task"], r["objective"]) for r in rows})
     for g in groups:
@@ -293,9 +324,15 @@ def check_targets(rows):
                 ok = d["peak_mem_mb"] <= 0.25 * explicit[40]["peak_mem_mb"]
                 parts.append(f"mem <= 1/4 depth-40: {'PASS' if ok else 'FAIL'}")
             if 5 in explicit:
-                ok = d["test_sm_loss"] <= explicit[5]["test_sm_loss"]
-                parts.append(f"SM <= depth-5: {'PASS' if ok else 'FAIL'}")
-            lines.append(f"{'/'.join(g)} deq[{d['backward']}, {d['solver']}]: " + "; ".join(parts))
+                e5 = explicit[5]
+                ok = d["test_sm_loss"] <= e5["test_sm_loss"]
+                part = f"SM <= depth-5: {'PASS' if ok else 'FAIL'}"
+                if d["test_sm_loss_seeds"] and len(d["test_sm_loss_seeds"]) > 1:
+                    diff = np.subtract(d["test_sm_loss_seeds"], e5["test_sm_loss_seeds"])
+                    se = diff.std(ddof=1) / math.sqrt(len(diff))
+                    part += f" (DEQ - depth-5: {diff.mean():+.3f} +- {se:.3f} over {len(diff)} seeds)"
+                parts.append(part)
+            lines.append(f"{'/'.join(g)} deq[{d['backward']}, {d['solver']}, gamma={d['gamma']:g}]: " + "; ".join(parts))
     return lines
 
 
@@ -308,14 +345,13 @@ def main(argv=None) -> None:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--solvers", nargs="+", choices=DEQ_SOLVERS, default=None, help="DEQ forward/adjoint solvers")
-    p.add_argument("--worker-memory", nargs=7, metavar=("TASK", "OBJ", "MODEL", "DEPTH", "BACKWARD", "SOLVER", "WIDTH"))
+    p.add_argument("--gammas", nargs="+", type=float, default=None, help="DEQ contraction bounds (one row each)")
+    p.add_argument("--lr", type=float, default=None, help=f"Adam learning rate, every model (default {LR:g})")
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="training seeds (initialization, batches, projections); the data use --seed")
     args = p.parse_args(argv)
-    if args.worker_memory:
-        task, obj, model, depth, backward, solver, width = args.worker_memory
-        torch_memory_worker(task, obj, model, int(depth), backward, solver, int(width), args.seed)
-        return
     cfg = dict(QUICK if args.quick else FULL)
-    for name in ("tasks", "depths", "width", "steps", "solvers"):
+    for name in ("tasks", "depths", "width", "steps", "solvers", "gammas", "lr", "seeds"):
         if getattr(args, name) is not None:
             cfg[name] = getattr(args, name)
     if "torch" in args.backends:
@@ -328,29 +364,37 @@ def main(argv=None) -> None:
         for backend in args.backends:
             run_row = torch_row if backend == "torch" else jax_row
             for objective in args.objectives:
-                models = [("explicit", d, "autograd", "-") for d in cfg["depths"]]
-                models += [("deq", 0, b, s) for b in cfg["backwards"] for s in cfg["solvers"]]
-                for model, depth, backward, solver in models:
+                models = [("explicit", d, "autograd", "-", None) for d in cfg["depths"]]
+                models += [("deq", 0, b, s, g) for g in cfg["gammas"] for b in cfg["backwards"] for s in cfg["solvers"]]
+                for model, depth, backward, solver, gamma in models:
                     t0 = time.perf_counter()
-                    r = run_row(task, objective, model, depth, backward, solver, cfg, data, args.seed)
+                    runs = [run_row(task, objective, model, depth, backward, solver, gamma, cfg, data, seed, i == 0)
+                            for i, seed in enumerate(cfg["seeds"])]
                     row = {"backend": backend, "task": task, "objective": objective, "model": model,
-                           "depth": r["solver_iters"] if model == "deq" else depth, "backward": backward,
-                           "solver": solver, "width": cfg["width"], "steps": cfg["steps"],
-                           **{k: v for k, v in r.items() if k != "solver_iters"}}
+                           "depth": float(np.mean([r["solver_iters"] for r in runs])) if model == "deq" else depth,
+                           "backward": backward, "solver": solver, "gamma": gamma, "width": cfg["width"], "steps": cfg["steps"],
+                           "lr": cfg["lr"], "seeds": list(cfg["seeds"]), "peak_mem_mb": runs[0]["peak_mem_mb"],
+                           "step_ms": float(np.median([r["step_ms"] for r in runs])),
+                           **seed_summary("test_sm_loss", [r["test_sm_loss"] for r in runs]),
+                           **seed_summary("fisher", [r["fisher"] for r in runs])}
                     rows.append(row)
                     print(
                         f"{backend:5s} {task:9s} {objective:6s} {model:8s} depth={C.fmt(float(row['depth']), '.1f'):>5s} "
-                        f"{backward:8s} {solver:9s} mem={C.fmt(row['peak_mem_mb'], '.2f')} MB step={C.fmt(row['step_ms'], '.1f')} ms "
-                        f"SM={C.fmt(row['test_sm_loss'], '.3f')} fisher={C.fmt(row['fisher'], '.3f')} "
-                        f"({time.perf_counter() - t0:.0f} s)",
+                        f"{backward:8s} {solver:9s} gamma={C.fmt(gamma, '.2f')} mem={C.fmt(row['peak_mem_mb'], '.2f')} MB step={C.fmt(row['step_ms'], '.1f')} ms "
+                        f"SM={C.fmt(row['test_sm_loss'], '.3f')}+-{C.fmt(row['test_sm_loss_se'], '.3f')} "
+                        f"fisher={C.fmt(row['fisher'], '.3f')} ({time.perf_counter() - t0:.0f} s)",
                         flush=True,
                     )
-    headers = ["backend", "task", "objective", "model", "depth", "backward", "solver", "peak MB", "step ms", "test SM",
-               "Fisher"]
+    headers = ["backend", "task", "objective", "model", "depth", "backward", "solver", "gamma", "peak MB", "step ms",
+               "test SM (± se)", "Fisher (± se)"]
+
+    def pm(r, name):
+        return C.fmt(r[name], ".3f") + ("" if r[f"{name}_se"] is None else f" ± {r[f'{name}_se']:.3f}")
+
     table = [
         [r["backend"], r["task"], r["objective"], r["model"], C.fmt(r["depth"], ".1f" if r["model"] == "deq" else "d"),
-         r["backward"], r["solver"], C.fmt(r["peak_mem_mb"], ".2f"), C.fmt(r["step_ms"], ".1f"), C.fmt(r["test_sm_loss"], ".3f"),
-         C.fmt(r["fisher"], ".3f")]
+         r["backward"], r["solver"], C.fmt(r["gamma"], ".1f"), C.fmt(r["peak_mem_mb"], ".2f"), C.fmt(r["step_ms"], ".1f"), pm(r, "test_sm_loss"),
+         pm(r, "fisher")]
         for r in rows
     ]
     print()
@@ -359,8 +403,8 @@ def main(argv=None) -> None:
     for line in check_targets(rows):
         print(line)
     meta = {**C.environment_meta(), "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
-            "batch": BATCH, "lr": LR, "quadratic": QUADRATIC, "deq_options": DEQ_OPTIONS,
-            "memory_method": {"torch": "ru_maxrss delta in a fresh subprocess (2 steps over a 2-example warm-up step)",
+            "batch": BATCH, "quadratic": QUADRATIC, "deq_options": DEQ_OPTIONS, "eval_solver": EVAL_SOLVER,
+            "memory_method": {"torch": "profiler allocation events: peak allocator bytes of a training step over its start",
                               "jax": "compiled memory_analysis(): temp + output - alias"},
             "targets": check_targets(rows)}
     C.write_json(args.json, rows, meta)

@@ -303,6 +303,55 @@ def test_torch_generic_fixed_point(tdeq):
     assert torch.allclose(d2, expected.detach(), atol=1e-10)
 
 
+def test_torch_generic_map_output_never_reused_in_place(tdeq):
+    """The solver reuses its iterates in place only for maps known to return new tensors: a
+    user map that returns its parameter itself leaves it (and ``z0``) untouched."""
+    import torch
+
+    c = torch.linspace(-1, 1, 6, dtype=torch.float64).reshape(3, 2)
+    c_copy, z0 = c.clone(), torch.ones(3, 2, dtype=torch.float64)
+    z, info = tdeq.fixed_point(lambda z, c: c, z0, (c,), solver="iteration", tol=1e-12)
+    assert info.converged and torch.equal(z, c_copy)
+    assert torch.equal(c, c_copy) and torch.equal(z0, torch.ones(3, 2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("activation", ["softplus", "tanh"])
+def test_torch_layer_map_products_match_autograd(tdeq, activation):
+    """The closed-form Jacobian products the adjoint solves use (``act'(pre)`` only, no graph)
+    equal autograd's vector-Jacobian and Jacobian-vector products of the layer map."""
+    import torch
+    from torch.func import jvp, vjp
+
+    gen = torch.Generator().manual_seed(3)
+    z, u, g = (torch.randn(B, H, dtype=torch.float64, generator=gen) for _ in range(3))
+    w_hat = 0.3 * torch.randn(H, H, dtype=torch.float64, generator=gen)
+    fmap = tdeq._LayerMap(activation)
+    _, pullback = vjp(lambda zz: fmap(zz, w_hat, u), z)
+    assert _rel(fmap.vjp_stepper(z, w_hat, u)(g), pullback(g)[0]) < 1e-14
+    _, tangent = jvp(lambda zz: fmap(zz, w_hat, u), (z,), (g,))
+    assert _rel(fmap.jvp_stepper(z, w_hat, u)(g), tangent) < 1e-14
+
+
+def test_spectral_norm_value_and_gradient(tdeq):
+    """``||W||_2`` as ``u1^T W v1`` with the singular pair held constant: the value and the
+    gradient ``u1 v1^T`` of the exact (SVD) spectral norm, in both backends."""
+    import torch
+
+    w = torch.randn(H, H, dtype=torch.float64, generator=torch.Generator().manual_seed(4)).requires_grad_(True)
+    (g_ref,) = torch.autograd.grad(torch.linalg.matrix_norm(w, ord=2), w)
+    n = tdeq._spectral_norm(w)
+    (g,) = torch.autograd.grad(n, w)
+    assert abs(n.item() - torch.linalg.matrix_norm(w, ord=2).item()) < 1e-12
+    assert _rel(g, g_ref) < 1e-10
+    jax = pytest.importorskip("jax")
+    from ppl_score.jax import deq as jdeq
+
+    wj = jax.numpy.asarray(w.detach().numpy())
+    n_j, g_j = jax.value_and_grad(jdeq._spectral_norm)(wj)
+    assert abs(float(n_j) - n.item()) < 1e-12
+    assert _rel(g_j, g_ref) < 1e-10
+
+
 # ---------------------------------------------------------------------------------------
 # JAX
 # ---------------------------------------------------------------------------------------

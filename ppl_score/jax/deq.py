@@ -301,11 +301,20 @@ def _fixed_point(f, z0, params, backward, phantom_steps, cfg):
 # ---------------------------------------------------------------------------------------
 
 
+def _spectral_norm(weight: jax.Array) -> jax.Array:
+    """``||W||_2 = u1^T W v1`` with the top singular pair ``(u1, v1)`` held constant: the value
+    and the gradient ``u1 v1^T`` are exact, and reverse mode keeps two vectors instead of the
+    SVD's factors (only second derivatives in ``W``, which score matching never takes, would
+    differ); mirrors ``torch.deq._spectral_norm``."""
+    u, _, vh = jnp.linalg.svd(jax.lax.stop_gradient(weight), full_matrices=False)
+    return u[:, 0] @ weight @ vh[0]
+
+
 def lipschitz_scaled(weight: jax.Array, gamma: float, norm: str = "spectral") -> jax.Array:
     """``W / max(1, ||W|| / gamma)``: spectral norm ``<= gamma``. ``norm="spectral"`` is
     exact (SVD, fine for the widths used here); ``"frobenius"`` is a cheaper upper bound."""
     norm = _choice("norm", norm, NORMS)
-    n = jnp.linalg.norm(weight, ord=2 if norm == "spectral" else "fro")
+    n = _spectral_norm(weight) if norm == "spectral" else jnp.linalg.norm(weight, ord="fro")
     return weight / jnp.maximum(n / gamma, 1.0)
 
 

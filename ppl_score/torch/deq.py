@@ -28,6 +28,12 @@ with the number of iterations). Backward modes:
 - ``"unrolled"``: ``max_iter`` plain iterations from ``z0`` with autograd through all of
   them (memory grows with ``max_iter``): the reference the other two are tested against.
 
+Memory: nothing grows with the number of iterations, and a step keeps only a few
+``[B, width]`` buffers: the solvers reuse their iterates in place (for maps known to return
+new tensors), the DEQ layer's adjoint solves use the closed-form products
+``g -> (act'(pre) * g) W_hat`` and ``h -> act'(pre) * (h W_hat^T)`` (one buffer, no graph of
+``f``), and the spectral norm keeps its singular vectors, not the SVD's factors.
+
 Convergence: iteration stops when every example satisfies
 ``||f(z) - z|| <= tol * (1 + ||f(z)||)``; ``FixedPointInfo(iterations, residual,
 converged)`` reports the worst example's relative residual. A solve that does not converge
@@ -111,17 +117,19 @@ def _report(info: FixedPointInfo, cfg: SolverConfig, what: str) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def _residuals(fz: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """Per-example ``||f(z) - z|| / (1 + ||f(z)||)``."""
+def _residuals(fz: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
+    """Per-example ``||f(z) - z|| / (1 + ||f(z)||)``, ``diff = f(z) - z`` (or its negative)."""
     b = fz.shape[0]
-    return (fz - z).reshape(b, -1).norm(dim=-1) / (1 + fz.reshape(b, -1).norm(dim=-1))
+    return diff.reshape(b, -1).norm(dim=-1) / (1 + fz.reshape(b, -1).norm(dim=-1))
 
 
-def _iteration(step, z0, cfg: SolverConfig):
+def _iteration(step, z0, cfg: SolverConfig, fresh: bool = False):
     z = z0
     for k in range(1, cfg.max_iter + 1):
         fz = step(z)
-        res = _residuals(fz, z).max().item()
+        # when ``step`` returns new tensors, z is ours and dead after this step: reuse it for
+        # z - f(z) (one [B, N] buffer fewer at the peak); z0 is the caller's, never in place
+        res = _residuals(fz, z.sub_(fz) if fresh and k > 1 else z - fz).max().item()
         z = fz
         if res <= cfg.tol:
             break
@@ -148,14 +156,14 @@ def _anderson_mix(xs, fs, k: int, m: int):
     return (alpha[:, None, :] @ fs)[:, 0]
 
 
-def _anderson(step, z0, cfg: SolverConfig):
+def _anderson(step, z0, cfg: SolverConfig, fresh: bool = False):
     b, shape, m = z0.shape[0], z0.shape, cfg.memory
     xs = z0.new_zeros(b, m, z0[0].numel())
     fs = torch.zeros_like(xs)
     z = z0
     for k in range(1, cfg.max_iter + 1):
         fz = step(z)
-        res = _residuals(fz, z).max().item()
+        res = _residuals(fz, fz - z).max().item()
         if res <= cfg.tol:
             break
         slot = (k - 1) % m
@@ -168,11 +176,14 @@ def _anderson(step, z0, cfg: SolverConfig):
 _SOLVE = {"iteration": _iteration, "anderson": _anderson}
 
 
-def solve(step: Callable, z0: torch.Tensor, cfg: SolverConfig = SolverConfig(), what: str = "forward"):
+def solve(step: Callable, z0: torch.Tensor, cfg: SolverConfig = SolverConfig(), what: str = "forward",
+          fresh: bool = False):
     """Fixed point of ``step`` from ``z0`` ``[B, *shape]`` (no autograd): ``(z, info)``,
-    with the non-convergence policy of ``cfg`` applied."""
+    with the non-convergence policy of ``cfg`` applied. ``fresh``: ``step`` always returns
+    a newly allocated tensor (never an input, a parameter or a view), so the solver may
+    reuse its iterates in place."""
     with torch.no_grad():
-        z, info = _SOLVE[cfg.solver](step, z0, cfg)
+        z, info = _SOLVE[cfg.solver](step, z0, cfg, fresh)
     _report(info, cfg, what)
     return z, info
 
@@ -196,6 +207,8 @@ def _partial_input(t: torch.Tensor, create_graph: bool) -> torch.Tensor:
 class _Map:
     """A differentiable map ``f(z, *params)`` and a fast no-autograd step for solving."""
 
+    fresh = False  # a user's ``f`` may return an input or a parameter: never reuse in place
+
     def __init__(self, f: Callable):
         self.f = f
 
@@ -205,11 +218,28 @@ class _Map:
     def stepper(self, *params):
         return lambda z: self.f(z, *params)
 
+    def vjp_stepper(self, z, *params):
+        """``g -> (df/dz)^T g`` at ``(z, params)``, no autograd: one graph of ``f`` reused by
+        every call (a subclass that knows ``f`` keeps less)."""
+        with torch.enable_grad():
+            za = z.detach().requires_grad_(True)
+            out = self(za, *[p.detach() for p in params])
+
+        def vjp(g):
+            with torch.enable_grad():
+                return torch.autograd.grad(out, za, g, retain_graph=True)[0]
+
+        return vjp
+
+    jvp_stepper = None  # ``h -> (df/dz) h`` where a subclass has it in closed form
+
 
 class _AdjointMap(_Map):
     """``A(g; v, z, *params) = v + (df/dz)(z, params)^T g``: the adjoint fixed-point map of
     ``f``. Its output stays differentiable in all its inputs (``create_graph=True``), so its
     own implicit backward can differentiate it."""
+
+    fresh = True  # ``v + ...`` is always a new tensor
 
     def __init__(self, inner: _Map):
         self.inner = inner
@@ -222,18 +252,14 @@ class _AdjointMap(_Map):
         return v + jtg
 
     def stepper(self, v, z, *params):
-        # one graph of f at (z*, params), reused by every iteration's vector-Jacobian product
-        with torch.enable_grad():
-            za = z.detach().requires_grad_(True)
-            out = self.inner(za, *[p.detach() for p in params])
-        v = v.detach()
+        vjp, v = self.inner.vjp_stepper(z, *params), v.detach()
+        return lambda g: v + vjp(g)
 
-        def step(g):
-            with torch.enable_grad():
-                (jtg,) = torch.autograd.grad(out, za, g, retain_graph=True)
-            return v + jtg
-
-        return step
+    def vjp_stepper(self, g, v, z, *params):
+        # A is linear in g with Jacobian J^T, so its vector-Jacobian product is J h
+        if self.inner.jvp_stepper is not None:
+            return self.inner.jvp_stepper(z, *params)
+        return super().vjp_stepper(g, v, z, *params)
 
 
 def _is_legacy_batched(t: torch.Tensor) -> bool:
@@ -247,7 +273,7 @@ class _ImplicitFixedPoint(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, fmap: _Map, cfg: SolverConfig, sink: list, what: str, z0, *params):
-        z, info = solve(fmap.stepper(*params), z0.detach(), cfg, what)
+        z, info = solve(fmap.stepper(*params), z0.detach(), cfg, what, fmap.fresh)
         sink.append(info)
         ctx.fmap, ctx.cfg = fmap, cfg
         ctx.save_for_backward(z, *params)
@@ -288,7 +314,7 @@ def _unrolled(f, z0, params, cfg: SolverConfig):
     z = z0
     for _ in range(cfg.max_iter):
         fz = f(z, *params)
-        res = _residuals(fz.detach(), z.detach()).max().item()
+        res = _residuals(fz.detach(), (fz - z).detach()).max().item()
         z = fz
     info = FixedPointInfo(cfg.max_iter, res, res <= cfg.tol)
     _report(info, cfg, "unrolled")
@@ -335,7 +361,7 @@ def _fixed_point(fmap: _Map, z0, params, backward, phantom_steps, cfg):
     if backward == "unrolled":
         return _unrolled(fmap, z0, params, cfg)
     if backward == "phantom":
-        z, info = solve(fmap.stepper(*params), z0.detach(), cfg)
+        z, info = solve(fmap.stepper(*params), z0.detach(), cfg, fresh=fmap.fresh)
         for _ in range(phantom_steps):
             z = fmap(z, *params)
         return z, info
@@ -349,21 +375,57 @@ def _fixed_point(fmap: _Map, z0, params, backward, phantom_steps, cfg):
 # ---------------------------------------------------------------------------------------
 
 
+def _spectral_norm(weight: torch.Tensor) -> torch.Tensor:
+    """``||W||_2 = u1^T W v1`` with the top singular pair ``(u1, v1)`` held constant: the value
+    and the gradient ``u1 v1^T`` are exact, and the backward keeps two vectors instead of the
+    SVD's factors (``torch.nn.utils.parametrizations.spectral_norm`` uses the same form; only
+    second derivatives in ``W``, which score matching never takes, would differ)."""
+    with torch.no_grad():
+        u, _, vh = torch.linalg.svd(weight, full_matrices=False)
+        u1, v1 = u[:, 0].clone(), vh[0].clone()  # copies: views would keep all of u, vh alive
+    return u1 @ weight @ v1
+
+
 def lipschitz_scaled(weight: torch.Tensor, gamma: float, norm: str = "spectral") -> torch.Tensor:
     """``W / max(1, ||W|| / gamma)``: spectral norm ``<= gamma``. ``norm="spectral"`` is
     exact (SVD, fine for the widths used here); ``"frobenius"`` is a cheaper upper bound."""
     norm = _choice("norm", norm, NORMS)
-    n = torch.linalg.matrix_norm(weight, ord=2 if norm == "spectral" else "fro")
+    n = _spectral_norm(weight) if norm == "spectral" else torch.linalg.matrix_norm(weight, ord="fro")
     return weight / torch.clamp(n / gamma, min=1.0)
 
 
-def _layer_map(activation: str) -> Callable:
-    act = ACTIVATIONS[activation]
+def _dsigmoid(pre):
+    return torch.sigmoid(pre)
 
-    def f(z, w_hat, u):
-        return act(z @ w_hat.T + u)
 
-    return f
+def _dtanh(pre):
+    return 1 - torch.tanh(pre).square()
+
+
+_DERIVATIVES = {"softplus": _dsigmoid, "tanh": _dtanh}  # act' for the closed-form products
+
+
+class _LayerMap(_Map):
+    """``f(z; W_hat, u) = act(z W_hat^T + u)`` with its Jacobian products in closed form, so an
+    adjoint solve keeps only ``act'(pre)`` ``[B, width]`` instead of a graph of ``f``."""
+
+    fresh = True
+
+    def __init__(self, activation: str):
+        act, self.dact = ACTIVATIONS[activation], _DERIVATIVES[activation]
+        super().__init__(lambda z, w_hat, u: act(torch.addmm(u, z, w_hat.T)))
+
+    def _slope(self, z, w_hat, u):
+        with torch.no_grad():
+            return self.dact(torch.addmm(u, z, w_hat.T)), w_hat.detach()
+
+    def vjp_stepper(self, z, w_hat, u):
+        d, w = self._slope(z, w_hat, u)
+        return lambda g: (g * d) @ w
+
+    def jvp_stepper(self, z, w_hat, u):
+        d, w = self._slope(z, w_hat, u)
+        return lambda h: (h @ w.T).mul_(d)
 
 
 class DEQLayer(nn.Module):
@@ -380,7 +442,7 @@ class DEQLayer(nn.Module):
         bound = 1.0 / math.sqrt(width)
         self.weight = nn.Parameter(torch.empty(width, width).uniform_(-bound, bound))
         self.inject = nn.Linear(in_dim, width)
-        self._map = _Map(_layer_map(self.config.activation))
+        self._map = _LayerMap(self.config.activation)
         self.last_info: FixedPointInfo | None = None
 
     @property
