@@ -143,8 +143,12 @@ def plot_memory(bench_json, path) -> bool:
 
     rows = json.loads(Path(bench_json).read_text())["rows"]
     groups = sorted({(r["backend"], r.get("task", ""), r.get("objective", "")) for r in rows})
-    fig, axes = plt.subplots(1, len(groups), figsize=(3.6 * len(groups), 3.2), squeeze=False)
-    for ax, g in zip(axes[0], groups):
+    ncols = min(4, len(groups))
+    nrows = -(-len(groups) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(groups):]:
+        ax.axis("off")
+    for ax, g in zip(axes.flat, groups):
         rs = [r for r in rows if (r["backend"], r.get("task", ""), r.get("objective", "")) == g]
         ex = sorted((r["depth"], r["peak_mem_mb"]) for r in rs if r["model"] == "explicit")
         ax.plot([d for d, _ in ex], [m for _, m in ex], "o-", label="explicit MLP")
