@@ -394,7 +394,7 @@ def lipschitz_scaled(weight: torch.Tensor, gamma: float, norm: str = "spectral")
     return weight / torch.clamp(n / gamma, min=1.0)
 
 
-def _dsigmoid(pre):
+def _dsoftplus(pre):
     return torch.sigmoid(pre)
 
 
@@ -402,7 +402,7 @@ def _dtanh(pre):
     return 1 - torch.tanh(pre).square()
 
 
-_DERIVATIVES = {"softplus": _dsigmoid, "tanh": _dtanh}  # act' for the closed-form products
+_DERIVATIVES = {"softplus": _dsoftplus, "tanh": _dtanh}  # act' for the closed-form products
 
 
 class _LayerMap(_Map):
