@@ -527,6 +527,27 @@ def test_imq_mmd_backend_parity_and_value():
     np.testing.assert_allclose(j, want, rtol=1e-10)
 
 
+def test_wae_prior_variance_analytic_or_from_draws():
+    """The IMQ scale uses the prior's variance where the distribution has one and the variance
+    of the prior draws where it has none (a log-normal built by a transform), both front ends."""
+    import numpyro.distributions as ndist
+    import pyro.distributions as pdist
+    from torch.distributions.transforms import ExpTransform
+
+    from ppl_score.numpyro.wae import _prior_variance as n_var
+    from ppl_score.pyro.wae import _prior_variance as p_var
+
+    draws = np.random.default_rng(2).lognormal(size=(50, 2))
+    from_draws = float(draws.var(axis=0).mean())
+    td, jd = torch.as_tensor(draws), jnp.asarray(draws)
+    assert p_var(pdist.Normal(torch.zeros(2), 2.0 * torch.ones(2)), td) == pytest.approx(4.0)
+    assert float(n_var(ndist.Normal(jnp.zeros(2), 2.0), jd)) == pytest.approx(4.0)
+    p_lognormal = pdist.TransformedDistribution(pdist.Normal(torch.zeros(2), 1.0), [ExpTransform()])
+    n_lognormal = ndist.TransformedDistribution(ndist.Normal(jnp.zeros(2), 1.0), [ndist.transforms.ExpTransform()])
+    assert p_var(p_lognormal, td) == pytest.approx(from_draws, rel=1e-6)
+    assert float(n_var(n_lognormal, jd)) == pytest.approx(from_draws, rel=1e-6)
+
+
 def test_wae_validation():
     with pytest.raises(ValueError, match="'regularizer'"):
         PWAE("kl")

@@ -38,11 +38,13 @@ def imq_mmd2(x, y, c, scales=MMD_SCALES):
     return off(kxx, n) + off(kyy, m) - 2.0 * k(x, y).mean()
 
 
-def _prior_variance(fn):
+def _prior_variance(fn, draws):
+    """Mean variance of the prior ``p_Z``: analytic where the distribution has it, else that
+    of its ``draws [N, D]`` (a prior without ``variance``, e.g. a mixture or a custom one)."""
     try:
         return jax.lax.stop_gradient(jnp.mean(fn.variance))
     except (NotImplementedError, AttributeError):
-        return 1.0
+        return jnp.mean(jnp.var(draws, axis=0))
 
 
 class WAE(ELBO):
@@ -125,7 +127,7 @@ class WAE(ELBO):
             codes = z.reshape(b, -1)
             prior = model_trace[name]["fn"]
             draws = jax.lax.stop_gradient(prior.sample(random.fold_in(k_prior, i)).reshape(b, -1).astype(codes.dtype))
-            c = 2.0 * codes.shape[1] * _prior_variance(prior)
+            c = 2.0 * codes.shape[1] * _prior_variance(prior, draws)
             mmd = imq_mmd2(codes, draws, c, self.mmd_scales)
             monitor = monitor + jax.lax.stop_gradient(mmd)
             if self.regularizer == "mmd":

@@ -20,7 +20,8 @@ represented by the minibatch codes:
   stop_grad(s_psi(z))^T z]`` of Song et al.; any prior with a ``log_prob`` works.
 * ``regularizer="mmd"``: ``D = MMD^2`` (unbiased) between the codes and as many prior draws,
   with the inverse multiquadratic kernel ``sum_s C_s / (C_s + ||x - y||^2)``,
-  ``C_s = 2 D var(p_Z) s`` over ``s`` in ``mmd_scales`` (WAE-MMD).
+  ``C_s = 2 D var(p_Z) s`` over ``s`` in ``mmd_scales`` (WAE-MMD; ``var(p_Z)`` is the
+  prior's own where it has one, else that of the prior draws the MMD uses).
 
 The reported value is the reconstruction plus ``lam`` times MMD^2 or, for ``"score"``, the
 cross-entropy ``mean_i -log p_Z(z_i)`` (the entropy of ``q_Z`` is unknown; its surrogate has
@@ -62,11 +63,13 @@ def imq_mmd2(x: torch.Tensor, y: torch.Tensor, c, scales=MMD_SCALES) -> torch.Te
     return off(kxx, n) + off(kyy, m) - 2.0 * k(x, y).mean()
 
 
-def _prior_variance(fn) -> float:
+def _prior_variance(fn, draws: torch.Tensor) -> float:
+    """Mean variance of the prior ``p_Z``: analytic where the distribution has it, else that
+    of its ``draws [N, D]`` (a prior without ``variance``, e.g. a mixture or a custom one)."""
     try:
         return float(fn.variance.detach().mean())
     except (NotImplementedError, AttributeError, RuntimeError):
-        return 1.0
+        return float(draws.var(dim=0, correction=0).mean())  # as jnp.var in the NumPyro twin
 
 
 class WAE(ELBO):
@@ -164,7 +167,7 @@ class WAE(ELBO):
             prior = msite["fn"]
             with torch.no_grad():
                 draws = prior.sample().reshape(b, -1).to(codes.dtype)
-            c = 2.0 * codes.shape[1] * _prior_variance(prior)
+            c = 2.0 * codes.shape[1] * _prior_variance(prior, draws)
             mmd = imq_mmd2(codes, draws, c, self.mmd_scales)
             monitor = monitor + mmd.detach()
             if self.regularizer == "mmd":
