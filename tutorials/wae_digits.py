@@ -46,22 +46,17 @@ def load_digits(seed):
 
 
 def mlp_init(key, sizes):
-    import jax
-    import jax.numpy as jnp
+    from ppl_score.jax.nets import mlp_init as init
 
-    params = []
-    for k, (a, b) in zip(jax.random.split(key, len(sizes) - 1), zip(sizes[:-1], sizes[1:])):
-        bound = 1.0 / np.sqrt(a)
-        params.append((jax.random.uniform(k, (a, b), jnp.float32, -bound, bound), jnp.zeros(b, jnp.float32)))
-    return params
+    return init(key, sizes, zero_bias=True)
 
 
 def mlp(params, h):
     import jax
 
-    for w, b in params[:-1]:
-        h = jax.nn.elu(h @ w + b)
-    return h @ params[-1][0] + params[-1][1]
+    from ppl_score.jax.nets import mlp_apply
+
+    return mlp_apply(params, h, jax.nn.elu)
 
 
 def gaussian_mmd2(x, y, h):

@@ -10,19 +10,18 @@ import jax
 import jax.numpy as jnp
 
 
-def mlp_init(key, sizes, dtype=jnp.float32):
+def mlp_init(key, sizes, dtype=jnp.float32, zero_bias: bool = False):
     """Layers ``sizes[0] -> ... -> sizes[-1]`` with torch's default ``nn.Linear`` init
-    (uniform in +-1/sqrt(fan_in))."""
+    (uniform in +-1/sqrt(fan_in)); ``zero_bias``: biases start at zero (and each layer's key
+    goes whole to its weights)."""
     params = []
     for k, (a, b) in zip(jax.random.split(key, len(sizes) - 1), zip(sizes[:-1], sizes[1:])):
-        kw, kb = jax.random.split(k)
         bound = 1.0 / math.sqrt(a)
-        params.append(
-            (
-                jax.random.uniform(kw, (a, b), dtype, -bound, bound),
-                jax.random.uniform(kb, (b,), dtype, -bound, bound),
-            )
-        )
+        if zero_bias:
+            params.append((jax.random.uniform(k, (a, b), dtype, -bound, bound), jnp.zeros(b, dtype)))
+            continue
+        kw, kb = jax.random.split(k)
+        params.append((jax.random.uniform(kw, (a, b), dtype, -bound, bound), jax.random.uniform(kb, (b,), dtype, -bound, bound)))
     return params
 
 
