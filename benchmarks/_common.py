@@ -226,8 +226,8 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str
     return "\n".join([line(headers), sep, *map(line, rows)])
 
 
-def write_json(path: str | None, rows: list[dict], meta: dict) -> None:
-    """Write ``{"rows": rows, "meta": meta}`` to ``path`` (no-op for ``None``); NaN becomes null."""
+def write_json_object(path: str | None, obj: dict) -> None:
+    """Write ``obj`` as JSON to ``path`` (no-op for ``None``); NaN and infinities become null."""
     if not path:
         return
 
@@ -242,5 +242,10 @@ def write_json(path: str | None, rows: list[dict], meta: dict) -> None:
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        json.dump(clean({"rows": rows, "meta": meta}), f, indent=2)
+        json.dump(clean(obj), f, indent=2)
         f.write("\n")
+
+
+def write_json(path: str | None, rows: list[dict], meta: dict) -> None:
+    """Write ``{"rows": rows, "meta": meta}`` to ``path`` (no-op for ``None``); NaN becomes null."""
+    write_json_object(path, {"rows": rows, "meta": meta})

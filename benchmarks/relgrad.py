@@ -396,27 +396,8 @@ def main(argv=None) -> dict:
     result["meta"] = {**C.environment_meta(), "threads": args.threads, "quick": args.quick}
     print()
     print(report(result))
-    if args.json:
-        write_result(args.json, result)
+    C.write_json_object(args.json, result)
     return result
-
-
-def write_result(path: str, result: dict) -> None:
-    import json
-
-    def clean(o):
-        if isinstance(o, float) and not math.isfinite(o):
-            return None
-        if isinstance(o, dict):
-            return {k: clean(v) for k, v in o.items()}
-        if isinstance(o, (list, tuple)):
-            return [clean(v) for v in o]
-        return o
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(clean(result), f, indent=2)
-        f.write("\n")
 
 
 if __name__ == "__main__":
