@@ -27,6 +27,7 @@ __all__ = [
     "check_int",
     "check_learned_method",
     "check_kernel_name",
+    "check_kernel_estimator",
     "check_regularizer",
     "check_reconstruction",
     "check_sites",
@@ -117,6 +118,18 @@ def check_kernel_name(name: Any, argname: str = "estimator") -> str:
         raise ValueError(
             f"argument {argname!r} must be a learned score estimator, a callable, or one of "
             f"{KERNEL_ESTIMATORS}, got {name!r}"
+        )
+    return name
+
+
+def check_kernel_estimator(name: Any, num_particles: int) -> str:
+    """A kernel estimator's name, and enough particles for it: it estimates the score across
+    the particles of one step."""
+    check_kernel_name(name)
+    if num_particles < 2:
+        raise ValueError(
+            f"argument 'num_particles' must be >= 2 with the {name!r} kernel estimator, "
+            f"which estimates the score across particles; got {num_particles}"
         )
     return name
 

@@ -99,12 +99,7 @@ def implicit_site_names(guide_trace, sites=None) -> list[str]:
 
 def _check_estimator(est, num_particles):
     if isinstance(est, str):
-        ispec.check_kernel_name(est)
-        if num_particles < 2:
-            raise ValueError(
-                f"argument 'num_particles' must be >= 2 with the {est!r} kernel estimator, "
-                f"which estimates the score across particles; got {num_particles}"
-            )
+        ispec.check_kernel_estimator(est, num_particles)
     elif not (isinstance(est, LearnedScoreEstimator) or callable(est)):
         raise TypeError(
             "argument 'estimator' must be a LearnedScoreEstimator, 'stein', 'spectral', a callable "

@@ -180,12 +180,7 @@ class ImplicitELBO(Trace_ELBO):
         # fail early on a kernel estimator that cannot work
         for est in estimator.values() if isinstance(estimator, Mapping) else [estimator]:
             if isinstance(est, str):
-                ispec.check_kernel_name(est)
-                if num_particles < 2:
-                    raise ValueError(
-                        f"argument 'num_particles' must be >= 2 with the {est!r} kernel estimator, "
-                        f"which estimates the score across particles; got {num_particles}"
-                    )
+                ispec.check_kernel_estimator(est, num_particles)
             elif not (isinstance(est, LearnedScoreEstimator) or callable(est)):
                 _Estimator(est, None)  # raises the TypeError
 
