@@ -350,6 +350,10 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=None,
                    help="training seeds (initialization, batches, projections); the data use --seed")
     args = p.parse_args(argv)
+    if args.lr is not None and not args.lr > 0:
+        p.error(f"--lr must be > 0, got {args.lr}")
+    if args.gammas is not None and not all(0 < g < 1 for g in args.gammas):
+        p.error(f"--gammas must lie in (0, 1) (a contraction), got {args.gammas}")
     cfg = dict(QUICK if args.quick else FULL)
     for name in ("tasks", "depths", "width", "steps", "solvers", "gammas", "lr", "seeds"):
         if getattr(args, name) is not None:
