@@ -5,6 +5,14 @@
 """
 
 from .spec import OBJECTIVES
+from .validation import NonFiniteWarning, is_validation_enabled, set_validation, validation_enabled
 
 __version__ = "0.1.0"
-__all__ = ["OBJECTIVES", "__version__"]
+__all__ = [
+    "OBJECTIVES",
+    "NonFiniteWarning",
+    "__version__",
+    "is_validation_enabled",
+    "set_validation",
+    "validation_enabled",
+]
