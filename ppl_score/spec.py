@@ -13,8 +13,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from ._validate import check_choice, check_int, check_positive_float
 
@@ -23,6 +22,7 @@ __all__ = [
     "KINDS",
     "PROJECTIONS",
     "REDUCTIONS",
+    "FrozenMapping",
     "ObjectiveSpec",
     "Resolved",
     "resolve",
@@ -42,6 +42,37 @@ PROJECTIONS = ("rademacher", "gaussian", "sphere")
 REDUCTIONS = ("mean", "sum", "none")
 
 
+class FrozenMapping(Mapping):
+    """A read-only mapping that, unlike ``types.MappingProxyType``, survives ``pickle`` and
+    ``copy.deepcopy`` (so a ``Resolved`` inside a loss object does not block checkpoints)."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping | None = None):
+        object.__setattr__(self, "_data", dict(data or {}))
+
+    def __getitem__(self, key):
+        return self._data[key]
+
+    def __iter__(self) -> Iterator:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("FrozenMapping is read-only")
+
+    def __reduce__(self):
+        return (type(self), (self._data,))
+
+    def __hash__(self):
+        return hash(tuple(sorted(self._data.items(), key=lambda kv: str(kv[0]))))
+
+    def __repr__(self) -> str:
+        return f"FrozenMapping({self._data!r})"
+
+
 @dataclass(frozen=True)
 class ObjectiveSpec:
     """One score-matching objective: what it estimates and which options it takes."""
@@ -56,10 +87,10 @@ class ObjectiveSpec:
     reference: str = ""
 
     def __post_init__(self):
-        object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
+        object.__setattr__(self, "defaults", FrozenMapping(self.defaults))
 
 
-OBJECTIVES: Mapping[str, ObjectiveSpec] = MappingProxyType(
+OBJECTIVES: Mapping[str, ObjectiveSpec] = FrozenMapping(
     {
         "esm": ObjectiveSpec(
             name="esm",
@@ -169,7 +200,7 @@ def resolve(method: Any, kind: Any = "log_prob", options: Mapping[str, Any] | No
     resolved = dict(spec.defaults)
     for name, value in options.items():
         resolved[name] = _OPTION_CHECKS[name](value)
-    return Resolved(spec=spec, kind=kind, options=MappingProxyType(resolved), explicit=frozenset(options))
+    return Resolved(spec=spec, kind=kind, options=FrozenMapping(resolved), explicit=frozenset(options))
 
 
 def check_reduction(reduction: Any) -> str:
