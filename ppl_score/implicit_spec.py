@@ -33,6 +33,9 @@ __all__ = [
     "check_sites",
     "median_positions",
     "for_site",
+    "singular_tolerance",
+    "singular_message",
+    "bandwidth_underflow_message",
 ]
 
 KERNEL_ESTIMATORS = ("stein", "spectral")
@@ -103,6 +106,29 @@ def check_bandwidth(bandwidth: Any) -> float | None:
                 f"argument 'bandwidth' must be None or a positive real number, got {type(bandwidth).__name__}"
             ) from None
     return check_positive("bandwidth", bandwidth)
+
+
+def singular_tolerance(n: int, eps: float, eta: float) -> float:
+    """Squared Cholesky pivots of ``K + eta I`` (``N x N``, unit diagonal) at or below this are
+    numerical zeros: the matrix's condition then exceeds ``1 / ((N + 1) eps)`` and its solve
+    carries no correct digit. The usual rank tolerance (``size * eps * largest entry``)."""
+    return (n + 1) * eps * (1.0 + eta)
+
+
+def singular_message(eta: float, bandwidth: Any, dtype: str, where: str = "samples") -> str:
+    """The error for a numerically singular Stein system, naming ``eta`` and ``bandwidth``."""
+    what = "duplicate or near-duplicate samples" if where == "samples" else "a row of 'at' on (or next to) a sample"
+    h = "the median heuristic" if bandwidth is None else f"{float(bandwidth):g}"
+    return (
+        f"stein_scores: K + eta I is numerically singular in {dtype} (argument 'eta'={eta:g}, "
+        f"argument 'bandwidth'={h}): {what} make K singular and eta is below the round-off of the "
+        "solve, so the estimate would be noise. Increase 'eta' (e.g. to the default 0.1), use "
+        "float64, or remove the duplicates"
+    )
+
+
+def bandwidth_underflow_message(bandwidth: Any, dtype: str) -> str:
+    return f"argument 'bandwidth'={float(bandwidth):g} is 0 in {dtype} (underflow); pass a larger bandwidth"
 
 
 def check_learned_method(method: Any) -> str:

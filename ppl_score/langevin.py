@@ -21,6 +21,7 @@ so one gradient of ``fn(x).sum()`` gives every chain's score.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 from ._validate import check_int, check_positive_float
@@ -36,9 +37,28 @@ __all__ = [
     "check_num_chains",
     "divergence_error",
     "init_error",
+    "LowAcceptanceWarning",
+    "LOW_ACCEPTANCE",
+    "warn_low_acceptance",
+    "check_nuts_run",
+    "AUTOGRAD_ERROR",
 ]
 
 KINDS = ("log_prob", "score")
+
+# MALA whose mean acceptance rate (over chains and kept steps) is below this barely moves:
+# ``warn_low_acceptance`` says so with the rate.
+LOW_ACCEPTANCE = 0.01
+
+AUTOGRAD_ERROR = (
+    "Langevin samplers are score based: they differentiate the log density in x with "
+    "autograd, which torch.inference_mode() disables and cannot re-enable; run the sampler "
+    "under torch.no_grad() instead (grad is switched back on for the derivatives in x only)"
+)
+
+
+class LowAcceptanceWarning(RuntimeWarning):
+    """MALA accepted (almost) no proposal: the returned chains barely left their start."""
 
 
 class Plan(NamedTuple):
@@ -122,3 +142,21 @@ def divergence_error(step_size: float, adjusted: bool) -> ValueError:
 
 def init_error(name: str = "x0") -> ValueError:
     return ValueError(f"the log density or its score is non-finite at argument {name!r}; start the chains where the density is positive")
+
+
+def warn_low_acceptance(accept_rate: float, min_rate: float, step_size: float, stacklevel: int = 4) -> None:
+    """Warn (``LowAcceptanceWarning``) when MALA's mean acceptance rate is below
+    ``LOW_ACCEPTANCE``: the samples are then (nearly) the initial state repeated."""
+    if accept_rate < LOW_ACCEPTANCE:
+        warnings.warn(
+            f"MALA accepted almost no proposal: mean acceptance rate {accept_rate:.3g} (lowest chain "
+            f"{min_rate:.3g}) with step_size={step_size:g}; the chains barely moved from their start. "
+            "Decrease 'step_size' (a rate near 0.57 is optimal in high dimension)",
+            LowAcceptanceWarning,
+            stacklevel=stacklevel,
+        )
+
+
+def check_nuts_run(num_samples: Any, num_warmup: Any, warmup_name: str = "num_warmup") -> tuple[int, int]:
+    """``num_samples >= 1`` draws after ``num_warmup >= 0`` warmup steps (the NUTS helpers)."""
+    return _check_int("num_samples", num_samples, 1), _check_int(warmup_name, num_warmup, 0)

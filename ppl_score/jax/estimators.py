@@ -69,6 +69,11 @@ def _is_concrete(a) -> bool:
     return not isinstance(a, jax.core.Tracer)
 
 
+def _kernel(d2, h):
+    """``exp(-d2 / (2 h^2))``, dividing by ``h`` twice (``h^2`` may underflow; see the torch mirror)."""
+    return jnp.exp(-0.5 * (d2 / h / h))
+
+
 def _prepare(samples, at, bandwidth):
     """Centre (see the torch mirror), kernel matrix, bandwidth and ``<grad, K>``. With the
     median heuristic a degenerate set (h = 0) computes with h = 1 and is reported through the
@@ -82,11 +87,11 @@ def _prepare(samples, at, bandwidth):
         h = jnp.where(h_raw > 0, h_raw, jnp.ones_like(h_raw))
     else:
         h_raw = h = jnp.broadcast_to(jnp.asarray(bandwidth, dtype=x.dtype), x.shape[:-2])
-    h2 = (h * h)[..., None, None]
-    kxx = jnp.exp(-d2 / (2.0 * h2))
-    grad_k = (x * kxx.sum(-1, keepdims=True) - kxx @ x) / h2
+    hh = h[..., None, None]
+    kxx = _kernel(d2, hh)
+    grad_k = (x * kxx.sum(-1, keepdims=True) - kxx @ x) / hh / hh
     xa = None if at is None else at - mu
-    return x, xa, kxx, h2, grad_k, h_raw
+    return x, xa, kxx, hh, grad_k, h_raw
 
 
 def _check_median(h_raw):
@@ -102,26 +107,34 @@ def _cho_solve(chol, b):
 
 
 def _stein(samples, at, eta, bandwidth):
-    x, xa, kxx, h2, grad_k, h_raw = _prepare(samples, at, bandwidth)
+    """``(scores, h_raw, flag)``; ``flag``: 0 fine, 1 ``K + eta I`` numerically singular, 2 the
+    out-of-sample Schur complement numerically zero. A flagged result is NaN (under tracing
+    nothing can raise; eagerly ``_run`` raises the torch twin's ``ValueError``)."""
+    x, xa, kxx, hh, grad_k, h_raw = _prepare(samples, at, bandwidth)
     n = x.shape[-2]
     chol = jnp.linalg.cholesky(kxx + eta * jnp.eye(n, dtype=x.dtype))
     if chol.ndim > 2:
         solve = jnp.vectorize(_cho_solve, signature="(n,n),(n,k)->(n,k)")
     else:
         solve = _cho_solve
+    tol = ispec.singular_tolerance(n, float(jnp.finfo(x.dtype).eps), eta)
+    pivots = jnp.diagonal(chol, axis1=-2, axis2=-1) ** 2
+    singular = ~jnp.all(pivots > tol)  # also true for a failed factorization (NaN)
     g = -solve(chol, grad_k)
     if xa is None:
-        return g, h_raw
-    kax = jnp.exp(-_sqdist(xa, x) / (2.0 * h2))
+        flag = singular.astype(jnp.int32)
+        return jnp.where(flag > 0, jnp.nan, g), h_raw, flag
+    kax = _kernel(_sqdist(xa, x), hh)
     a = _t(solve(chol, _t(kax)))
     schur = 1.0 + eta - (a * kax).sum(-1, keepdims=True)
+    flag = jnp.where(singular, 1, jnp.where(jnp.all(schur > tol), 0, 2)).astype(jnp.int32)
     w = (a + 1.0) * kax
-    wgrad = -(xa * w.sum(-1, keepdims=True) - w @ x) / h2
-    return -(kax @ g - wgrad) / schur, h_raw
+    wgrad = -(xa * w.sum(-1, keepdims=True) - w @ x) / hh / hh
+    return jnp.where(flag > 0, jnp.nan, -(kax @ g - wgrad) / schur), h_raw, flag
 
 
 def _spectral(samples, at, n_eigen, threshold, bandwidth):
-    x, xa, kxx, h2, grad_k, h_raw = _prepare(samples, at, bandwidth)
+    x, xa, kxx, hh, grad_k, h_raw = _prepare(samples, at, bandwidth)
     n = x.shape[-2]
     lam, u = jnp.linalg.eigh(kxx)
     lam, u = lam[..., ::-1], u[..., ::-1]
@@ -135,9 +148,9 @@ def _spectral(samples, at, n_eigen, threshold, bandwidth):
     keep = (jnp.arange(n) < n_keep) & (lam > floor)
     safe = jnp.where(keep, lam, 1.0)
     inv_lam2 = jnp.where(keep, 1.0 / (safe * safe), 0.0)
-    kax = kxx if xa is None else jnp.exp(-_sqdist(xa, x) / (2.0 * h2))
+    kax = kxx if xa is None else _kernel(_sqdist(xa, x), hh)
     coef = (_t(u) @ grad_k) * inv_lam2[..., :, None]
-    return -(kax @ u) @ coef, h_raw
+    return -(kax @ u) @ coef, h_raw, jnp.int32(0)
 
 
 # One compiled program per shape and option set: far cheaper than dispatching each op.
@@ -145,9 +158,15 @@ _stein_jit = jax.jit(_stein, static_argnames=("eta",))
 _spectral_jit = jax.jit(_spectral, static_argnames=("n_eigen", "threshold"))
 
 
-def _run(fn, *args):
-    out, h_raw = fn(*args)
+def _run(fn, samples, at, *options):
+    bandwidth = options[-1]
+    if bandwidth is not None and _is_concrete(bandwidth) and float(jnp.asarray(bandwidth, samples.dtype)) == 0.0:
+        raise ValueError(ispec.bandwidth_underflow_message(bandwidth, str(samples.dtype)))
+    out, h_raw, flag = fn(samples, at, *options)
     _check_median(h_raw)
+    if _is_concrete(flag) and int(flag):
+        eta = options[0]
+        raise ValueError(ispec.singular_message(eta, bandwidth, str(samples.dtype), "samples" if int(flag) == 1 else "at"))
     return out
 
 
@@ -188,7 +207,13 @@ def median_bandwidth(samples):
 def stein_scores(samples, at=None, *, eta: float = 0.1, bandwidth=None):
     """Stein gradient estimate of ``grad log q`` from ``samples [N, D]`` at the samples
     (``at=None``) or, by the out-of-sample extension, at ``at [K, D]``; see
-    ``ppl_score.torch.estimators.stein_scores``."""
+    ``ppl_score.torch.estimators.stein_scores``.
+
+    Raises:
+        ValueError: as the torch twin, also when ``K + eta I`` is numerically singular
+            (duplicate samples with a tiny ``eta``), naming ``eta`` and ``bandwidth``; under
+            tracing that result is NaN instead.
+    """
     samples, at, _ = _check_inputs(samples, at)
     return _run(_stein_jit, samples, at, ispec.check_eta(eta), _check_bandwidth(bandwidth))
 

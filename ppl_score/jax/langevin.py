@@ -12,6 +12,13 @@ out, randomness from an explicit key). ``ula`` / ``mala`` drive ``step`` with ``
 under ``jit``, in chunks when a progress bar is shown; every step's key is split from
 ``key`` up front, so the draws do not depend on the chunking.
 
+Compilation. ``fn`` is compiled once per ``fn`` object (and per shape, dtype and option
+set) and the compiled programs are kept only while the caller keeps ``fn``: calling again
+with the same ``fn`` reuses them, a new closure compiles again, and a dropped ``fn`` (with
+the arrays it closes over) is garbage-collected. To reuse one compilation across new
+parameter values, pass ``jax.tree_util.Partial(energy, params)`` with a module-level
+``energy(params, x)``: the ``Partial``'s arguments are dynamic (pytree leaves).
+
 ``fn`` maps chains ``x[C, *event]`` to log densities ``[C]`` (``kind="log_prob"``, up to a
 constant) or, for ULA only, to scores ``[C, *event]`` (``kind="score"``); row ``c`` of its
 output may depend only on ``x[c]``.
@@ -20,6 +27,7 @@ output may depend only on ``x[c]``.
 from __future__ import annotations
 
 import math
+import weakref
 from functools import partial
 from typing import NamedTuple
 
@@ -106,17 +114,77 @@ def step(key, state: LangevinState, fn, step_size, *, adjusted: bool = True, kin
     return new, LangevinInfo(accept_prob, accepted)
 
 
-@partial(jax.jit, static_argnames=("fn", "kind"))
-def _init_checked(fn, kind, x):
+# ---------------------------------------------------------------------------------------
+# compiled drivers, cached per ``fn`` without keeping ``fn`` alive
+#
+# ``fn`` cannot be a static jit argument: jit's caches would hold every closure ever passed
+# (and the arrays it closes over) for the life of the process, and compile again for each
+# new one. Instead each ``fn`` (for a ``jax.tree_util.Partial``: its ``func``) gets its own
+# jitted drivers in ``_COMPILED``, a ``WeakKeyDictionary`` whose drivers reach ``fn`` only
+# through a weak reference: the entry, its compiled programs and whatever ``fn`` closes over
+# are freed once the caller drops ``fn``. The arguments of a ``Partial`` are pytree leaves
+# passed as dynamic arguments, so a new ``Partial(energy, params)`` per call (new ``params``
+# of the same shapes) reuses the compilation.
+
+
+class _Drivers:
+    """The jitted ``init`` and ``scan`` for one ``fn``, which they hold weakly."""
+
+    def __init__(self, base):
+        try:
+            ref = weakref.ref(base)
+        except TypeError:  # not weak-referenceable: compiled for this call only
+            ref = lambda: base  # noqa: E731
+        self.init = jax.jit(partial(_init_checked_impl, ref, self), static_argnames=("kind",))
+        self.scan = jax.jit(partial(_scan_impl, ref, self), static_argnames=("kind", "adjusted", "collect"))
+        self.traces = 0  # how many times fn was traced (compilations), for tests and debugging
+        self.treedef = None
+
+    def rebuild(self, ref, leaves):
+        self.traces += 1
+        base = ref()
+        if base is None:  # pragma: no cover - the caller holds fn during the call
+            raise RuntimeError("argument 'fn' was garbage-collected during the run")
+        if self.treedef is None:
+            return base
+        args, keywords = jax.tree.unflatten(self.treedef, leaves)
+        return jax.tree_util.Partial(base, *args, **keywords)
+
+
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _drivers(fn):
+    """``(drivers, leaves)`` for ``fn``: cached drivers and the dynamic leaves of a ``Partial``."""
+    if isinstance(fn, jax.tree_util.Partial):
+        base = fn.func
+        leaves, treedef = jax.tree.flatten((tuple(fn.args), dict(fn.keywords)))
+    else:
+        base, leaves, treedef = fn, [], None
+    try:
+        per_base = _COMPILED.get(base)
+        if per_base is None:
+            per_base = _COMPILED[base] = {}
+    except TypeError:  # unhashable or not weak-referenceable: no cache
+        per_base = {}
+    if treedef not in per_base:
+        drivers = _Drivers(base)
+        drivers.treedef = treedef
+        per_base[treedef] = drivers
+    return per_base[treedef], leaves
+
+
+def _init_checked_impl(ref, drivers, leaves, x, *, kind):
     """``init`` under jit (eager dispatch of a traced model is slow), with a finiteness flag."""
+    fn = drivers.rebuild(ref, leaves)
     state = init(fn, x, kind)
     return state, jnp.isfinite(state.log_prob).all() & jnp.isfinite(state.score).all()
 
 
-@partial(jax.jit, static_argnames=("fn", "kind", "adjusted", "collect"))
-def _scan(fn, kind, adjusted, collect, step_size, state, accept_sum, keys):
+def _scan_impl(ref, drivers, leaves, step_size, state, accept_sum, keys, *, kind, adjusted, collect):
     """Run ``keys.shape[0]`` transitions (``collect=False``: warmup keys ``[n]``) or
     ``n`` blocks of ``thin`` transitions keeping each block's last state (keys ``[n, thin]``)."""
+    fn = drivers.rebuild(ref, leaves)
 
     def transition(carry, key):
         state, acc = carry
@@ -160,7 +228,8 @@ def _run(fn, x0, step_size, num_steps, *, key, adjusted, kind, num_warmup, thin,
     x0 = _check_x0(x0)
     if key is None:
         raise ValueError("argument 'key' is required (a jax.random key)")
-    state, finite = _init_checked(fn, kind, x0)
+    drivers, leaves = _drivers(fn)
+    state, finite = drivers.init(leaves, x0, kind=kind)
     if not bool(finite):
         raise shared.init_error("x0")
     h = jnp.asarray(plan.step_size, x0.dtype)
@@ -171,19 +240,22 @@ def _run(fn, x0, step_size, num_steps, *, key, adjusted, kind, num_warmup, thin,
     pieces = []
     with tqdm(total=plan.num_warmup + plan.num_steps, disable=not progress_bar, desc="warmup" if plan.num_warmup else "sample") as bar:
         for a, b in _chunks(plan.num_warmup, progress_bar) if plan.num_warmup else []:
-            state, accept_sum, _ = _scan(fn, kind, adjusted, False, h, state, accept_sum, warm_keys[a:b])
+            state, accept_sum, _ = drivers.scan(leaves, h, state, accept_sum, warm_keys[a:b], kind=kind, adjusted=adjusted, collect=False)
             jax.block_until_ready(state.x)
             bar.update(b - a)
         bar.set_description("sample")
         for a, b in _chunks(plan.num_samples, progress_bar):
-            state, accept_sum, xs = _scan(fn, kind, adjusted, True, h, state, accept_sum, sample_keys[a:b])
+            state, accept_sum, xs = drivers.scan(leaves, h, state, accept_sum, sample_keys[a:b], kind=kind, adjusted=adjusted, collect=True)
             pieces.append(xs)
             jax.block_until_ready(xs)
             bar.update((b - a) * plan.thin)
     samples = pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
     if not (bool(jnp.isfinite(samples).all()) and bool(jnp.isfinite(state.score).all())):
         raise shared.divergence_error(plan.step_size, adjusted)
-    return LangevinResult(samples, accept_sum / plan.num_steps)
+    accept_rate = accept_sum / plan.num_steps
+    if adjusted:
+        shared.warn_low_acceptance(float(accept_rate.mean()), float(accept_rate.min()), plan.step_size)
+    return LangevinResult(samples, accept_rate)
 
 
 def ula(
@@ -202,7 +274,10 @@ def ula(
 
     Args:
         fn: ``x[C, *event] -> [C]`` log density (``kind="log_prob"``) or
-            ``-> [C, *event]`` score (``kind="score"``); jax-traceable.
+            ``-> [C, *event]`` score (``kind="score"``); jax-traceable. Compiled once per
+            ``fn`` object and released with it; a ``jax.tree_util.Partial`` keeps its
+            arguments dynamic, so new arrays of the same shapes reuse the compilation
+            (see the module docstring).
         x0: initial states ``[C, *event]``.
         step_size: ``h > 0``; the stationary law is biased by O(h).
         num_steps: steps after warmup (a multiple of ``thin``).
@@ -213,7 +288,11 @@ def ula(
 
     Returns:
         ``LangevinResult(samples [num_steps // thin, C, *event], accept_rate [C])``;
-        ``accept_rate`` is all ones. A run that reaches non-finite states raises ``ValueError``.
+        ``accept_rate`` is all ones.
+
+    Raises:
+        ValueError: bad arguments, a non-finite density or score at ``x0``, or a run that
+            reaches non-finite states (decrease ``step_size``).
     """
     return _run(fn, x0, step_size, num_steps, key=key, adjusted=False, kind=kind,
                 num_warmup=num_warmup, thin=thin, progress_bar=progress_bar)
@@ -235,6 +314,9 @@ def mala(
     Same arguments as ``ula`` (``fn`` must be a log density). ``accept_rate`` is each
     chain's mean Metropolis-Hastings acceptance probability over the ``num_steps`` steps
     after warmup (about 0.57 is optimal in high dimension, Roberts & Rosenthal 1998).
+    A mean rate below ``ppl_score.langevin.LOW_ACCEPTANCE`` (the chains barely moved, e.g.
+    ``step_size`` far too large) gives a ``LowAcceptanceWarning`` (a ``RuntimeWarning``)
+    naming the rate. Errors as in ``ula``.
     """
     return _run(fn, x0, step_size, num_steps, key=key, adjusted=True, kind="log_prob",
                 num_warmup=num_warmup, thin=thin, progress_bar=progress_bar)

@@ -279,9 +279,15 @@ def nuts(
     """NumPyro's ``NUTS`` on the observed ``site`` through ``potential_fn``; returns samples
     ``[num_samples, num_chains, *shape]`` in the site's support (the layout of
     ``langevin``). Chains are vectorized (``chain_method="vectorized"``); ``kernel_options``
-    go to ``NUTS`` (e.g. ``target_accept_prob``)."""
+    go to ``NUTS`` (e.g. ``target_accept_prob``).
+
+    Raises:
+        TypeError, ValueError: ``num_samples < 1``, ``num_warmup < 0``, ``num_chains < 1``,
+            a missing ``key``, or a bad site / ``init`` (named in the message).
+    """
     from numpyro.infer import MCMC, NUTS
 
+    num_samples, num_warmup = shared.check_nuts_run(num_samples, num_warmup)
     c = shared.check_num_chains(num_chains)
     if key is None:
         raise ValueError("argument 'key' is required (a jax.random key)")

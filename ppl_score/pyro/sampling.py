@@ -287,9 +287,15 @@ def nuts(
     """Pyro's ``NUTS`` on the observed ``site`` through ``potential_fn``; returns samples
     ``[num_samples, num_chains, *shape]`` in the site's support (the layout of
     ``langevin``). Chains run one after another (Pyro's multi-chain MCMC would fork
-    processes). ``kernel_options`` go to ``NUTS`` (e.g. ``target_accept_prob``)."""
+    processes). ``kernel_options`` go to ``NUTS`` (e.g. ``target_accept_prob``).
+
+    Raises:
+        TypeError, ValueError: ``num_samples < 1``, ``warmup_steps < 0``, ``num_chains < 1``,
+            or a bad site / ``init`` (named in the message).
+    """
     from pyro.infer.mcmc import MCMC, NUTS
 
+    num_samples, warmup_steps = shared.check_nuts_run(num_samples, warmup_steps, "warmup_steps")
     c = shared.check_num_chains(num_chains)
     dens = site_log_density(model, site, *args, num_chains=1, guide=guide, latents=latents, **kwargs)
     u0 = dens.init_unconstrained(init, num_chains=c)

@@ -60,9 +60,15 @@ def _median_bandwidth(d2: torch.Tensor) -> torch.Tensor:
     return 0.5 * (pairs[..., lo] + pairs[..., hi])
 
 
+def _kernel(d2: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``exp(-d2 / (2 h^2))``, dividing by ``h`` twice: ``h^2`` may underflow to 0 for a tiny
+    bandwidth, where ``0 / 0`` would give NaN on the diagonal and for duplicate samples."""
+    return torch.exp(-0.5 * (d2 / h / h))
+
+
 def _prepare(samples, at, bandwidth):
     """Centre (the kernel is translation invariant; centring keeps ``||x||^2 + ||y||^2 -
-    2 x.y`` accurate), kernel matrix, bandwidth ``[...]`` and ``<grad, K> [..., N, D]``."""
+    2 x.y`` accurate), kernel matrix, bandwidth ``[..., 1, 1]`` and ``<grad, K> [..., N, D]``."""
     mu = samples.mean(-2, keepdim=True)
     x = samples - mu
     d2 = _sqdist(x, x)
@@ -77,32 +83,46 @@ def _prepare(samples, at, bandwidth):
             )
     else:
         h = torch.as_tensor(bandwidth, dtype=x.dtype, device=x.device).expand(x.shape[:-2])
-    h2 = (h * h)[..., None, None]
-    kxx = torch.exp(-d2 / (2.0 * h2))
+        if float(h.reshape(-1)[0]) == 0.0:
+            raise ValueError(ispec.bandwidth_underflow_message(bandwidth, str(x.dtype).replace("torch.", "")))
+    hh = h[..., None, None]
+    kxx = _kernel(d2, hh)
     # <grad, K>_i = sum_m grad_{x_m} k(x_m, x_i) = sum_m (x_i - x_m) k_im / h^2
-    grad_k = (x * kxx.sum(-1, keepdim=True) - kxx @ x) / h2
+    grad_k = (x * kxx.sum(-1, keepdim=True) - kxx @ x) / hh / hh
     xa = None if at is None else at - mu
-    return x, xa, kxx, h2, grad_k
+    return x, xa, kxx, hh, grad_k
+
+
+def _singular(pivots: torch.Tensor, eta: float, n: int) -> bool:
+    """Whether a Cholesky factor's squared pivots show ``K + eta I`` numerically singular
+    (see ``ppl_score.implicit_spec.singular_tolerance``)."""
+    return bool((pivots <= ispec.singular_tolerance(n, torch.finfo(pivots.dtype).eps, eta)).any())
 
 
 def _stein(samples, at, eta, bandwidth):
-    x, xa, kxx, h2, grad_k = _prepare(samples, at, bandwidth)
+    x, xa, kxx, hh, grad_k = _prepare(samples, at, bandwidth)
     n = x.shape[-2]
-    chol = torch.linalg.cholesky(kxx + eta * torch.eye(n, dtype=x.dtype, device=x.device))
+    chol, info = torch.linalg.cholesky_ex(kxx + eta * torch.eye(n, dtype=x.dtype, device=x.device))
+    # one host sync, as torch.linalg.cholesky's own check: a numerically singular K + eta I
+    # (duplicate samples with a tiny eta) gives round-off, not an estimate
+    if bool((info != 0).any()) or _singular(torch.diagonal(chol, dim1=-2, dim2=-1) ** 2, eta, n):
+        raise ValueError(ispec.singular_message(eta, bandwidth, str(x.dtype).replace("torch.", "")))
     g = -torch.cholesky_solve(grad_k, chol)
     if xa is None:
         return g
-    kax = torch.exp(-_sqdist(xa, x) / (2.0 * h2))  # [..., K, N]
+    kax = _kernel(_sqdist(xa, x), hh)  # [..., K, N]
     a = torch.cholesky_solve(kax.transpose(-1, -2), chol).transpose(-1, -2)  # k* (K + eta I)^{-1}
     schur = 1.0 + eta - (a * kax).sum(-1, keepdim=True)  # k(x*, x*) = 1; >= eta > 0
+    if _singular(schur, eta, n):  # a row of `at` on a sample, with a tiny eta
+        raise ValueError(ispec.singular_message(eta, bandwidth, str(x.dtype).replace("torch.", ""), "at"))
     w = (a + 1.0) * kax
     # sum_m (1 + a_m) grad_{x*} k(x*, x_m) = -sum_m w_m (x* - x_m) / h^2
-    wgrad = -(xa * w.sum(-1, keepdim=True) - w @ x) / h2
+    wgrad = -(xa * w.sum(-1, keepdim=True) - w @ x) / hh / hh
     return -(kax @ g - wgrad) / schur
 
 
 def _spectral(samples, at, n_eigen, threshold, bandwidth):
-    x, xa, kxx, h2, grad_k = _prepare(samples, at, bandwidth)
+    x, xa, kxx, hh, grad_k = _prepare(samples, at, bandwidth)
     n = x.shape[-2]
     lam, u = torch.linalg.eigh(kxx)
     lam, u = lam.flip(-1), u.flip(-1)  # descending
@@ -118,7 +138,7 @@ def _spectral(samples, at, n_eigen, threshold, bandwidth):
     keep = (torch.arange(n, device=lam.device) < n_keep) & (lam > floor)
     safe = torch.where(keep, lam, torch.ones_like(lam))
     inv_lam2 = torch.where(keep, 1.0 / (safe * safe), torch.zeros_like(lam))
-    kax = kxx if xa is None else torch.exp(-_sqdist(xa, x) / (2.0 * h2))
+    kax = kxx if xa is None else _kernel(_sqdist(xa, x), hh)
     coef = (u.transpose(-1, -2) @ grad_k) * inv_lam2[..., :, None]  # [..., J, D]
     return -(kax @ u) @ coef
 
@@ -157,6 +177,23 @@ def stein_scores(samples: torch.Tensor, at: torch.Tensor | None = None, *, eta: 
     ``at [K, D]``: each row by the out-of-sample extension (their section 3.4), which is the
     estimate the in-sample formula would give that point were it added to the samples
     (also for a row that coincides with a sample). Returns ``[N, D]`` or ``[K, D]``.
+
+    Args:
+        samples: ``[N, D]``, ``N >= 2``, finite.
+        at: ``[K, D]`` or None (the samples).
+        eta: the ridge ``eta > 0`` of ``K + eta I``.
+        bandwidth: ``h > 0``, or None for the median heuristic.
+
+    Returns:
+        The estimated scores, ``[N, D]`` or ``[K, D]``, in the dtype of ``samples``.
+
+    Raises:
+        ValueError: bad arguments; a ``bandwidth`` that is 0 in the samples' dtype; or
+            ``K + eta I`` numerically singular: a squared Cholesky pivot (or, for ``at``, the
+            Schur complement) at most ``(N + 1) * machine-eps * (1 + eta)``. That happens with
+            duplicate samples (or a row of ``at`` on a sample) and a tiny ``eta``; the answer
+            would be round-off, so ``eta`` and ``bandwidth`` are named instead (the JAX twin
+            raises the same error, and returns NaN under tracing).
     """
     samples, at, _ = _check_inputs(samples, at)
     eta = ispec.check_eta(eta)

@@ -46,9 +46,17 @@ def _evaluate(fn, kind: str, x: torch.Tensor):
     """``(log p(x) [C], s(x) [C, *event])`` detached; ``log p`` is zeros for ``kind="score"``.
 
     Only ``x`` is differentiated, so nothing accumulates in the parameters ``fn`` closes over.
+    Grad is switched on here, so the result is the same under ``torch.no_grad()``; under
+    ``torch.inference_mode()``, which cannot be left from inside, ``kind="log_prob"`` is a
+    ``RuntimeError`` (a score network, ``kind="score"``, needs no autograd and runs).
     """
+    if kind == "log_prob" and torch.is_inference_mode_enabled():
+        raise RuntimeError(shared.AUTOGRAD_ERROR)
     with torch.enable_grad():
-        xg = x.detach().requires_grad_(kind == "log_prob")
+        xg = x.detach()
+        if xg.is_inference():  # made under inference_mode: a normal tensor can require grad
+            xg = xg.clone()
+        xg = xg.requires_grad_(kind == "log_prob")
         out = fn(xg)
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"argument 'fn' must return a torch.Tensor, got {type(out).__name__}")
@@ -83,7 +91,13 @@ def step(
     h = step_size
     z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
     proposal = x + h * score + math.sqrt(2.0 * h) * z
-    prop_log_prob, prop_score = _evaluate(fn, kind, proposal)
+    try:
+        prop_log_prob, prop_score = _evaluate(fn, kind, proposal)
+    except Exception as err:
+        # a diverged chain is the sampler's failure, not fn's (e.g. Pyro's support check)
+        if not bool(torch.isfinite(proposal).all()):
+            raise shared.divergence_error(h, adjusted) from err
+        raise
     c = x.shape[0]
     if not adjusted:
         ones = x.new_ones(c)
@@ -143,7 +157,10 @@ def _run(fn, x0, step_size, num_steps, *, adjusted, kind, num_warmup, thin, gene
             bar.update()
     if not (torch.isfinite(samples).all() and torch.isfinite(state.score).all()):
         raise shared.divergence_error(plan.step_size, adjusted)
-    return LangevinResult(samples, accept_sum / plan.num_steps)
+    accept_rate = accept_sum / plan.num_steps
+    if adjusted:
+        shared.warn_low_acceptance(float(accept_rate.mean()), float(accept_rate.min()), plan.step_size)
+    return LangevinResult(samples, accept_rate)
 
 
 def ula(
@@ -173,7 +190,14 @@ def ula(
 
     Returns:
         ``LangevinResult(samples [num_steps // thin, C, *event], accept_rate [C])``;
-        ``accept_rate`` is all ones. A run that reaches non-finite states raises ``ValueError``.
+        ``accept_rate`` is all ones.
+
+    Raises:
+        ValueError: bad arguments, a non-finite density or score at ``x0``, or a run that
+            reaches non-finite states (also when ``fn`` itself rejects a diverged state,
+            e.g. Pyro's support validation): decrease ``step_size``.
+        RuntimeError: ``kind="log_prob"`` under ``torch.inference_mode()`` (the score needs
+            autograd; ``torch.no_grad()`` is fine and gives the same result).
     """
     return _run(fn, x0, step_size, num_steps, adjusted=False, kind=kind, num_warmup=num_warmup,
                 thin=thin, generator=generator, progress_bar=progress_bar)
@@ -195,6 +219,9 @@ def mala(
     Same arguments as ``ula`` (``fn`` must be a log density). ``accept_rate`` is each
     chain's mean Metropolis-Hastings acceptance probability over the ``num_steps`` steps
     after warmup (about 0.57 is optimal in high dimension, Roberts & Rosenthal 1998).
+    A mean rate below ``ppl_score.langevin.LOW_ACCEPTANCE`` (the chains barely moved, e.g.
+    ``step_size`` far too large) gives a ``LowAcceptanceWarning`` (a ``RuntimeWarning``)
+    naming the rate. Errors as in ``ula``.
     """
     return _run(fn, x0, step_size, num_steps, adjusted=True, kind="log_prob", num_warmup=num_warmup,
                 thin=thin, generator=generator, progress_bar=progress_bar)
