@@ -39,6 +39,14 @@ __all__ = [
     "dependency_error",
     "log_density_output_error",
     "sampling_error",
+    "check_mmd_scales",
+    "nonfinite_observed_error",
+    "outside_support_error",
+    "event_shape_error",
+    "unnormalized_shape_error",
+    "mask_shape_error",
+    "inference_mode_error",
+    "nonfinite_loss_warning",
 ]
 
 
@@ -210,3 +218,143 @@ def sampling_error(frontend: str) -> NotImplementedError:
         f"PPL's NUTS on its potential -log_prob, ppl_score.{frontend}.nuts / "
         f"ppl_score.{frontend}.potential_fn (see ppl_score.{frontend}.sampling)"
     )
+
+
+# ---------------------------------------------------------------------------------------
+# WAE arguments
+# ---------------------------------------------------------------------------------------
+
+
+def check_mmd_scales(mmd_scales: Any) -> tuple:
+    """``mmd_scales`` of ``WAE``: a non-empty sequence of positive floats.
+
+    Args:
+        mmd_scales: the IMQ kernel scales ``s`` the user passed.
+
+    Returns:
+        The scales as a tuple of floats.
+
+    Raises:
+        TypeError: ``mmd_scales`` is not a sequence of real numbers (e.g. a lone float).
+        ValueError: it is empty, or a scale is not finite and positive.
+    """
+    if isinstance(mmd_scales, (str, bytes)) or isinstance(mmd_scales, numbers.Number):
+        raise TypeError(
+            "argument 'mmd_scales' must be a sequence of positive floats, e.g. (0.5, 1.0, 2.0) or "
+            f"[{mmd_scales!r}] for a single scale; got {type(mmd_scales).__name__}"
+        )
+    try:
+        scales = tuple(mmd_scales)
+    except TypeError:
+        raise TypeError(
+            "argument 'mmd_scales' must be a sequence of positive floats, e.g. (0.5, 1.0, 2.0); "
+            f"got {type(mmd_scales).__name__}"
+        ) from None
+    if not scales:
+        raise ValueError("argument 'mmd_scales' must hold at least one scale")
+    return tuple(check_positive_float("mmd_scales", s) for s in scales)
+
+
+# ---------------------------------------------------------------------------------------
+# Observed data, masks and shapes (ScoreMatching, Unnormalized)
+# ---------------------------------------------------------------------------------------
+
+
+def nonfinite_observed_error(name: str) -> ValueError:
+    """An unmasked observed value of a matched site is NaN or infinite."""
+    return ValueError(
+        f"observed site {name!r} contains non-finite values (nan or inf); remove or impute them, or "
+        "mask those data points out (a mask handler, Distribution.mask, or obs_mask with a guide "
+        "for the missing values)"
+    )
+
+
+def outside_support_error(name: str, support: Any) -> ValueError:
+    """An observed value is finite but outside the site's support (its unconstrained value is
+    not finite)."""
+    return ValueError(
+        f"observed site {name!r} has values outside its support {support} (their unconstrained "
+        "values, through biject_to(support), are not finite)"
+    )
+
+
+def event_shape_error(name: str, value_shape: tuple, event_shape: tuple) -> ValueError:
+    """The observed value of a site does not end with its distribution's ``event_shape``."""
+    return ValueError(
+        f"observed site {name!r}: the value's shape {tuple(value_shape)} does not end with the "
+        f"distribution's event_shape {tuple(event_shape)}; observations must have shape "
+        "[*batch_shape, *event_shape]"
+    )
+
+
+def unnormalized_shape_error(value_shape: tuple, event_shape: tuple) -> ValueError:
+    """``Unnormalized.log_prob`` got a value that does not end with its ``event_shape``."""
+    return ValueError(
+        f"Unnormalized.log_prob: the value's shape {tuple(value_shape)} does not end with "
+        f"event_shape {tuple(event_shape)}; values must have shape [*batch_shape, *event_shape]"
+    )
+
+
+def mask_shape_error(name: str, mask_shape: tuple, batch_shape: tuple) -> ValueError:
+    """A mask of a matched site does not broadcast to the site's batch shape."""
+    return ValueError(
+        f"the mask of site {name!r} has shape {tuple(mask_shape)}, which does not broadcast to the "
+        f"site's batch (plate) shape {tuple(batch_shape)}; give the mask (of a mask handler, "
+        "Distribution.mask or obs_mask) one entry per data point of the site's plates"
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Grad modes (Pyro) and non-finite losses
+# ---------------------------------------------------------------------------------------
+
+
+def inference_mode_error(
+    what: str, derivatives: str = "its derivatives in x (the scores of the model's log density in the observed values)"
+) -> RuntimeError:
+    """``what`` (e.g. ``"ScoreMatching(method='esm')"``) was called under ``torch.inference_mode()``.
+
+    Score matching takes derivatives of a log density in its argument, and inference mode
+    disables autograd in a way that cannot be undone inside it.
+
+    Args:
+        what: the loss object as the user built it.
+        derivatives: which derivatives it needs autograd for.
+    """
+    return RuntimeError(
+        f"{what} needs autograd for {derivatives}, and torch.inference_mode() disables autograd so "
+        "that it cannot be switched back on; evaluate the loss under torch.no_grad() instead, which "
+        "is supported (the loss re-enables grad for those derivatives and gives the same value)"
+    )
+
+
+_METHOD_CAUSES = {
+    "esm": "",
+    "ssm": "",
+    "ssm_vr": "",
+    "dsm": "sigma too small for the data's scale, ",
+    "fd_ssm": "eps too large or too small for the data's scale, ",
+    "fd_dsm": "sigma or eps too small or too large for the data's scale, ",
+}
+
+
+def nonfinite_loss_warning(what: str, method: str | None, sites: Sequence[str]) -> tuple:
+    """``(what, cause)`` for :func:`ppl_score.validation.warn_nonfinite` when a front end's
+    loss is NaN or infinite.
+
+    Args:
+        what: the loss object, e.g. ``"ScoreMatching(method='ssm')"`` or ``"WAE(regularizer='mmd')"``.
+        method: the score-matching method (its options name extra causes), or None.
+        sites: the sites the loss matched or regularized.
+
+    Returns:
+        The two arguments of ``warn_nonfinite``.
+    """
+    names = list(dict.fromkeys(sites))
+    where = f"site {names[0]!r}" if len(names) == 1 else f"sites {names}"
+    cause = (
+        f"a NaN or infinite parameter in the log density of {where}, "
+        + _METHOD_CAUSES.get(method or "", "")
+        + "or guide samples outside the prior's support"
+    )
+    return f"{what} loss at {where}", cause

@@ -64,9 +64,17 @@ class Unnormalized(Distribution):
         return self._support
 
     def log_prob(self, value):
+        """``log_density_fn`` of the rows of ``value [*batch, *event_shape]``, shape ``[*batch]``.
+
+        Raises:
+            ValueError: ``value`` does not end with ``event_shape``, or ``log_density_fn`` does
+                not return one value per row.
+        """
+        k = len(self.event_shape)
+        if jnp.ndim(value) < k or tuple(jnp.shape(value)[jnp.ndim(value) - k :]) != tuple(self.event_shape):
+            raise frontend.unnormalized_shape_error(jnp.shape(value), self.event_shape)
         if self._validate_args:
             self._validate_sample(value)
-        k = len(self.event_shape)
         lead = jnp.shape(value)[: jnp.ndim(value) - k]
         n = math.prod(lead)
         out = self.log_density_fn(jnp.reshape(value, (n, *self.event_shape)))

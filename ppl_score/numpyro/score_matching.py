@@ -7,6 +7,7 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import random
 from numpyro.distributions import MaskedDistribution, constraints
 from numpyro.distributions.transforms import biject_to
@@ -15,7 +16,7 @@ from numpyro.infer.elbo import ELBO
 from numpyro.ops.provenance import eval_provenance
 from numpyro.util import check_model_guide_match
 
-from .. import frontend
+from .. import frontend, validation
 from ..jax import score_matching_loss
 
 __all__ = ["ScoreMatching"]
@@ -95,6 +96,13 @@ class ScoreMatching(ELBO):
         )
 
     def loss_with_mutable_state(self, rng_key, param_map, model, guide, *args, **kwargs):
+        """The loss (``{"loss", "mutable_state"}``, as every NumPyro ELBO).
+
+        Eagerly (not under ``jit``/``vmap``) and under ``ppl_score.validation``, a non-finite
+        loss warns (``NonFiniteWarning``) naming the method and the matched sites.
+        """
+        matched_names = []  # filled at trace time (names are static)
+
         def particle(key):
             model_key, guide_key, sm_key = random.split(key, 3)
             params = dict(param_map)
@@ -113,17 +121,28 @@ class ScoreMatching(ELBO):
                 replayed = replay(seed(model, model_key), guide_trace)
                 return trace(substitute(replayed, data=data)).get_trace(*args, **kwargs)
 
-            return self._particle_loss(model_trace, guide_trace, sm_key, rerun), (mutable or None)
+            loss, matched = self._particle_loss(model_trace, guide_trace, sm_key, rerun)
+            matched_names.extend(matched)
+            return loss, (mutable or None)
 
         if self.num_particles == 1:
             loss, mutable = particle(rng_key)
-            return {"loss": loss, "mutable_state": mutable}
-        losses, mutable = self.vectorize_particles_fn(particle, random.split(rng_key, self.num_particles))
-        if mutable:
-            warnings.warn("mutable state is currently ignored when num_particles > 1.", stacklevel=2)
-        return {"loss": jnp.mean(losses), "mutable_state": None}
+        else:
+            losses, mutable = self.vectorize_particles_fn(particle, random.split(rng_key, self.num_particles))
+            if mutable:
+                warnings.warn("mutable state is currently ignored when num_particles > 1.", stacklevel=2)
+            loss, mutable = jnp.mean(losses), None
+        self._warn_if_nonfinite(loss, matched_names)
+        return {"loss": loss, "mutable_state": mutable}
+
+    def _warn_if_nonfinite(self, loss, matched) -> None:
+        # eagerly only: under jit / vmap the value is a tracer and cannot be inspected
+        if validation.is_validation_enabled() and _concrete(loss) and not np.isfinite(np.asarray(loss)).all():
+            what, cause = frontend.nonfinite_loss_warning(f"ScoreMatching(method={self.method!r})", self.method, matched)
+            validation.warn_nonfinite(what, cause, stacklevel=4)
 
     def _particle_loss(self, model_trace, guide_trace, key, rerun):
+        """The loss of one particle and the names of its matched sites."""
         observed, latent, prior = [], [], []
         for name, site in model_trace.items():
             if site["type"] != "sample":
@@ -153,7 +172,7 @@ class ScoreMatching(ELBO):
         for site in guide_trace.values():
             if site["type"] == "sample":
                 loss = loss + _log_prob_sum(site)
-        return loss
+        return loss, matched
 
 
 def _check_guide(model_trace, guide_trace) -> None:
@@ -203,27 +222,54 @@ def _site_block(name: str, site: dict) -> _Block:
     if not jnp.issubdtype(value.dtype, jnp.floating):
         value = value.astype(jnp.result_type(float))
     e = fn.event_dim
+    if value.ndim < e or tuple(value.shape[value.ndim - e :]) != tuple(fn.event_shape):
+        raise frontend.event_shape_error(name, value.shape, fn.event_shape)
     batch = tuple(jnp.broadcast_shapes(value.shape[: value.ndim - e], tuple(fn.batch_shape)))
     value = jnp.broadcast_to(value, batch + value.shape[value.ndim - e :])
     blk = _Block()
     blk.name, blk.base, blk.batch, blk.scale = name, base, batch, site["scale"]
     blk.transform = None if _is_real(fn.support) else biject_to(fn.support)
-    blk.mask = _combine_masks(batch, site.get("mask"), fn_mask)
+    blk.mask = _combine_masks(name, batch, site.get("mask"), fn_mask)
     u = value if blk.transform is None else blk.transform.inv(value)
     if blk.mask is not None:
         # masked entries may hold anything (obs_mask allows NaN): use a finite stand-in
         keep = blk.mask.reshape(batch + (1,) * (u.ndim - len(batch)))
         u = jnp.where(keep, u, jnp.zeros((), u.dtype))
+        value = jnp.where(keep.reshape(batch + (1,) * (value.ndim - len(batch))), value, jnp.zeros((), value.dtype))
+    if validation.is_validation_enabled() and _concrete(u) and not np.isfinite(np.asarray(u)).all():
+        # concrete values only (under jit the data is traced); tell the causes apart on failure
+        if not np.isfinite(np.asarray(value)).all():
+            raise frontend.nonfinite_observed_error(name)
+        raise frontend.outside_support_error(name, fn.support)
     blk.u, blk.uevent = jax.lax.stop_gradient(u), tuple(u.shape[len(batch) :])
     return blk
 
 
-def _combine_masks(batch, *masks):
+def _concrete(a) -> bool:
+    """Whether ``a`` holds values (not a tracer: under ``jit``/``vmap`` even operations on
+    constants are staged, so inspect with NumPy only what this says is concrete)."""
+    return not isinstance(a, jax.core.Tracer)
+
+
+def _broadcast(*shapes):
+    """The broadcast of ``shapes`` as a tuple, or None where they do not broadcast."""
+    try:
+        return tuple(jnp.broadcast_shapes(*(tuple(s) for s in shapes)))
+    except (ValueError, TypeError):
+        return None
+
+
+def _combine_masks(name, batch, *masks):
+    """The conjunction of a site's masks as a bool array of its batch shape (None: no mask)."""
     out = None
     for m in masks:
         if m is None or m is True:
             continue
-        m = jnp.zeros(batch, bool) if m is False else jnp.broadcast_to(jnp.asarray(m, bool), batch)
+        if m is False:
+            m = jnp.zeros(batch, bool)
+        elif _broadcast(jnp.shape(m), batch) != tuple(batch):
+            raise frontend.mask_shape_error(name, jnp.shape(m), batch)
+        m = jnp.broadcast_to(jnp.asarray(m, bool), batch)
         out = m if out is None else out & m
     return out
 

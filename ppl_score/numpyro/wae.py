@@ -11,10 +11,12 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import random
 from numpyro.handlers import replay, seed, substitute, trace
 from numpyro.infer import ELBO
 
+from .. import frontend, validation
 from .. import implicit_spec as ispec
 from ..jax.estimators import LearnedScoreEstimator
 from .implicit import _check_estimator, score_state_name, site_scores
@@ -78,7 +80,7 @@ class WAE(ELBO):
         self.lam = ispec.check_positive("lam", lam)
         self.reconstruction = ispec.check_reconstruction(reconstruction)
         self.sites = ispec.check_sites(sites)
-        self.mmd_scales = tuple(ispec.check_positive("mmd_scales", s) for s in mmd_scales)
+        self.mmd_scales = frontend.check_mmd_scales(mmd_scales)
         self.update_estimator = bool(update_estimator)
         for est in estimator.values() if isinstance(estimator, Mapping) else [estimator]:
             if isinstance(est, LearnedScoreEstimator) and est.context_dim:
@@ -159,10 +161,17 @@ class WAE(ELBO):
         if mutable or new_state:
             state_out = dict(mutable)
             state_out.update(new_state)
-        return loss, terms, state_out
+        return loss, terms, state_out, names
 
     def loss_with_mutable_state(self, rng_key, param_map, model, guide, *args, **kwargs):
-        loss, _, state = self._terms(rng_key, param_map, model, guide, args, kwargs, self.update_estimator)
+        """The loss (``{"loss", "mutable_state"}``); eagerly and under ``ppl_score.validation``,
+        a non-finite value warns (``NonFiniteWarning``) naming the code sites."""
+        loss, terms, state, names = self._terms(rng_key, param_map, model, guide, args, kwargs, self.update_estimator)
+        value = terms["reconstruction"] + self.lam * terms["divergence"]
+        if validation.is_validation_enabled() and not isinstance(value, jax.core.Tracer):
+            if not np.isfinite(np.asarray(value)).all():
+                what, cause = frontend.nonfinite_loss_warning(f"WAE(regularizer={self.regularizer!r})", None, names)
+                validation.warn_nonfinite(what, cause, stacklevel=3)
         return {"loss": loss, "mutable_state": state}
 
     def terms(self, rng_key, param_map, model, guide, *args, **kwargs) -> dict:

@@ -61,9 +61,17 @@ class Unnormalized(TorchDistribution):
         return self._support
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """``log_density_fn`` of the rows of ``value [*batch, *event_shape]``, shape ``[*batch]``.
+
+        Raises:
+            ValueError: ``value`` does not end with ``event_shape``, or ``log_density_fn`` does
+                not return one value per row.
+        """
+        k = len(self.event_shape)
+        if value.dim() < k or value.shape[value.dim() - k :] != self.event_shape:
+            raise frontend.unnormalized_shape_error(value.shape, self.event_shape)
         if self._validate_args:
             self._validate_sample(value)
-        k = len(self.event_shape)
         lead = value.shape[: value.dim() - k]
         out = self.log_density_fn(value.reshape(-1, *self.event_shape))
         n = lead.numel()

@@ -12,9 +12,9 @@ from pyro.infer.elbo import ELBO
 from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
-from pyro.util import check_model_guide_match, check_site_shape, warn_if_nan
+from pyro.util import check_model_guide_match, check_site_shape
 
-from .. import frontend
+from .. import frontend, validation
 from ..torch import score_matching_loss
 
 __all__ = ["ScoreMatching"]
@@ -115,7 +115,8 @@ class ScoreMatching(ELBO):
 
     # ---- the loss of one particle --------------------------------------------------
 
-    def _particle_loss(self, model_trace, guide_trace) -> torch.Tensor:
+    def _particle_loss(self, model_trace, guide_trace) -> tuple:
+        """The loss of one particle and the names of its matched sites."""
         observed, latent, prior = [], [], []
         for name, site in model_trace.nodes.items():
             if site["type"] != "sample":
@@ -154,37 +155,69 @@ class ScoreMatching(ELBO):
                 for site in trace.nodes.values():
                     if site["type"] == "sample" and "log_prob" in site:
                         check_site_shape(site, self.max_plate_nesting)
-        return loss
+        return loss, matched
 
     # ---- the ELBO interface -----------------------------------------------------------
 
+    def _check_grad_mode(self) -> None:
+        # no_grad is fine (grad is switched back on below); inference mode cannot be undone
+        if torch.is_inference_mode_enabled():
+            raise frontend.inference_mode_error(f"ScoreMatching(method={self.method!r})")
+
+    def _warn_if_nonfinite(self, loss, matched) -> None:
+        if validation.is_validation_enabled() and not bool(torch.isfinite(torch.as_tensor(loss)).all()):
+            what, cause = frontend.nonfinite_loss_warning(f"ScoreMatching(method={self.method!r})", self.method, matched)
+            validation.warn_nonfinite(what, cause, stacklevel=4)
+
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        """The loss as a differentiable tensor (the ``ELBOModule`` route)."""
-        loss = None
+        """The loss as a differentiable tensor (the ``ELBOModule`` route).
+
+        Returns:
+            The loss, a scalar tensor.
+
+        Raises:
+            RuntimeError: under ``torch.inference_mode()``, where the derivatives in ``x`` cannot
+                be taken (``torch.no_grad()`` is supported and gives the same value).
+        """
+        self._check_grad_mode()
+        loss, matched = None, []
         # derivatives in x are needed even under no_grad (svi.evaluate_loss)
         with torch.enable_grad():
             for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-                particle = self._average(self._particle_loss(model_trace, guide_trace))
+                particle, names = self._particle_loss(model_trace, guide_trace)
+                particle = self._average(particle)
+                matched.extend(names)
                 loss = particle if loss is None else loss + particle
-        warn_if_nan(loss, "loss")
+        self._warn_if_nonfinite(loss.detach(), matched)
         return loss
 
     def loss(self, model, guide, *args, **kwargs) -> float:
-        """The loss estimate as a float."""
+        """The loss estimate as a float (the same under ``torch.no_grad()``).
+
+        Raises:
+            RuntimeError: under ``torch.inference_mode()`` (see :meth:`differentiable_loss`).
+        """
         return torch_item(self.differentiable_loss(model, guide, *args, **kwargs))
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        """The loss estimate as a float; backpropagates it into the parameters."""
-        loss = 0.0
+        """The loss estimate as a float; backpropagates it into the parameters.
+
+        Raises:
+            RuntimeError: under ``torch.inference_mode()`` (see :meth:`differentiable_loss`).
+        """
+        self._check_grad_mode()
+        loss, matched = 0.0, []
         with torch.enable_grad():
             for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-                particle = self._average(self._particle_loss(model_trace, guide_trace))
+                particle, names = self._particle_loss(model_trace, guide_trace)
+                particle = self._average(particle)
+                matched.extend(names)
                 loss += torch_item(particle)
                 # parameters may be reached only inside the matched log densities (an
                 # Unnormalized PyroModule energy), so no trace shows them: backprop anyway
                 if particle.requires_grad:
                     particle.backward(retain_graph=self.retain_graph)
-        warn_if_nan(loss, "loss")
+        self._warn_if_nonfinite(loss, matched)
         return loss
 
 
@@ -214,6 +247,8 @@ def _site_block(name: str, site: dict) -> _Block:
     if not value.is_floating_point():
         value = value.to(torch.get_default_dtype())
     e = fn.event_dim
+    if value.dim() < e or value.shape[value.dim() - e :] != fn.event_shape:
+        raise frontend.event_shape_error(name, value.shape, fn.event_shape)
     batch = value.shape[: value.dim() - e]
     if batch != fn.batch_shape:
         batch = torch.Size(broadcast_shape(batch, fn.batch_shape))
@@ -221,23 +256,38 @@ def _site_block(name: str, site: dict) -> _Block:
     blk = _Block()
     blk.name, blk.base, blk.batch, blk.scale = name, base, batch, site["scale"]
     blk.transform = None if _is_real(fn.support) else biject_to(fn.support)
-    blk.mask = _combine_masks(batch, value.device, site["mask"], fn_mask)
+    blk.mask = _combine_masks(name, batch, value.device, site["mask"], fn_mask)
     u = value if blk.transform is None else blk.transform.inv(value)
     if blk.mask is not None:
         # masked entries may hold anything (obs_mask allows NaN): use a finite stand-in
         keep = blk.mask.reshape(batch + (1,) * (u.dim() - len(batch)))
-        u = torch.where(keep, u, torch.zeros((), dtype=u.dtype, device=u.device))
+        zero = torch.zeros((), dtype=u.dtype, device=u.device)
+        u = torch.where(keep, u, zero)
+        value = torch.where(keep.reshape(batch + (1,) * (value.dim() - len(batch))), value, zero)
+    if validation.is_validation_enabled() and not bool(torch.isfinite(u).all()):
+        # one host sync in the common (finite) case; tell the two causes apart only on failure
+        if not bool(torch.isfinite(value).all()):
+            raise frontend.nonfinite_observed_error(name)
+        raise frontend.outside_support_error(name, fn.support)
     blk.u, blk.uevent = u.detach(), u.shape[len(batch) :]
     return blk
 
 
-def _combine_masks(batch, device, *masks):
+def _combine_masks(name, batch, device, *masks):
+    """The conjunction of a site's masks as a bool tensor of its batch shape (None: no mask)."""
     out = None
     for m in masks:
         if m is None or m is True:
             continue
         if m is False:
             m = torch.zeros(batch, dtype=torch.bool, device=device)
+        m = torch.as_tensor(m, device=device)
+        try:
+            fits = torch.broadcast_shapes(m.shape, batch) == batch
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise frontend.mask_shape_error(name, m.shape, batch)
         m = m.bool().expand(batch)
         out = m if out is None else out & m
     return out

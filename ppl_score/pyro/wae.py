@@ -38,8 +38,8 @@ from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
 from pyro.infer import ELBO
 from pyro.infer.util import torch_item
-from pyro.util import warn_if_nan
 
+from .. import frontend, validation
 from .. import implicit_spec as ispec
 from ..torch.estimators import LearnedScoreEstimator
 from .implicit import _Estimator
@@ -106,7 +106,7 @@ class WAE(ELBO):
         self.lam = ispec.check_positive("lam", lam)
         self.reconstruction = ispec.check_reconstruction(reconstruction)
         self.sites = ispec.check_sites(sites)
-        self.mmd_scales = tuple(ispec.check_positive("mmd_scales", s) for s in mmd_scales)
+        self.mmd_scales = frontend.check_mmd_scales(mmd_scales)
         self.update_estimator = bool(update_estimator)
         ests = estimator.values() if isinstance(estimator, Mapping) else [estimator]
         for est in ests:
@@ -150,6 +150,13 @@ class WAE(ELBO):
     def _terms(self, model, guide, args, kwargs, train):
         model_trace, guide_trace = self._get_trace(model, guide, args, kwargs)
         names = self._code_sites(guide_trace, model_trace)
+        if train and self.regularizer == "score" and torch.is_inference_mode_enabled():
+            # a learned estimator's update is score matching on the codes: derivatives in z
+            if any(self._estimator_for(n).kind == "learned" for n in names):
+                raise frontend.inference_mode_error(
+                    "WAE(regularizer='score') with a learned estimator",
+                    "the score matching that updates the estimator (derivatives in the codes z)",
+                )
         n_codes = None
         divergence, reported, monitor = 0.0, 0.0, 0.0
         for name in names:
@@ -193,7 +200,12 @@ class WAE(ELBO):
         loss = recon + self.lam * divergence  # the entropy surrogate has value 0
         value = torch_item(recon) + self.lam * torch_item(reported)
         terms = {"reconstruction": torch_item(recon), "divergence": torch_item(reported), "mmd": torch_item(monitor)}
-        return loss, value, terms, (model_trace, guide_trace)
+        return loss, value, terms, (model_trace, guide_trace), names
+
+    def _warn_if_nonfinite(self, value, names) -> None:
+        if validation.is_validation_enabled() and not math.isfinite(value):
+            what, cause = frontend.nonfinite_loss_warning(f"WAE(regularizer={self.regularizer!r})", None, names)
+            validation.warn_nonfinite(what, cause, stacklevel=4)
 
     def terms(self, model, guide, *args, **kwargs) -> dict:
         """``{"reconstruction", "divergence", "mmd"}`` at one draw (no estimator update):
@@ -204,17 +216,30 @@ class WAE(ELBO):
 
     def loss(self, model, guide, *args, **kwargs):
         with torch.no_grad():
-            value = self._terms(model, guide, args, kwargs, False)[1]
-        warn_if_nan(value, "loss")
+            _, value, _, _, names = self._terms(model, guide, args, kwargs, False)
+        self._warn_if_nonfinite(value, names)
         return value
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
-        return self._terms(model, guide, args, kwargs, self.update_estimator)[0]
+        """The loss as a differentiable tensor (updates a learned estimator first).
+
+        Raises:
+            RuntimeError: under ``torch.inference_mode()`` when a learned estimator is to be
+                updated (its score matching needs autograd; use ``torch.no_grad()``).
+        """
+        loss, value, _, _, names = self._terms(model, guide, args, kwargs, self.update_estimator)
+        self._warn_if_nonfinite(value, names)
+        return loss
 
     def loss_and_grads(self, model, guide, *args, **kwargs):
-        loss, value, _, traces = self._terms(model, guide, args, kwargs, self.update_estimator)
+        """The loss as a float; backpropagates it into the parameters.
+
+        Raises:
+            RuntimeError: under ``torch.inference_mode()`` (see :meth:`differentiable_loss`).
+        """
+        loss, value, _, traces, names = self._terms(model, guide, args, kwargs, self.update_estimator)
         trainable = any(site["type"] == "param" for trace in traces for site in trace.nodes.values())
         if trainable and getattr(loss, "requires_grad", False):
             loss.backward(retain_graph=self.retain_graph)
-        warn_if_nan(value, "loss")
+        self._warn_if_nonfinite(value, names)
         return value
