@@ -34,6 +34,7 @@ __all__ = [
     "check_noise_shape",
     "check_fn_output_shape",
     "fd_roundoff_warning",
+    "nonfinite_cause",
     "event_size",
 ]
 
@@ -170,9 +171,19 @@ class Resolved:
         return self.spec.name
 
 
+def _check_eps(eps: float) -> float:
+    """``c = D / eps^2`` needs ``eps^2`` to be a normal, finite float."""
+    if not (eps * eps > 0.0 and math.isfinite(eps * eps)):
+        raise ValueError(
+            f"option 'eps'={eps!r} is out of range: eps^2 {'underflows to 0' if eps < 1 else 'overflows'} "
+            "in double precision; use a step of the scale of the data (default 0.1)"
+        )
+    return eps
+
+
 _OPTION_CHECKS = {
     "sigma": lambda v: check_positive_float("sigma", v, what="option"),
-    "eps": lambda v: check_positive_float("eps", v, what="option"),
+    "eps": lambda v: _check_eps(check_positive_float("eps", v, what="option")),
     "n_projections": lambda v: check_int("n_projections", v, what="option"),
     "projection": lambda v: check_choice("projection", v, PROJECTIONS, what="option"),
 }
@@ -274,6 +285,17 @@ def check_fn_output_shape(kind: str, out_shape: tuple, in_shape: tuple) -> None:
 def check_dtype(is_floating: bool, dtype: Any) -> None:
     if not is_floating:
         raise TypeError(f"argument 'x' must have a floating dtype, got {dtype}")
+
+
+def nonfinite_cause(method: str, options: Mapping[str, Any]) -> str:
+    """The likely causes of a non-finite value of ``method`` with ``options``, for a warning."""
+    causes = ["a nan/inf parameter or output of fn"]
+    if "eps" in options:
+        causes.append(f"eps={options['eps']:g} out of range for fn and the dtype (c = D/eps^2)")
+    if "sigma" in options:
+        causes.append(f"sigma={options['sigma']:g} too small (the target (x~ - x)/sigma^2 overflows)")
+    causes.append("an overflow in float32 (try float64)")
+    return "; or ".join(causes)
 
 
 def fd_roundoff_warning(eps: float, dtype_eps: float, dtype_name: str) -> None:

@@ -14,9 +14,17 @@ import jax.numpy as jnp
 
 from .. import spec
 
-# Basis vectors per vmapped batch in the exact Hessian trace (bounds memory to
-# ``ESM_CHUNK`` tangent copies of the score computation).
-ESM_CHUNK = 16
+# Working-set budget of the exact Hessian trace, in elements: a chunk of ``c`` basis
+# vectors is one vmapped Hessian-vector product whose buffers hold about
+# ``c * B * max(D, 512)`` elements (512 stands for hidden layers wider than the input). The
+# basis is made per chunk from indices, never a ``D x D`` identity.
+ESM_MEMORY_BUDGET = 2**20
+
+
+def esm_chunk(batch: int, dim: int, budget: int | None = None) -> int:
+    """Basis vectors per vmapped batch of the exact trace for ``x`` ``[batch, dim]``."""
+    budget = ESM_MEMORY_BUDGET if budget is None else budget
+    return max(1, min(dim, budget // max(1, batch * max(dim, 512))))
 
 
 def evaluate(fn, kind: str, x: jax.Array) -> jax.Array:
@@ -24,6 +32,11 @@ def evaluate(fn, kind: str, x: jax.Array) -> jax.Array:
     out = fn(x)
     if not hasattr(out, "shape"):
         raise TypeError(f"argument 'fn' must return an array, got {type(out).__name__}")
+    if not jnp.issubdtype(out.dtype, jnp.floating):
+        raise TypeError(
+            f"argument 'fn' must return a floating-point array (its derivatives in x are the "
+            f"score), got dtype {out.dtype}; compute it in x's dtype {x.dtype}"
+        )
     spec.check_fn_output_shape(kind, out.shape, x.shape)
     return out
 
@@ -57,17 +70,19 @@ def score_and_quadratic_forms(fn, kind: str, x: jax.Array, v: jax.Array):
     return s, vhv
 
 
-def hessian_trace(fn, kind: str, x: jax.Array, chunk: int = ESM_CHUNK):
+def hessian_trace(fn, kind: str, x: jax.Array, chunk: int | None = None):
     """``s(x)`` and ``tr H(x)`` per example by vmapped Hessian-vector products with the
-    ``D`` basis vectors, in chunks of ``chunk`` to bound memory."""
+    ``D`` basis vectors, ``chunk`` at a time (default :func:`esm_chunk`); each basis vector
+    is made from its index inside the map, so no ``D x D`` identity is ever built."""
     sf = score_fn(fn, kind)
     d = spec.event_size(x.shape)
-    basis = jnp.eye(d, dtype=x.dtype).reshape(d, *x.shape[1:])
+    chunk = esm_chunk(x.shape[0], d) if chunk is None else chunk
+    s, lin = jax.linearize(sf, x)
 
-    def diag_entry(e):
-        ev = jnp.broadcast_to(e, x.shape)
-        _, hv = jax.jvp(sf, (x,), (ev,))
-        return _dot(hv, ev)
+    def diag_entry(i):
+        e = jax.nn.one_hot(i, d, dtype=x.dtype).reshape(x.shape[1:])
+        hv = lin(jnp.broadcast_to(e, x.shape))
+        return hv.reshape(x.shape[0], d)[:, i]
 
-    diag = jax.lax.map(diag_entry, basis, batch_size=min(chunk, d))  # [D, B]
-    return sf(x), diag.sum(0)
+    diag = jax.lax.map(diag_entry, jnp.arange(d), batch_size=min(chunk, d))  # [D, B]
+    return s, diag.sum(0)

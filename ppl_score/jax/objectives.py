@@ -7,13 +7,23 @@ SPEC.md section 1. Method, kind, options and reduction are static under ``jax.ji
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .. import spec
+from ..validation import is_validation_enabled, warn_nonfinite
 from . import derivatives as d
-from .sampling import draw_directions, draw_noise, draw_projections, unit_directions
+from .sampling import (
+    check_key,
+    draw_directions,
+    draw_noise,
+    draw_projections,
+    has_zero_direction,
+    unit_directions,
+)
 
 __all__ = ["score_matching_loss"]
 
@@ -53,7 +63,7 @@ def _fd_steps(x, u, eps):
     """``v = eps u/||u||`` flattened to ``[M * B, *event]`` and ``c = D / eps^2``."""
     m = u.shape[0]
     v = (eps * unit_directions(u)).reshape(m * x.shape[0], *x.shape[1:])
-    return v, spec.event_size(x.shape) / eps**2
+    return v, spec.event_size(x.shape) / (eps * eps)
 
 
 def _per_example_fd_ssm(fn, kind, x, *, u, eps, **_):
@@ -100,13 +110,32 @@ def _is_concrete(a) -> bool:
     return not isinstance(a, jax.core.Tracer)
 
 
+_X64_WARNED = False
+
+
+def _warn_x64_once(name: str) -> None:
+    """float64 numpy input while x64 is off: JAX computes in float32 without a word."""
+    global _X64_WARNED
+    if not _X64_WARNED:
+        _X64_WARNED = True
+        warnings.warn(
+            f"argument {name!r} is float64 but JAX's x64 mode is off, so it is computed in "
+            "float32; enable it with jax.config.update('jax_enable_x64', True) at start-up "
+            "(this warning is shown once)",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
 def _as_array(name: str, a, dtype=None) -> jax.Array:
     if not isinstance(a, (jax.Array, np.ndarray)):
         raise TypeError(f"argument {name!r} must be a jax.Array or numpy array, got {type(a).__name__}")
+    if dtype is None and a.dtype == np.float64 and not jax.config.jax_enable_x64:
+        _warn_x64_once(name)
     a = jnp.asarray(a) if dtype is None else jnp.asarray(a, dtype=dtype)
     # finiteness needs concrete values: checked eagerly, skipped under tracing. numpy, not
     # jnp: inside a jit trace jnp ops on a closed-over concrete array return tracers.
-    if _is_concrete(a) and not np.isfinite(np.asarray(a)).all():
+    if is_validation_enabled() and _is_concrete(a) and not np.isfinite(np.asarray(a)).all():
         raise ValueError(f"argument {name!r} contains non-finite values (nan or inf)")
     return a
 
@@ -142,6 +171,18 @@ def score_matching_loss(
         The reduced objective; differentiate it with ``jax.grad`` of a function that
         builds ``fn`` from its parameters. ``jit``-compatible with everything but the
         arrays static.
+
+    Raises:
+        TypeError: a wrong type (``x``, ``fn``, its output, ``key``, ``projections``,
+            ``noise``, an option).
+        ValueError: an unknown method/option, a bad option value, mismatched shapes, a
+            missing or batched ``key``, or (eagerly, with validation on, see
+            ``ppl_score.set_validation``) non-finite ``x``, ``projections`` or ``noise``, or
+            a zero direction for ``fd_*``.
+
+    Warns:
+        NonFiniteWarning: the result is nan/inf (eagerly, with validation on).
+        UserWarning: float64 numpy ``x`` while JAX's x64 mode is off (once per process).
     """
     resolved = spec.resolve(method, kind, options)
     spec.check_reduction(reduction)
@@ -163,13 +204,15 @@ def score_matching_loss(
             f"{'projections' if projections is None and resolved.spec.uses_projections else 'noise'}"
             " (or pass them explicitly)"
         )
+    if key is not None:
+        key = check_key(key)
     key_proj, key_noise = jax.random.split(key) if needs_key else (None, None)
     if resolved.spec.uses_projections:
         if projections is not None:
             projections = _as_array("projections", projections, x.dtype)
             m = spec.check_projection_shape(resolved, tuple(projections.shape), tuple(x.shape))
             proj = projections.reshape(m, *x.shape)
-            if fd and _is_concrete(proj) and not (np.asarray(proj).reshape(m, x.shape[0], -1) != 0).any(-1).all():
+            if fd and is_validation_enabled() and _is_concrete(proj) and has_zero_direction(proj):
                 raise ValueError("argument 'projections' holds a zero direction u; fd_* methods use u/||u||")
         else:
             shape = (opts["n_projections"], *x.shape)
@@ -187,6 +230,9 @@ def score_matching_loss(
     if "eps" in opts:
         spec.fd_roundoff_warning(opts["eps"], float(jnp.finfo(x.dtype).eps), str(x.dtype))
     per_example = _PER_EXAMPLE[name](fn, resolved.kind, x, **kwargs)
+    # eagerly only: under jit / grad the value is a tracer (like the finiteness check of x)
+    if is_validation_enabled() and _is_concrete(per_example) and not np.isfinite(np.asarray(per_example)).all():
+        warn_nonfinite(f"score_matching_loss(method={name!r})", spec.nonfinite_cause(name, opts))
     if reduction == "none":
         return per_example
     return per_example.sum() if reduction == "sum" else per_example.mean()

@@ -15,15 +15,68 @@ import torch
 
 from .. import spec
 
-# Basis vectors per batched reverse pass in the exact Hessian trace: bounds memory to
-# ``ESM_CHUNK`` copies of the score graph and measured fastest on CPU at D = 64.
-ESM_CHUNK = 16
+# Working-set budget of the exact Hessian trace, in elements. A chunk of ``c`` basis
+# vectors is one vmapped reverse pass whose buffers hold about ``c * B * max(D, 512)``
+# elements (the 512 stands for hidden layers wider than the input); the chunk is the
+# largest that fits, at least 1 and at most ``D``. Never a ``D x D`` identity. Measured on
+# CPU (``benchmarks/objectives.py --explore``): larger chunks lose to cache misses.
+ESM_MEMORY_BUDGET = 2**20
+
+
+def esm_chunk(batch: int, dim: int, budget: int | None = None) -> int:
+    """Basis vectors per vmapped reverse pass of the exact trace for ``x`` ``[batch, dim]``."""
+    budget = ESM_MEMORY_BUDGET if budget is None else budget
+    return max(1, min(dim, budget // max(1, batch * max(dim, 512))))
+
+
+def _basis_chunk(start: int, c: int, d: int, like: torch.Tensor):
+    """The ``c`` basis vectors ``e_start .. e_{start+c-1}`` of R^d, ``[c, d]``, and their indices."""
+    idx = torch.arange(c, device=like.device)
+    basis = like.new_zeros(c, d)
+    basis[idx, start + idx] = 1
+    return basis, idx
+
+
+def score_and_trace(fn, kind: str, x: torch.Tensor, chunk: int | None = None):
+    """``s(x)`` and ``tr H(x)`` per example by ``torch.func``: per example, one reverse pass
+    for the score and vmapped vector-Jacobian products of the score with ``chunk`` basis
+    vectors at a time (the structure of ``vmap(jacrev(grad))``, without its ``D x D``
+    Hessian). Gradients reach the parameters ``fn`` closes over. ``fn`` must run under
+    ``torch.func.vmap`` on a single example ``[1, *event]``; callers fall back to
+    :func:`hessian_trace` when it does not.
+    """
+    b, event = x.shape[0], tuple(x.shape[1:])
+    d = spec.event_size(tuple(x.shape))
+    chunk = esm_chunk(b, d) if chunk is None else chunk
+
+    def one_score(xi):
+        out = evaluate(fn, kind, xi[None])[0]
+        return out
+
+    score_one = one_score if kind == "score" else torch.func.grad(one_score)
+
+    def one(xi):
+        s, vjp_fn = torch.func.vjp(score_one, xi)
+        trace = xi.new_zeros(())
+        for start in range(0, d, chunk):
+            c = min(chunk, d - start)
+            basis, idx = _basis_chunk(start, c, d, xi)
+            (h,) = torch.func.vmap(vjp_fn)(basis.reshape(c, *event))
+            trace = trace + h.reshape(c, d)[idx, start + idx].sum()
+        return s, trace
+
+    return torch.func.vmap(one)(x)
 
 
 def differentiable_input(x: torch.Tensor) -> torch.Tensor:
     """``x`` itself when it already carries a graph (gradients reach its upstream), else a
-    fresh leaf that requires grad; the caller's tensor is never modified."""
-    return x if x.requires_grad else x.detach().requires_grad_(True)
+    fresh leaf that requires grad; the caller's tensor is never modified. An inference
+    tensor (made under ``torch.inference_mode``) is copied first: autograd cannot record it."""
+    if x.requires_grad:
+        return x
+    if x.is_inference():
+        x = x.clone()
+    return x.detach().requires_grad_(True)
 
 
 def _grad(output: torch.Tensor, x: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -41,6 +94,11 @@ def evaluate(fn, kind: str, x: torch.Tensor) -> torch.Tensor:
     out = fn(x)
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"argument 'fn' must return a torch.Tensor, got {type(out).__name__}")
+    if not out.is_floating_point():
+        raise TypeError(
+            f"argument 'fn' must return a floating-point tensor (its derivatives in x are the "
+            f"score), got dtype {out.dtype}; compute it in x's dtype {x.dtype}"
+        )
     spec.check_fn_output_shape(kind, out.shape, x.shape)
     return out
 
@@ -59,21 +117,21 @@ def quadratic_form(s: torch.Tensor, x: torch.Tensor, v: torch.Tensor) -> torch.T
     return (hv * v).reshape(v.shape[0], -1).sum(-1)
 
 
-def hessian_trace(s: torch.Tensor, x: torch.Tensor, chunk: int = ESM_CHUNK) -> torch.Tensor:
-    """``tr H(x)`` per example: batched reverse passes over chunks of basis vectors.
-
-    Each chunk is one vmapped backward (``is_grads_batched``) through the graph of ``s``,
-    so the network is evaluated once and the number of passes is ``ceil(D / chunk)``.
+def hessian_trace(s: torch.Tensor, x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """``tr H(x)`` per example from the graph of ``s(x)``: batched reverse passes
+    (``is_grads_batched``) over chunks of basis vectors; the fallback of
+    :func:`score_and_trace` for functions ``torch.func`` cannot transform. Memory is bounded
+    by the chunk (default: :func:`esm_chunk`), never a ``D x D`` identity.
     """
     b = x.shape[0]
     d = s[0].numel()
-    eye = torch.eye(d, dtype=s.dtype, device=s.device)
+    chunk = esm_chunk(b, d) if chunk is None else chunk
     trace = s.new_zeros(b)
     for start in range(0, d, chunk):
-        basis = eye[start : start + chunk]  # [c, D]
-        grads_out = basis[:, None, :].expand(-1, b, -1).reshape(-1, *s.shape)
+        c = min(chunk, d - start)
+        basis, idx = _basis_chunk(start, c, d, s)
+        grads_out = basis[:, None, :].expand(c, b, d).reshape(c, *s.shape)
         h = _grad(s, x, grad_outputs=grads_out, is_grads_batched=True)
         # diagonal entries H_ii for i in the chunk
-        diag = h.reshape(basis.shape[0], b, d)[:, :, start : start + basis.shape[0]]
-        trace = trace + diag.diagonal(dim1=0, dim2=2).sum(-1)
+        trace = trace + h.reshape(c, b, d)[idx, :, start + idx].sum(0)
     return trace

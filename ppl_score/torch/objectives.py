@@ -11,10 +11,11 @@ from __future__ import annotations
 import torch
 
 from .. import spec
+from ..validation import is_validation_enabled, warn_nonfinite
 from . import derivatives as d
-from .sampling import draw_directions, draw_noise, draw_projections, unit_directions
+from .sampling import draw_directions, draw_noise, draw_projections, has_zero_direction, unit_directions
 
-__all__ = ["score_matching_loss"]
+__all__ = ["check_grad_mode", "score_matching_loss"]
 
 
 def _flat_sum(t: torch.Tensor) -> torch.Tensor:
@@ -32,9 +33,13 @@ def _mean_over_projections(t: torch.Tensor, m: int) -> torch.Tensor:
 
 
 def _per_example_esm(fn, kind, x, **_):
-    xg = d.differentiable_input(x)
-    s = d.score(fn, kind, xg)
-    return d.hessian_trace(s, xg) + 0.5 * _flat_sum(s * s)
+    try:  # per-example torch.func transforms: the fastest exact trace (benchmarks/objectives.py)
+        s, trace = d.score_and_trace(fn, kind, x)
+    except Exception:  # noqa: BLE001 - fn does not run under torch.func.vmap: plain autograd
+        xg = d.differentiable_input(x)
+        s = d.score(fn, kind, xg)
+        trace = d.hessian_trace(s, xg)
+    return trace + 0.5 * _flat_sum(s * s)
 
 
 def _sliced(fn, kind, x, v, variance_reduced):
@@ -44,8 +49,9 @@ def _sliced(fn, kind, x, v, variance_reduced):
     vf = v.reshape(m * x.shape[0], *x.shape[1:])
     vhv = d.quadratic_form(s, xg, vf)
     if variance_reduced:
-        # the M copies of s are equal; use the first
-        return _mean_over_projections(vhv, m) + 0.5 * _flat_sum(s[: x.shape[0]] ** 2)
+        # the M copies of s are equal; averaging them (not slicing one) keeps the backward
+        # free of the zero-filled copy a slice's backward makes
+        return _mean_over_projections(vhv + 0.5 * _flat_sum(s * s), m)
     return _mean_over_projections(vhv + 0.5 * _flat_sum(s * vf) ** 2, m)
 
 
@@ -67,7 +73,7 @@ def _fd_steps(x, u, eps):
     """``v = eps u/||u||`` flattened to ``[M * B, *event]`` and ``c = D / eps^2``."""
     m = u.shape[0]
     v = (eps * unit_directions(u)).reshape(m * x.shape[0], *x.shape[1:])
-    return v, spec.event_size(tuple(x.shape)) / eps**2
+    return v, spec.event_size(tuple(x.shape)) / (eps * eps)
 
 
 def _per_example_fd_ssm(fn, kind, x, *, u, eps, **_):
@@ -115,16 +121,33 @@ def _check_x(x) -> None:
         raise TypeError(f"argument 'x' must be a torch.Tensor, got {type(x).__name__}")
     spec.check_dtype(x.is_floating_point(), x.dtype)
     spec.check_x_shape(tuple(x.shape))
-    if not torch.isfinite(x).all():
+    if is_validation_enabled() and not torch.isfinite(x).all():
         raise ValueError("argument 'x' contains non-finite values (nan or inf)")
 
 
 def _check_tensor(name: str, t, x: torch.Tensor) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"argument {name!r} must be a torch.Tensor, got {type(t).__name__}")
-    if not torch.isfinite(t).all():
+    if not (t.is_floating_point() or t.dtype in (torch.int8, torch.int16, torch.int32, torch.int64)):
+        raise TypeError(f"argument {name!r} must be a real tensor, got dtype {t.dtype}")
+    if is_validation_enabled() and not torch.isfinite(t).all():
         raise ValueError(f"argument {name!r} contains non-finite values (nan or inf)")
     return t.to(dtype=x.dtype, device=x.device)
+
+
+def check_grad_mode(what: str) -> None:
+    """Score matching differentiates in ``x``: impossible under ``torch.inference_mode``."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"{what} needs autograd for its derivatives in x, which torch.inference_mode() "
+            "disables for good; evaluate it under torch.no_grad() instead (supported: the "
+            "derivatives in x are still taken, and the result carries no graph)"
+        )
+
+
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
 
 
 def score_matching_loss(
@@ -155,7 +178,20 @@ def score_matching_loss(
         **options: the method's options (see ``OBJECTIVES[method].defaults``).
 
     Returns:
-        The reduced objective, differentiable in the parameters ``fn`` closes over.
+        The reduced objective, differentiable in the parameters ``fn`` closes over. Under
+        ``torch.no_grad()`` the derivatives in ``x`` are still taken (grad is re-enabled for
+        them) and the value is the same; the result then carries no graph.
+
+    Raises:
+        TypeError: a wrong type (``x``, ``fn``, its output, ``projections``, ``noise``,
+            ``generator``, an option).
+        ValueError: an unknown method/option, a bad option value, mismatched shapes, or (with
+            validation on, see ``ppl_score.set_validation``) non-finite ``x``,
+            ``projections`` or ``noise``, or a zero direction for ``fd_*``.
+        RuntimeError: called under ``torch.inference_mode()``, where autograd cannot run.
+
+    Warns:
+        NonFiniteWarning: the result is nan/inf (with validation on; not while compiling).
     """
     resolved = spec.resolve(method, kind, options)
     spec.check_reduction(reduction)
@@ -165,16 +201,18 @@ def score_matching_loss(
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"argument 'generator' must be a torch.Generator, got {type(generator).__name__}")
     spec.check_unused(resolved, projections is not None, noise is not None)
+    check_grad_mode("score_matching_loss")
     opts = dict(resolved.options)
     draw = dict(generator=generator, dtype=x.dtype, device=x.device)
     name, fd = resolved.method, resolved.method.startswith("fd_")
     kwargs = {key: opts[key] for key in ("sigma", "eps") if key in opts}
+    validate = is_validation_enabled() and not _is_compiling()
     if resolved.spec.uses_projections:
         if projections is not None:
             projections = _check_tensor("projections", projections, x)
             m = spec.check_projection_shape(resolved, tuple(projections.shape), tuple(x.shape))
             proj = projections.reshape(m, *x.shape)
-            if fd and not bool((proj.reshape(m, x.shape[0], -1).norm(dim=-1) > 0).all()):
+            if fd and validate and has_zero_direction(proj):
                 raise ValueError("argument 'projections' holds a zero direction u; fd_* methods use u/||u||")
         else:
             shape = (opts["n_projections"], *x.shape)
@@ -189,8 +227,14 @@ def score_matching_loss(
         kwargs["noise"] = noise
     if "eps" in opts:
         spec.fd_roundoff_warning(opts["eps"], torch.finfo(x.dtype).eps, str(x.dtype))
-    per_example = _PER_EXAMPLE[name](fn, resolved.kind, x, **kwargs)
+    grad_mode = torch.is_grad_enabled()
+    # derivatives in x need autograd even in a no_grad evaluation loop
+    with torch.enable_grad():
+        per_example = _PER_EXAMPLE[name](fn, resolved.kind, x, **kwargs)
+    if not grad_mode:
+        per_example = per_example.detach()
+    if validate and not torch.isfinite(per_example).all():
+        warn_nonfinite(f"score_matching_loss(method={name!r})", spec.nonfinite_cause(name, opts))
     if reduction == "none":
         return per_example
     return per_example.sum() if reduction == "sum" else per_example.mean()
-

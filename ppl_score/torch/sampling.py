@@ -18,9 +18,28 @@ def event_norm(u: torch.Tensor, batch_dims: int) -> torch.Tensor:
     return norm.reshape(*lead, *([1] * (u.dim() - batch_dims)))
 
 
+def event_absmax(u: torch.Tensor, batch_dims: int) -> torch.Tensor:
+    """``max |u|`` over the event dims of ``u``, shaped to broadcast against ``u``."""
+    lead = u.shape[:batch_dims]
+    return u.reshape(*lead, -1).abs().amax(dim=-1).reshape(*lead, *([1] * (u.dim() - batch_dims)))
+
+
 def unit_directions(u: torch.Tensor) -> torch.Tensor:
-    """``u / ||u||`` per example, for ``u`` of shape ``[M, B, *event]``."""
-    return u / event_norm(u, 2)
+    """``u / ||u||`` per example, for ``u`` of shape ``[M, B, *event]``.
+
+    Scale-invariant in floating point: ``u`` is first divided by ``max |u|`` so that the
+    squared norm can neither overflow (``u * 1e25`` in float32) nor underflow
+    (``u * 1e-25``). A zero direction stays zero (callers reject it).
+    """
+    scale = event_absmax(u, 2)
+    w = u / torch.where(scale > 0, scale, torch.ones_like(scale))
+    norm = event_norm(w, 2)
+    return w / torch.where(norm > 0, norm, torch.ones_like(norm))
+
+
+def has_zero_direction(u: torch.Tensor) -> bool:
+    """Whether some ``u[m, b]`` of ``[M, B, *event]`` is exactly zero (a host sync)."""
+    return not bool(u.reshape(u.shape[0], u.shape[1], -1).ne(0).any(-1).all())
 
 
 def draw_projections(shape, projection: str, *, generator=None, dtype=None, device=None) -> torch.Tensor:
