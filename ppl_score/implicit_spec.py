@@ -36,6 +36,7 @@ __all__ = [
     "singular_tolerance",
     "singular_message",
     "bandwidth_underflow_message",
+    "refused_step_message",
 ]
 
 KERNEL_ESTIMATORS = ("stein", "spectral")
@@ -129,6 +130,16 @@ def singular_message(eta: float, bandwidth: Any, dtype: str, where: str = "sampl
 
 def bandwidth_underflow_message(bandwidth: Any, dtype: str) -> str:
     return f"argument 'bandwidth'={float(bandwidth):g} is 0 in {dtype} (underflow); pass a larger bandwidth"
+
+
+def refused_step_message(loss: float) -> str:
+    """The error for a learned-estimator step refused because it is not finite."""
+    return (
+        f"argument 'samples': the score-matching loss ({loss}) or its gradient is not finite on these "
+        "samples (values so large that the score network overflows, or a diverged network); the step "
+        "was refused and the estimator's state is unchanged. Rescale or filter the samples, or lower the "
+        "learning rate"
+    )
 
 
 def check_learned_method(method: Any) -> str:

@@ -30,6 +30,7 @@ import numpy as np
 import optax
 
 from .. import implicit_spec as ispec
+from ..validation import is_validation_enabled
 from .nets import mlp_apply, mlp_init
 from .objectives import score_matching_loss
 
@@ -259,51 +260,107 @@ class LearnedScoreState(NamedTuple):
     opt_state: Any
 
 
-class LearnedScoreEstimator(NamedTuple):
-    """Pure functions of a learned score estimator (see ``learned_score_estimator``).
+def _activation_name(activation):
+    """``jax.nn`` activations are jitted wrappers that pickle cannot find by name: record the name."""
+    for name in dir(jax.nn):
+        if not name.startswith("_") and getattr(jax.nn, name) is activation:
+            return name
+    return None
+
+
+class LearnedScoreEstimator:
+    """A learned score estimator as pure functions (see ``learned_score_estimator``).
 
     ``init(key, dtype=float32) -> state``; ``update(state, key, samples, context=None) ->
-    (state, loss)``; ``apply(params, z, context=None) -> scores``.
+    (state, loss)``; ``apply(params, z, context=None) -> scores``; ``dim``, ``context_dim``
+    and ``method`` as given. The object holds only its configuration (the state lives in the
+    ``LearnedScoreState`` pytree), so it pickles and deep-copies; an ``optimizer`` given as an
+    optax ``GradientTransformation`` is made of closures that ``pickle`` cannot store: pass a
+    picklable factory instead (``functools.partial(optax.adam, 1e-3)``) when the estimator
+    must be pickled.
     """
 
-    init: Callable
-    update: Callable
-    apply: Callable
-    dim: int
-    context_dim: int
-    method: str
+    def __init__(
+        self,
+        dim: int,
+        context_dim: int = 0,
+        *,
+        hidden=(128, 128),
+        activation=jax.nn.softplus,
+        method: str = "ssm_vr",
+        optimizer=None,
+        n_steps: int = 1,
+        **options,
+    ):
+        from ..spec import resolve
 
+        self.dim = ispec.check_int("dim", dim)
+        self.context_dim = ispec.check_int("context_dim", context_dim, 0)
+        self.method = ispec.check_learned_method(method)
+        resolve(self.method, "score", options)
+        self.options = dict(options)
+        self.n_steps = ispec.check_int("n_steps", n_steps)
+        self.hidden = tuple(hidden)
+        if not callable(activation):
+            raise TypeError(f"argument 'activation' must be callable, got {type(activation).__name__}")
+        self.activation = activation
+        self._optimizer_arg = optimizer
+        self.optimizer = self._build_optimizer(optimizer)
 
-def learned_score_estimator(
-    dim: int,
-    context_dim: int = 0,
-    *,
-    hidden=(128, 128),
-    activation=jax.nn.softplus,
-    method: str = "ssm_vr",
-    optimizer: optax.GradientTransformation | None = None,
-    n_steps: int = 1,
-    **options,
-) -> LearnedScoreEstimator:
-    """A score network ``s_psi(z[, c])`` (MLP on ``[z, c]``) fitted online by score matching.
+    @staticmethod
+    def _build_optimizer(optimizer):
+        if optimizer is None:
+            return optax.adam(1e-3)
+        if isinstance(optimizer, optax.GradientTransformation):
+            return optimizer
+        if callable(optimizer):
+            built = optimizer()
+            if isinstance(built, optax.GradientTransformation):
+                return built
+        raise TypeError(
+            "argument 'optimizer' must be an optax.GradientTransformation or a factory returning one "
+            f"(e.g. functools.partial(optax.adam, 1e-3)), got {type(optimizer).__name__}"
+        )
 
-    Mirrors ``ppl_score.torch.estimators.LearnedScoreEstimator``: ``update`` takes
-    ``n_steps`` steps of ``optimizer`` (default ``optax.adam(1e-3)``) on
-    ``score_matching_loss(s_psi, stop_gradient(samples), method, kind="score", **options)``.
-    """
-    from ..spec import resolve
+    # -- pickling: the configuration, with the optimizer rebuilt from its argument -------------
+    def __getstate__(self):
+        state = {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "_update_jit")}
+        name = _activation_name(self.activation)
+        if name is not None:
+            state["activation"] = ("jax.nn", name)
+        if isinstance(self._optimizer_arg, optax.GradientTransformation):
+            import pickle
 
-    dim = ispec.check_int("dim", dim)
-    context_dim = ispec.check_int("context_dim", context_dim, 0)
-    method = ispec.check_learned_method(method)
-    resolve(method, "score", options)
-    n_steps = ispec.check_int("n_steps", n_steps)
-    optimizer = optax.adam(1e-3) if optimizer is None else optimizer
-    if not isinstance(optimizer, optax.GradientTransformation):
-        raise TypeError(f"argument 'optimizer' must be an optax.GradientTransformation, got {type(optimizer).__name__}")
-    sizes = (dim + context_dim, *hidden, dim)
+            try:
+                pickle.dumps(self._optimizer_arg)
+            except Exception as err:
+                raise TypeError(
+                    "LearnedScoreEstimator: argument 'optimizer' is an optax GradientTransformation, made of "
+                    "closures that pickle cannot store; pass a picklable factory instead, e.g. "
+                    "optimizer=functools.partial(optax.adam, 1e-3)"
+                ) from err
+        return state
 
-    def _check(z, context, name):
+    def __setstate__(self, state):
+        act = state.get("activation")
+        if isinstance(act, tuple) and len(act) == 2 and act[0] == "jax.nn":
+            state = {**state, "activation": getattr(jax.nn, act[1])}
+        self.__dict__.update(state)
+        self.optimizer = self._build_optimizer(self._optimizer_arg)
+
+    def __repr__(self):
+        return (
+            f"LearnedScoreEstimator(dim={self.dim}, context_dim={self.context_dim}, method={self.method!r}, "
+            f"hidden={self.hidden}, n_steps={self.n_steps})"
+        )
+
+    # -- pure functions --------------------------------------------------------------------------
+    @property
+    def _sizes(self):
+        return (self.dim + self.context_dim, *self.hidden, self.dim)
+
+    def _check(self, z, context, name):
+        dim, context_dim = self.dim, self.context_dim
         if z.ndim != 2 or z.shape[1] != dim:
             raise ValueError(f"argument {name!r} must have shape [N, {dim}], got {tuple(z.shape)}")
         if context_dim == 0:
@@ -316,38 +373,93 @@ def learned_score_estimator(
             raise ValueError(f"argument 'context' must have shape [{z.shape[0]}, {context_dim}], got {tuple(context.shape)}")
         return jax.lax.stop_gradient(context)
 
-    def net(params, z, context):
+    def _net(self, params, z, context):
         h = z if context is None else jnp.concatenate([z, context.astype(z.dtype)], axis=-1)
-        return mlp_apply(params, h, activation)
+        return mlp_apply(params, h, self.activation)
 
-    def init(key, dtype=jnp.float32):
-        params = mlp_init(key, sizes, dtype)
-        return LearnedScoreState(params, optimizer.init(params))
+    def init(self, key, dtype=jnp.float32) -> LearnedScoreState:
+        """Fresh network parameters and optimizer state."""
+        params = mlp_init(key, self._sizes, dtype)
+        return LearnedScoreState(params, self.optimizer.init(params))
 
-    def apply(params, z, context=None):
-        context = _check(z, context, "z")
-        return net(params, z, context)
+    def apply(self, params, z, context=None):
+        """``s_psi(z[, context])`` for ``z [N, D]``."""
+        context = self._check(z, context, "z")
+        return self._net(params, z, context)
 
-    def loss_fn(params, key, z, context):
-        return score_matching_loss(lambda x: net(params, x, context), z, method, key=key, kind="score", **options)
+    def _loss(self, params, key, z, context):
+        return score_matching_loss(
+            lambda x: self._net(params, x, context), z, self.method, key=key, kind="score", **self.options
+        )
 
-    def update(state, key, samples, context=None):
+    def update(self, state, key, samples, context=None):
+        """``n_steps`` optimizer steps on ``stop_gradient(samples)``; returns ``(state, loss)``.
+
+        Pure and jit-able. A step whose loss or gradient is not finite is refused, in the
+        graph: the state stays that from before it and no later step is applied (the torch
+        twin's rule). Eagerly (concrete values, validation on) a refused step then raises
+        ``ValueError`` naming ``samples``, as in torch; under tracing, or with
+        ``ppl_score.set_validation(False)``, the unchanged state comes back with the
+        non-finite loss.
+
+        Raises:
+            ValueError: ``samples`` non-finite (when concrete) or of the wrong shape, or a
+                refused step (eagerly, validation on).
+        """
         samples = jax.lax.stop_gradient(jnp.asarray(samples))
-        context = _check(samples, context, "samples")
+        context = self._check(samples, context, "samples")
         if _is_concrete(samples) and not bool(jnp.isfinite(samples).all()):
             raise ValueError("argument 'samples' contains non-finite values (nan or inf)")
+        if self.__dict__.get("_update_jit") is None:  # one compiled update per estimator (eager calls)
+            self._update_jit = jax.jit(self._update)
+        params, opt_state, loss, ok = self._update_jit(state.params, state.opt_state, key, samples, context)
+        if _is_concrete(ok) and is_validation_enabled() and not bool(ok):
+            raise ValueError(ispec.refused_step_message(float(loss)))
+        return LearnedScoreState(params, opt_state), loss
+
+    def _update(self, params, opt_state, key, samples, context):
+        optimizer = self.optimizer
 
         def step(carry, k):
-            params, opt_state = carry
-            loss, grads = jax.value_and_grad(loss_fn)(params, k, samples.astype(_dtype(params)), context)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), loss
+            params, opt_state, ok = carry
+            loss, grads = jax.value_and_grad(self._loss)(params, k, samples.astype(_dtype(params)), context)
+            finite = jnp.isfinite(loss)
+            for g in jax.tree.leaves(grads):
+                finite = finite & jnp.isfinite(g).all()
+            updates, new_opt = optimizer.update(grads, opt_state, params)
+            new_params = optax.apply_updates(params, updates)
+            take = ok & finite
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(take, a, b), new, old)  # noqa: E731
+            return (keep(new_params, params), keep(new_opt, opt_state), take), (loss, take)
 
-        keys = jax.random.split(key, n_steps)
-        (params, opt_state), losses = jax.lax.scan(step, (state.params, state.opt_state), keys)
-        return LearnedScoreState(params, opt_state), losses[-1]
+        keys = jax.random.split(key, self.n_steps)
+        (params, opt_state, ok), (losses, taken) = jax.lax.scan(step, (params, opt_state, jnp.array(True)), keys)
+        # the last step taken, else the first refused one
+        last = jnp.where(ok, self.n_steps - 1, jnp.argmin(taken))
+        return params, opt_state, losses[last], ok
 
-    return LearnedScoreEstimator(init, update, apply, dim, context_dim, method)
+
+def learned_score_estimator(
+    dim: int,
+    context_dim: int = 0,
+    *,
+    hidden=(128, 128),
+    activation=jax.nn.softplus,
+    method: str = "ssm_vr",
+    optimizer=None,
+    n_steps: int = 1,
+    **options,
+) -> LearnedScoreEstimator:
+    """A score network ``s_psi(z[, c])`` (MLP on ``[z, c]``) fitted online by score matching.
+
+    Mirrors ``ppl_score.torch.estimators.LearnedScoreEstimator``: ``update`` takes
+    ``n_steps`` steps of ``optimizer`` (default ``optax.adam(1e-3)``; an optax
+    ``GradientTransformation`` or a factory returning one) on
+    ``score_matching_loss(s_psi, stop_gradient(samples), method, kind="score", **options)``;
+    a step whose loss or gradient is not finite is refused (see ``LearnedScoreEstimator.update``).
+    """
+    return LearnedScoreEstimator(dim, context_dim, hidden=hidden, activation=activation, method=method,
+                                 optimizer=optimizer, n_steps=n_steps, **options)
 
 
 def _dtype(params):

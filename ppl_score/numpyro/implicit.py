@@ -43,6 +43,11 @@ from numpyro.util import check_model_guide_match
 
 from .. import implicit_spec as ispec
 from ..jax.estimators import LearnedScoreEstimator, kernel_scores_batched
+from ..validation import is_validation_enabled
+
+
+def _is_concrete(a) -> bool:
+    return not isinstance(a, jax.core.Tracer)
 
 __all__ = ["ImplicitELBO", "score_state", "score_state_name", "implicit_site_names"]
 
@@ -249,6 +254,9 @@ class ImplicitELBO(ELBO):
                 self.update_estimator,
             )
             s_hat = jax.lax.stop_gradient(s_hat)
+            # eagerly, like the Pyro twin: name the site (under tracing nothing can raise)
+            if _is_concrete(s_hat) and is_validation_enabled() and not bool(jnp.isfinite(s_hat).all()):
+                raise ValueError(f"site {name!r}: the score estimator returned non-finite values (nan or inf)")
             if state is not None:
                 new_state[score_state_name(name)] = state
             term = (s_hat * (z - jax.lax.stop_gradient(z))).reshape(*z.shape[: z.ndim - event_dim], -1).sum(-1)

@@ -41,6 +41,7 @@ from pyro.util import warn_if_nan
 
 from .. import implicit_spec as ispec
 from ..torch.estimators import LearnedScoreEstimator, kernel_scores_batched
+from ..validation import is_validation_enabled
 
 __all__ = ["ImplicitELBO", "implicit_sites"]
 
@@ -228,8 +229,8 @@ class ImplicitELBO(Trace_ELBO):
                 batch_ndim = stacked.dim() - 1 - event_dim
             context = self._context_for(name, args, kwargs)
             s_hat = self._estimator_for(name).scores(name, stacked.detach(), batch_ndim, context, train)
-            if not bool(torch.isfinite(s_hat).all()):
-                raise ValueError(f"site {name!r}: the score estimator returned non-finite values")
+            if is_validation_enabled() and not bool(torch.isfinite(s_hat).all()):
+                raise ValueError(f"site {name!r}: the score estimator returned non-finite values (nan or inf)")
             values = [site["value"] for site in nodes]
             s_hat = [s_hat.reshape(values[0].shape)] if vectorized else list(s_hat.unbind(0))
             for site, zp, sp in zip(nodes, values, s_hat):

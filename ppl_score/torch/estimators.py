@@ -25,11 +25,13 @@ samples, one optimizer step per ``update``.
 
 from __future__ import annotations
 
+import math
 
 import torch
 from torch import nn
 
 from .. import implicit_spec as ispec
+from ..validation import is_validation_enabled
 from .objectives import score_matching_loss
 
 __all__ = [
@@ -348,15 +350,50 @@ class LearnedScoreEstimator:
                 lambda x: self.net(x, c), z.detach(), self.method, kind="score", generator=self.generator, **self.options
             )
 
+    def _step(self, samples, context) -> float:
+        """One optimizer step, refused when the loss or a gradient is not finite."""
+        with torch.enable_grad():
+            loss = self.loss(samples, context)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        flags = [torch.isfinite(loss.detach())]
+        flags += [torch.isfinite(p.grad).all() for p in self.net.parameters() if p.grad is not None]
+        value = loss.detach().to(torch.float64)
+        # one host sync for the value (returned as a float anyway) and the finiteness flag
+        value, ok = torch.stack([value, torch.stack(flags).all().to(torch.float64)]).tolist()
+        if not ok:
+            self.optimizer.zero_grad(set_to_none=True)  # the step is refused: weights, moments untouched
+            if is_validation_enabled():
+                raise ValueError(ispec.refused_step_message(value))
+            return value
+        self.optimizer.step()
+        return value
+
     def update(self, samples: torch.Tensor, context: torch.Tensor | None = None) -> float:
-        """``n_steps`` optimizer steps on the (detached) ``samples``; returns the last loss."""
+        """``n_steps`` optimizer steps on the (detached) ``samples``; returns the last loss.
+
+        A step whose loss or gradient is not finite (samples so large that the network
+        overflows, a diverged network) is refused: the network and the optimizer keep the
+        state from before it and no further step is taken.
+
+        Args:
+            samples: ``[N, D]`` samples of ``q`` (finite).
+            context: ``[N, C]`` when ``context_dim > 0``, else None.
+
+        Returns:
+            The loss of the last step taken (a float; NaN/inf for a refused step when
+            validation is off).
+
+        Raises:
+            ValueError: ``samples`` non-finite or of the wrong shape, or a refused step
+                (naming ``samples``); with ``ppl_score.set_validation(False)`` a refused step
+                returns its non-finite loss instead, the state still unchanged.
+        """
         for _ in range(self.n_steps):
-            with torch.enable_grad():
-                loss = self.loss(samples, context)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-            self.optimizer.step()
-        return loss.item()
+            value = self._step(samples, context)
+            if not math.isfinite(value):
+                break
+        return value
 
     def fit(
         self,
@@ -375,12 +412,9 @@ class LearnedScoreEstimator:
         losses = []
         for _ in range(n_steps):
             idx = torch.randperm(n, generator=generator)[:batch_size]
-            with torch.enable_grad():
-                loss = self.loss(samples[idx], None if context is None else context[idx])
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-            self.optimizer.step()
-            losses.append(loss.item())
+            losses.append(self._step(samples[idx], None if context is None else context[idx]))
+            if not math.isfinite(losses[-1]):
+                break
         return losses
 
     def __call__(self, z: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
