@@ -269,12 +269,12 @@ def nonfinite_observed_error(name: str) -> ValueError:
     )
 
 
-def outside_support_error(name: str, support: Any) -> ValueError:
+def outside_support_error(name: str) -> ValueError:
     """An observed value is finite but outside the site's support (its unconstrained value is
     not finite)."""
     return ValueError(
-        f"observed site {name!r} has values outside its support {support} (their unconstrained "
-        "values, through biject_to(support), are not finite)"
+        f"observed site {name!r} has values outside its support (their unconstrained values, "
+        "through biject_to(support), are not finite); check the data or the distribution"
     )
 
 

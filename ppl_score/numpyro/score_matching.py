@@ -109,9 +109,7 @@ class ScoreMatching(ELBO):
             guide_trace = trace(substitute(seed(guide, guide_key), data=param_map)).get_trace(*args, **kwargs)
             mutable = {name: site["value"] for name, site in guide_trace.items() if site["type"] == "mutable"}
             params.update(mutable)
-            model_trace = trace(substitute(replay(seed(model, model_key), guide_trace), data=params)).get_trace(
-                *args, **kwargs
-            )
+            model_trace = _get_trace(substitute(replay(seed(model, model_key), guide_trace), data=params), args, kwargs)
             mutable.update({name: site["value"] for name, site in model_trace.items() if site["type"] == "mutable"})
             _check_guide(model_trace, guide_trace)
 
@@ -158,10 +156,13 @@ class ScoreMatching(ELBO):
         _check_dependencies(model_trace, matched, rerun)
 
         fn, x, weight = _matched_log_density(model_trace, matched)
-        if weight is None:
-            loss = score_matching_loss(fn, x, self.method, key=key, reduction="sum", **self.options)
-        else:
-            loss = jnp.sum(score_matching_loss(fn, x, self.method, key=key, reduction="none", **self.options) * weight)
+        with warnings.catch_warnings():
+            # a non-finite loss is reported once, by the loss, naming the sites
+            warnings.simplefilter("ignore", validation.NonFiniteWarning)
+            if weight is None:
+                loss = score_matching_loss(fn, x, self.method, key=key, reduction="sum", **self.options)
+            else:
+                loss = jnp.sum(score_matching_loss(fn, x, self.method, key=key, reduction="none", **self.options) * weight)
         if self.beta != 1.0:
             loss = self.beta * loss
 
@@ -173,6 +174,50 @@ class ScoreMatching(ELBO):
             if site["type"] == "sample":
                 loss = loss + _log_prob_sum(site)
         return loss, matched
+
+
+def _get_trace(fn, args, kwargs):
+    """``trace(fn).get_trace(*args, **kwargs)``, where a mask of the wrong shape (NumPyro's
+    plate and mask handlers fail on it with a bare broadcasting error) names the site."""
+    try:
+        return trace(fn).get_trace(*args, **kwargs)
+    except (ValueError, TypeError) as err:
+        found = _mask_shape_culprit(err.__traceback__)
+        if found is None:
+            raise
+        raise frontend.mask_shape_error(*found) from err
+
+
+def _mask_shape_culprit(tb):
+    """``(site, mask shape, batch shape)`` when the sample statement whose handling raised has a
+    mask that does not broadcast to its batch shape; None otherwise (best effort: read from the
+    failing handler's frame, so an unrelated error is re-raised as it is)."""
+    msg = frame = observe = None
+    while tb is not None:
+        local = tb.tb_frame.f_locals
+        if tb.tb_frame.f_code.co_name == "_masked_observe" and "obs_mask" in local:
+            observe = local
+        m = local.get("msg")
+        if isinstance(m, dict) and m.get("type") == "sample" and "fn" in m:
+            msg, frame = m, local
+        tb = tb.tb_next
+    if msg is None:
+        return None
+    fn = msg["fn"]
+    base = fn.base_dist if isinstance(fn, MaskedDistribution) else fn
+    expected = frame.get("expected_shape")  # the plates' batch shape (plate.process_message)
+    expected = tuple(base.batch_shape) if expected is None else tuple(expected)
+    if observe is not None:
+        name, mask = observe["name"], observe["obs_mask"]
+    else:
+        name = msg.get("name")
+        mask = fn._mask if isinstance(fn, MaskedDistribution) else getattr(frame.get("self"), "mask", None)
+    if mask is None or isinstance(mask, bool):
+        return None
+    shape = tuple(jnp.shape(mask))
+    if _broadcast(shape, expected) == expected:
+        return None
+    return name, shape, expected
 
 
 def _check_guide(model_trace, guide_trace) -> None:
@@ -240,7 +285,7 @@ def _site_block(name: str, site: dict) -> _Block:
         # concrete values only (under jit the data is traced); tell the causes apart on failure
         if not np.isfinite(np.asarray(value)).all():
             raise frontend.nonfinite_observed_error(name)
-        raise frontend.outside_support_error(name, fn.support)
+        raise frontend.outside_support_error(name)
     blk.u, blk.uevent = jax.lax.stop_gradient(u), tuple(u.shape[len(batch) :])
     return blk
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from pyro import poutine
 from pyro.distributions import constraints
@@ -99,7 +101,7 @@ class ScoreMatching(ELBO):
         replayed = poutine.replay(model, trace=guide_trace)
         if validate:
             replayed = _TrackObserved()(replayed)
-        model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
+        model_trace = _get_model_trace(replayed, args, kwargs)
         guide_trace = prune_subsample_sites(guide_trace)
         model_trace = prune_subsample_sites(model_trace)
         for name, site in model_trace.nodes.items():
@@ -133,10 +135,13 @@ class ScoreMatching(ELBO):
             _check_dependencies(model_trace, matched)
 
         fn, x, weight = _matched_log_density(model_trace, matched)
-        if weight is None:
-            loss = score_matching_loss(fn, x, self.method, reduction="sum", **self.options)
-        else:
-            loss = (score_matching_loss(fn, x, self.method, reduction="none", **self.options) * weight).sum()
+        with warnings.catch_warnings():
+            # a non-finite loss is reported once, by the loss, naming the sites
+            warnings.simplefilter("ignore", validation.NonFiniteWarning)
+            if weight is None:
+                loss = score_matching_loss(fn, x, self.method, reduction="sum", **self.options)
+            else:
+                loss = (score_matching_loss(fn, x, self.method, reduction="none", **self.options) * weight).sum()
         if self.beta != 1.0:
             loss = self.beta * loss
 
@@ -226,6 +231,61 @@ class ScoreMatching(ELBO):
 # ---------------------------------------------------------------------------------------
 
 
+def _get_model_trace(model, args, kwargs):
+    """``poutine.trace(model).get_trace(*args, **kwargs)``, where a mask of the wrong shape
+    (``obs_mask`` or ``Distribution.mask`` in a plate: Pyro's error names neither the mask nor
+    the site) is a ``ValueError`` naming both."""
+    try:
+        return poutine.trace(model).get_trace(*args, **kwargs)
+    except ValueError as err:
+        found, cause = None, err
+        while found is None and cause is not None:  # Pyro's trace re-raises with its shapes
+            found, cause = _mask_shape_culprit(cause.__traceback__), cause.__cause__
+        if found is None:
+            raise
+        raise frontend.mask_shape_error(*found) from err
+
+
+def _mask_shape_culprit(tb):
+    """``(site, mask shape, batch shape)`` when the sample statement whose handling raised has a
+    mask that does not broadcast to its plates' batch shape; None otherwise (best effort: read
+    from the failing frame, so an unrelated error is re-raised as it is)."""
+    msg = observe = None
+    while tb is not None:
+        local = tb.tb_frame.f_locals
+        if tb.tb_frame.f_code.co_name == "_masked_observe" and "obs_mask" in local:
+            observe = local
+        m = local.get("msg")
+        if isinstance(m, dict) and m.get("type") == "sample" and "fn" in m:
+            msg = m
+        tb = tb.tb_next
+    if observe is not None and isinstance(observe.get("batch_shape"), tuple):
+        name, mask, expected = observe["name"], observe["obs_mask"], tuple(observe["batch_shape"])
+    elif msg is not None and isinstance(msg["fn"], MaskedDistribution):
+        # (the masked distribution's base was expanded to the mask: compare with the plates)
+        name, mask = msg["name"], msg["fn"]._mask
+        plates = [f for f in msg["cond_indep_stack"] if f.dim is not None and f.size != -1]
+        shape = [1] * max([-f.dim for f in plates] + [0])
+        for f in plates:
+            shape[f.dim] = f.size
+        expected = tuple(shape)
+        if observe is not None:
+            name, mask = observe["name"], observe["obs_mask"]
+        if isinstance(mask, torch.Tensor) and all(
+            -f.dim > mask.dim() or mask.shape[f.dim] in (1, f.size) for f in plates
+        ):
+            return None
+    else:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        return None
+    try:
+        fits = tuple(torch.broadcast_shapes(mask.shape, expected)) == expected
+    except RuntimeError:
+        fits = False
+    return None if fits else (name, tuple(mask.shape), expected)
+
+
 class _Block:
     """One matched site: its unconstrained data and how to evaluate its log density."""
 
@@ -268,7 +328,7 @@ def _site_block(name: str, site: dict) -> _Block:
         # one host sync in the common (finite) case; tell the two causes apart only on failure
         if not bool(torch.isfinite(value).all()):
             raise frontend.nonfinite_observed_error(name)
-        raise frontend.outside_support_error(name, fn.support)
+        raise frontend.outside_support_error(name)
     blk.u, blk.uevent = u.detach(), u.shape[len(batch) :]
     return blk
 
