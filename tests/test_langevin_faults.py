@@ -213,3 +213,15 @@ def test_result_objects_pickle():
     state = tl.init(_torch_gauss, torch.as_tensor(X0))
     for other in _roundtrips(state):
         torch.testing.assert_close(other.score, state.score, rtol=0, atol=0)
+
+
+def test_pyro_nuts_grad_modes():
+    x = torch.zeros(1, 2)
+    pyro.set_rng_seed(0)
+    a = psampling.nuts(_pyro_model, "x", x, num_samples=3, warmup_steps=3)
+    pyro.set_rng_seed(0)
+    with torch.no_grad():
+        b = psampling.nuts(_pyro_model, "x", x, num_samples=3, warmup_steps=3)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="no_grad"):
+        psampling.nuts(_pyro_model, "x", x, num_samples=3, warmup_steps=3)

@@ -242,6 +242,15 @@ def langevin(
 
     Returns:
         ``SiteSamples(samples [num_steps // thin, C, *shape], accept_rate [C])``.
+
+    Raises:
+        ValueError: bad arguments or sites (named), or diverged chains (decrease
+            ``step_size``; reported before any support check of the model's distributions).
+        RuntimeError: under ``torch.inference_mode()`` (the score needs autograd; under
+            ``torch.no_grad()`` the result is the same as outside it).
+
+    A MALA run that accepts (almost) nothing warns with its acceptance rate
+    (``ppl_score.langevin.LowAcceptanceWarning``).
     """
     adjusted = shared.check_adjusted(adjusted)
     shared.check_plan(step_size, num_steps, num_warmup, thin)
@@ -292,10 +301,17 @@ def nuts(
     Raises:
         TypeError, ValueError: ``num_samples < 1``, ``warmup_steps < 0``, ``num_chains < 1``,
             or a bad site / ``init`` (named in the message).
+        RuntimeError: under ``torch.inference_mode()`` (NUTS needs autograd; under
+            ``torch.no_grad()`` grad is switched back on and the draws are the same).
     """
     from pyro.infer.mcmc import MCMC, NUTS
 
     num_samples, warmup_steps = shared.check_nuts_run(num_samples, warmup_steps, "warmup_steps")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "NUTS differentiates the potential with autograd, which torch.inference_mode() disables and "
+            "cannot re-enable; run it under torch.no_grad() instead (grad is switched back on inside)"
+        )
     c = shared.check_num_chains(num_chains)
     dens = site_log_density(model, site, *args, num_chains=1, guide=guide, latents=latents, **kwargs)
     u0 = dens.init_unconstrained(init, num_chains=c)
@@ -305,6 +321,7 @@ def nuts(
         kernel = NUTS(potential_fn=pot, **(kernel_options or {}))
         mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup_steps,
                     initial_params={site: start}, disable_progbar=not progress_bar)
-        mcmc.run()
+        with torch.enable_grad():  # the same draws under torch.no_grad(): NUTS needs the potential's gradient
+            mcmc.run()
         draws.append(mcmc.get_samples()[site].detach())
     return dens.transform(torch.stack(draws, dim=1))
