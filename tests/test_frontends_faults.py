@@ -379,8 +379,11 @@ def test_numpyro_objects_survive_pickle_and_deepcopy(how):
     assert (wae.regularizer, wae.lam, wae.mmd_scales) == ("mmd", 2.0, (0.5, 1.0))
 
 
-def test_numpyro_wae_with_a_learned_estimator_deep_copies():
-    # pickling needs ppl_score.jax.estimators.learned_score_estimator to return picklable
-    # functions (it returns closures); deep copies share them, which is fine: they are pure
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+def test_numpyro_wae_with_a_learned_estimator_survives_pickle_and_deepcopy(how):
     wae = NWAE(estimator=learned_score_estimator(2, hidden=(4,)))
-    assert copy.deepcopy(wae).estimator.dim == 2
+    copied = ROUNDTRIPS[how](wae)
+    assert copied.estimator.dim == 2
+    state = copied.estimator.init(KEY)
+    z = jnp.asarray(X)
+    np.testing.assert_array_equal(copied.estimator.apply(state.params, z), wae.estimator.apply(state.params, z))
