@@ -17,6 +17,14 @@ With ``l(x) = log p(x) + const`` and its score ``s(x) = grad_x l(x)``, one step 
 Chains run in parallel: ``x`` has shape ``[C, *event]`` and ``fn(x) -> [C]``. Each row of
 ``fn``'s output must depend only on the same row of ``x`` (the chains are independent),
 so one gradient of ``fn(x).sum()`` gives every chain's score.
+
+Faults, the same in both backends and front ends: a non-finite density or score at the
+start, or chains that diverge (ULA with too large a step), are a ``ValueError`` that says to
+decrease ``step_size`` (in Pyro before any support check of the model can fire); a MALA run
+whose mean acceptance rate is below ``LOW_ACCEPTANCE`` returns (nearly) its initial state and
+warns with the rate (``LowAcceptanceWarning``, a ``RuntimeWarning``). The torch samplers
+switch grad on for the derivatives in ``x``, so ``torch.no_grad()`` changes nothing, and
+raise ``RuntimeError`` under ``torch.inference_mode()``, where grad cannot be switched on.
 """
 
 from __future__ import annotations

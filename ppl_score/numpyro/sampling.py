@@ -226,6 +226,14 @@ def langevin(
 
     Returns:
         ``SiteSamples(samples [num_steps // thin, C, *shape], accept_rate [C])``.
+
+    Raises:
+        ValueError: bad arguments or sites (named), a missing ``key``, or diverged chains
+            (decrease ``step_size``).
+
+    A MALA run that accepts (almost) nothing warns with its acceptance rate
+    (``ppl_score.langevin.LowAcceptanceWarning``). Each call builds a new site density, so
+    it is compiled for that call and released afterwards (nothing is cached across calls).
     """
     adjusted = shared.check_adjusted(adjusted)
     shared.check_plan(step_size, num_steps, num_warmup, thin)
