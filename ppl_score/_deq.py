@@ -11,6 +11,8 @@ a solve's convergence reaches the host) stays in the backend, which then calls
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 from typing import Any, NamedTuple
 
@@ -23,6 +25,7 @@ __all__ = [
     "POLICIES",
     "ACTIVATION_NAMES",
     "ANDERSON_REG",
+    "anderson_reg",
     "FixedPointInfo",
     "SolverConfig",
     "DEQConfig",
@@ -33,6 +36,8 @@ __all__ = [
     "check_positive_float",
     "solver_config",
     "deq_config",
+    "check_gamma",
+    "check_map_output",
     "nonconvergence_message",
     "report_nonconvergence",
 ]
@@ -43,8 +48,26 @@ NORMS = ("spectral", "frobenius")
 POLICIES = ("warn", "raise", "ignore")
 # the 1-Lipschitz smooth activations; each backend's ``ACTIVATIONS`` maps these names to functions
 ACTIVATION_NAMES = ("softplus", "tanh")
-# Anderson: relative Tikhonov regularization of the normalized Gram matrix.
+# Anderson: relative Tikhonov regularization of the normalized Gram matrix (see anderson_reg).
 ANDERSON_REG = 1e-8
+
+
+def anderson_reg(eps: float) -> float:
+    """Relative Tikhonov regularization of Anderson's Gram matrix for a dtype of machine
+    epsilon ``eps``: ``lambda = max(ANDERSON_REG, 10 * eps)``, added to the diagonal of the
+    Gram matrix normalized to unit mean diagonal, i.e. ``lambda * trace(G) / m`` in absolute
+    terms: it scales with the dtype and with the size of the residuals.
+
+    The Gram matrix of the last ``m`` residuals is singular whenever they are linearly
+    dependent, which is the rule near convergence and for any map affine in ``z``
+    (``f(z) = a z + b`` makes every residual a multiple of the first). A fixed ``1e-8`` is
+    below float32's round-off (``eps = 1.2e-7``) and leaves it exactly singular; ``10 eps``
+    is the smallest value that registers on the unit diagonal with a margin, and larger
+    ones slow convergence (``100 eps`` costs float32 solves 1-2 extra iterations on the
+    tests' layers). Float64 keeps ``1e-8``. Whatever the solve still gets wrong (singular
+    or non-finite coefficients) falls back to a plain fixed-point step, per example.
+    """
+    return max(ANDERSON_REG, 10.0 * eps)
 
 
 class FixedPointWarning(RuntimeWarning):
@@ -138,13 +161,56 @@ def deq_config(
     )
 
 
+def check_gamma(gamma, concrete: bool = True) -> float:
+    """``lipschitz_scaled``'s bound: a finite real number ``> 0``. ``concrete=False`` (a
+    traced JAX value) skips the value check and returns ``gamma`` unchanged.
+
+    Raises:
+        TypeError: ``gamma`` is not a real number (a ``bool`` is not one).
+        ValueError: ``gamma`` is not finite or ``<= 0``.
+    """
+    if not concrete:
+        return gamma
+    if not isinstance(gamma, numbers.Real) and getattr(gamma, "shape", None) == ():
+        gamma = float(gamma)  # a 0-d array (numpy, torch, concrete JAX)
+    return check_positive_float("gamma", gamma)
+
+
+def check_map_output(out_shape, out_dtype, z_shape, z_dtype, name: str = "f") -> None:
+    """A fixed-point map must return an array of the shape and dtype of its input ``z``.
+
+    Raises:
+        ValueError: the shape differs (a map ``R^n -> R^m`` has no fixed point).
+        TypeError: the dtype differs.
+    """
+    if tuple(out_shape) != tuple(z_shape):
+        raise ValueError(
+            f"argument {name!r} must map z to an array of the same shape, got shape {tuple(out_shape)} for z of "
+            f"shape {tuple(z_shape)}: a fixed point needs f(z) shaped like z (and z0 like the fixed point)"
+        )
+    if out_dtype != z_dtype:
+        raise TypeError(
+            f"argument {name!r} must map z to an array of the same dtype, got {out_dtype} for z of dtype "
+            f"{z_dtype}: give z0 the dtype of f's output (or cast inside f)"
+        )
+
+
 # ---------------------------------------------------------------------------------------
 # Non-convergence
 # ---------------------------------------------------------------------------------------
 
 
 def nonconvergence_message(what: str, residual, iterations, cfg: SolverConfig) -> str:
-    """``residual`` / ``iterations``: the worst example's (a float / int, or a numpy scalar)."""
+    """``residual`` / ``iterations``: the worst example's (a float / int, or a numpy scalar).
+    A non-finite residual means the map itself returned NaN or inf (a NaN weight or input,
+    or an overflow), which no number of iterations fixes: the message says so."""
+    residual = float(residual)
+    if not math.isfinite(residual):
+        return (
+            f"DEQ {what} fixed-point solve did not converge: the map returned non-finite values (nan or inf) "
+            f"after {iterations} iterations (solver={cfg.solver!r}); check the map's parameters (a NaN or inf "
+            f"weight?) and its input"
+        )
     return (
         f"DEQ {what} fixed-point solve did not converge: relative residual {residual:.3g} > "
         f"tol={cfg.tol:g} after {iterations} iterations (solver={cfg.solver!r}); raise "

@@ -139,14 +139,29 @@ def _info(k, res, cfg: SolverConfig) -> FixedPointInfo:
     return FixedPointInfo(k, res, res <= cfg.tol)
 
 
+def _check_output(fz, z) -> None:
+    """``f(z)`` must be an array shaped like ``z`` (static: checked when the loop body is
+    traced, before ``lax`` would reject the carry with its own error)."""
+    if not hasattr(fz, "shape") or not hasattr(fz, "dtype"):
+        raise TypeError(f"argument 'f' must return an array, got {type(fz).__name__}")
+    _deq.check_map_output(fz.shape, fz.dtype, z.shape, z.dtype)
+
+
+def _go_on(k, res, cfg: SolverConfig):
+    """Iterate while ``k < max_iter`` and the residual is above ``tol`` but finite: a NaN /
+    inf residual (the map returned non-finite values) cannot recover (torch: the same)."""
+    return (k < cfg.max_iter) & ((k == 0) | ((res > cfg.tol) & jnp.isfinite(res)))
+
+
 def _iteration(step, z0, cfg: SolverConfig):
     def cond(c):
         k, _, res = c
-        return (k < cfg.max_iter) & (res > cfg.tol)
+        return _go_on(k, res, cfg)
 
     def body(c):
         k, z, _ = c
         fz = step(z)
+        _check_output(fz, z)
         return k + 1, fz, _residuals(fz, z).max()
 
     k, z, res = lax.while_loop(cond, body, (jnp.int32(0), z0, jnp.asarray(jnp.inf, z0.dtype)))
@@ -155,21 +170,33 @@ def _iteration(step, z0, cfg: SolverConfig):
 
 def _anderson_mix(xs, fs, k, m: int):
     """Anderson's next iterate from the ring buffers ``xs``, ``fs`` ``[B, m, N]`` holding
-    ``min(k, m)`` valid entries: ``sum_i alpha_i f_i`` with ``alpha`` minimizing
-    ``||sum_i alpha_i (f_i - x_i)||`` subject to ``sum_i alpha_i = 1``, i.e.
-    ``alpha ~ A^{-1} 1`` with ``A`` the (normalized, regularized) Gram matrix. Invalid slots
-    get identity rows and a zero right-hand side, so every shape is fixed."""
+    ``min(k, m)`` valid entries, the newest in slot ``(k - 1) % m``: ``sum_i alpha_i f_i``
+    with ``alpha`` minimizing ``||sum_i alpha_i (f_i - x_i)||`` subject to
+    ``sum_i alpha_i = 1``, i.e. ``alpha ~ A^{-1} 1`` with ``A`` the Gram matrix of the
+    residuals, normalized to unit mean diagonal and regularized by ``anderson_reg`` of the
+    dtype. Invalid slots get identity rows and a zero right-hand side, so every shape is
+    fixed.
+
+    The residuals are rescaled before their Gram matrix is formed, so it neither overflows
+    nor underflows; an example whose system is singular anyway, or whose coefficients or mix
+    are not finite, takes the plain step ``f`` of its newest iterate instead (a
+    ``jnp.where``: no Python branch on traced values)."""
     valid = (jnp.arange(m) < jnp.minimum(k, m)).astype(xs.dtype)  # [m]
+    tiny = jnp.finfo(xs.dtype).tiny
     g = (fs - xs) * valid[:, None]
+    g = g / jnp.maximum(jnp.abs(g).max(axis=(1, 2), keepdims=True), tiny)  # entries in [-1, 1]
     gram = g @ jnp.swapaxes(g, 1, 2)  # [B, m, m]
     scale = jnp.trace(gram, axis1=1, axis2=2) / valid.sum()
-    gram = gram / jnp.maximum(scale, jnp.finfo(xs.dtype).tiny)[:, None, None]
+    gram = gram / jnp.maximum(scale, tiny)[:, None, None]
     eye = jnp.eye(m, dtype=xs.dtype)
     outer = valid[:, None] * valid[None, :]
-    a = gram * outer + eye * (ANDERSON_REG * valid + (1 - valid))
+    reg = _deq.anderson_reg(float(jnp.finfo(xs.dtype).eps))
+    a = gram * outer + eye * (reg * valid + (1 - valid))
     alpha = jnp.linalg.solve(a, jnp.broadcast_to(valid, (xs.shape[0], m))[..., None])[..., 0]
     alpha = alpha / alpha.sum(-1, keepdims=True)
-    return (alpha[:, None, :] @ fs)[:, 0]
+    mixed = (alpha[:, None, :] @ fs)[:, 0]
+    ok = jnp.isfinite(alpha).all(-1) & jnp.isfinite(mixed).all(-1)
+    return jnp.where(ok[:, None], mixed, fs[:, (k - 1) % m])
 
 
 def _anderson(step, z0, cfg: SolverConfig):
@@ -178,11 +205,12 @@ def _anderson(step, z0, cfg: SolverConfig):
 
     def cond(c):
         k, *_, res = c
-        return (k < cfg.max_iter) & (res > cfg.tol)
+        return _go_on(k, res, cfg)
 
     def body(c):
         k, z, _, xs, fs, _ = c
         fz = step(z)
+        _check_output(fz, z)
         xs = xs.at[:, k % m].set(z.reshape(b, -1))
         fs = fs.at[:, k % m].set(fz.reshape(b, -1))
         znext = _anderson_mix(xs, fs, k + 1, m).reshape(shape)
@@ -252,6 +280,7 @@ def _implicit_jvp(f, cfg, primals, tangents):
 def _unrolled(f, z0, params, cfg: SolverConfig):
     def body(z, _):
         fz = f(z, params)
+        _check_output(fz, z)
         return fz, _residuals(lax.stop_gradient(fz), lax.stop_gradient(z)).max()
 
     z, res = lax.scan(body, z0, None, length=cfg.max_iter)
@@ -283,8 +312,12 @@ def fixed_point(f: Callable, z0, params=(), *, backward: str = "implicit", phant
 
 
 def _fixed_point(f, z0, params, backward, phantom_steps, cfg):
-    if not hasattr(z0, "shape") or len(z0.shape) < 1:
+    if not hasattr(z0, "shape") or not hasattr(z0, "dtype"):
+        raise TypeError(f"argument 'z0' must be an array [B, *shape], got {type(z0).__name__}")
+    if len(z0.shape) < 1:
         raise ValueError("argument 'z0' must be an array [B, *shape] with a leading batch dim")
+    if not jnp.issubdtype(z0.dtype, jnp.floating):
+        raise TypeError(f"argument 'z0' must have a floating dtype, got {z0.dtype}")
     if backward == "unrolled":
         return _unrolled(f, z0, params, cfg)
     if backward == "phantom":
@@ -311,8 +344,28 @@ def _spectral_norm(weight: jax.Array) -> jax.Array:
 
 
 def lipschitz_scaled(weight: jax.Array, gamma: float, norm: str = "spectral") -> jax.Array:
-    """``W / max(1, ||W|| / gamma)``: spectral norm ``<= gamma``. ``norm="spectral"`` is
-    exact (SVD, fine for the widths used here); ``"frobenius"`` is a cheaper upper bound."""
+    """``W / max(1, ||W|| / gamma)``: spectral norm ``<= gamma``.
+
+    Args:
+        weight: a matrix ``[n, n]`` (or ``[n, k]``).
+        gamma: the bound, a finite number ``> 0`` (``< 1`` for a contraction); a traced
+            value is not checked.
+        norm: ``"spectral"`` is exact (SVD, fine for the widths used here); ``"frobenius"``
+            is a cheaper upper bound.
+
+    Returns:
+        The scaled matrix (NaN where ``weight`` has a NaN or inf).
+
+    Raises:
+        TypeError: ``weight`` is not an array, or ``gamma`` not a real number.
+        ValueError: ``weight`` is not a matrix, ``gamma`` not finite or ``<= 0``, or
+            ``norm`` unknown.
+    """
+    if not hasattr(weight, "shape"):
+        raise TypeError(f"argument 'weight' must be an array, got {type(weight).__name__}")
+    if len(weight.shape) != 2:
+        raise ValueError(f"argument 'weight' must be a matrix [n, k], got shape {tuple(weight.shape)}")
+    gamma = _deq.check_gamma(gamma, concrete=not isinstance(gamma, jax.core.Tracer))
     norm = _choice("norm", norm, NORMS)
     n = _spectral_norm(weight) if norm == "spectral" else jnp.linalg.norm(weight, ord="fro")
     return weight / jnp.maximum(n / gamma, 1.0)

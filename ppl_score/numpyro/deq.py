@@ -31,37 +31,65 @@ def _event_size(input_shape) -> int:
     return math.prod(input_shape[1:])
 
 
+class _Init:
+    """``init_fn(rng_key, input_shape) -> (output_shape, params)`` of a stax-style pair: a
+    module-level class rather than a closure, so the pair pickles and deep-copies."""
+
+    def __init__(self, kind: str, width: int, dtype):
+        self.kind, self.width, self.dtype = kind, width, dtype
+
+    def __call__(self, rng_key, input_shape):
+        dim = _event_size(input_shape)
+        dtype = self.dtype or jnp.result_type(float)
+        if self.kind == "energy":
+            return tuple(input_shape[:1]), _deq.deq_energy_init(rng_key, dim, self.width, dtype)
+        return tuple(input_shape), _deq.deq_score_init(rng_key, dim, self.width, dtype)
+
+
+class _Apply:
+    """``apply_fn(params, x) -> log p(x)`` (``kind="energy"``) or ``s(x)`` (``"score"``)."""
+
+    def __init__(self, kind: str, config: _deq.DEQConfig, quadratic: float = 0.0):
+        self.kind, self.config, self.quadratic = kind, config, quadratic
+
+    def __call__(self, params, x, **_):
+        if self.kind == "energy":
+            return _deq.deq_energy_apply(params, x, self.config, quadratic=self.quadratic)
+        return _deq.deq_score_apply(params, x, self.config)
+
+
 def deq_energy(width: int = 512, *, quadratic: float = 0.0, dtype=None, **options):
-    """Stax-style ``(init_fn, apply_fn)`` of ``ppl_score.jax.deq.deq_energy_apply``
-    (``x [B, *event] -> [B]``); ``options`` go to ``ppl_score.jax.deq.deq_config``.
-    ``dtype`` defaults to JAX's default float (float64 with x64 enabled)."""
+    """Stax-style ``(init_fn, apply_fn)`` of ``ppl_score.jax.deq.deq_energy_apply``.
+
+    Args:
+        width: the DEQ layer's width.
+        quadratic: the coefficient of ``-quadratic/2 ||x||^2`` in ``log p``.
+        dtype: of the parameters; defaults to JAX's default float (float64 with x64 enabled).
+        **options: go to ``ppl_score.jax.deq.deq_config``.
+
+    Returns:
+        ``(init_fn, apply_fn)`` with ``apply_fn(params, x [B, *event]) -> [B]``; both pickle.
+    """
     config = _deq.deq_config(**options)
     width = _deq._positive_int("width", width)
-
-    def init_fn(rng_key, input_shape):
-        params = _deq.deq_energy_init(rng_key, _event_size(input_shape), width, dtype or jnp.result_type(float))
-        return tuple(input_shape[:1]), params
-
-    def apply_fn(params, x, **_):
-        return _deq.deq_energy_apply(params, x, config, quadratic=quadratic)
-
-    return init_fn, apply_fn
+    return _Init("energy", width, dtype), _Apply("energy", config, quadratic)
 
 
 def deq_score(width: int = 256, *, dtype=None, **options):
-    """Stax-style ``(init_fn, apply_fn)`` of ``ppl_score.jax.deq.deq_score_apply``
-    (``x [B, *event] -> [B, *event]``)."""
+    """Stax-style ``(init_fn, apply_fn)`` of ``ppl_score.jax.deq.deq_score_apply``.
+
+    Args:
+        width: the DEQ layer's width.
+        dtype: of the parameters; defaults to JAX's default float.
+        **options: go to ``ppl_score.jax.deq.deq_config``.
+
+    Returns:
+        ``(init_fn, apply_fn)`` with ``apply_fn(params, x [B, *event]) -> [B, *event]``; both
+        pickle.
+    """
     config = _deq.deq_config(**options)
     width = _deq._positive_int("width", width)
-
-    def init_fn(rng_key, input_shape):
-        params = _deq.deq_score_init(rng_key, _event_size(input_shape), width, dtype or jnp.result_type(float))
-        return tuple(input_shape), params
-
-    def apply_fn(params, x, **_):
-        return _deq.deq_score_apply(params, x, config)
-
-    return init_fn, apply_fn
+    return _Init("score", width, dtype), _Apply("score", config)
 
 
 def deq_energy_module(name: str, dim: int, width: int = 512, *, quadratic: float = 0.0, **options):

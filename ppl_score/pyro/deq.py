@@ -15,6 +15,8 @@ attribute path, e.g. ``energy.deq.weight``) that ``SVI`` optimizes::
 
 from __future__ import annotations
 
+import copyreg
+
 from pyro.nn.module import PyroModule, to_pyro_module_
 
 from ..torch import deq as _deq
@@ -28,7 +30,16 @@ def _convert_children(module: PyroModule) -> None:
         setattr(module, name, child)
 
 
-class DEQEnergy(PyroModule[_deq.DEQEnergy]):
+class _Picklable:
+    """``PyroModule[M]`` pickles (and deep-copies) an instance as a plain ``PyroModule[M]``;
+    rebuild the subclass itself, so a copy is a ``DEQEnergy`` / ``DEQScore`` again."""
+
+    def __reduce__(self):
+        state = getattr(self, "__getstate__", self.__dict__.copy)()
+        return copyreg.__newobj__, (type(self),), state
+
+
+class DEQEnergy(_Picklable, PyroModule[_deq.DEQEnergy]):
     """``PyroModule`` version of ``ppl_score.torch.deq.DEQEnergy``: ``x [B, *event] -> [B]``,
     ``log p(x) = w^T z*(x) + c - quadratic/2 ||x||^2 + const``."""
 
@@ -37,7 +48,7 @@ class DEQEnergy(PyroModule[_deq.DEQEnergy]):
         _convert_children(self)
 
 
-class DEQScore(PyroModule[_deq.DEQScore]):
+class DEQScore(_Picklable, PyroModule[_deq.DEQScore]):
     """``PyroModule`` version of ``ppl_score.torch.deq.DEQScore``: ``x [B, *event] ->
     [B, *event]``."""
 

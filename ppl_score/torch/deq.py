@@ -123,37 +123,58 @@ def _residuals(fz: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
     return diff.reshape(b, -1).norm(dim=-1) / (1 + fz.reshape(b, -1).norm(dim=-1))
 
 
+def _check_output(fz, z) -> None:
+    """The first map evaluation of a solve: ``f(z)`` must be a tensor shaped like ``z``."""
+    if not isinstance(fz, torch.Tensor):
+        raise TypeError(f"argument 'f' must return a torch.Tensor, got {type(fz).__name__}")
+    _deq.check_map_output(fz.shape, fz.dtype, z.shape, z.dtype)
+
+
 def _iteration(step, z0, cfg: SolverConfig, fresh: bool = False):
     z = z0
     for k in range(1, cfg.max_iter + 1):
         fz = step(z)
+        if k == 1:
+            _check_output(fz, z)
         # when ``step`` returns new tensors, z is ours and dead after this step: reuse it for
         # z - f(z) (one [B, N] buffer fewer at the peak); z0 is the caller's, never in place
         res = _residuals(fz, z.sub_(fz) if fresh and k > 1 else z - fz).max().item()
         z = fz
-        if res <= cfg.tol:
+        if res <= cfg.tol or not math.isfinite(res):  # NaN / inf: no iteration recovers from it
             break
     return z, FixedPointInfo(k, res, res <= cfg.tol)
 
 
 def _anderson_mix(xs, fs, k: int, m: int):
     """Anderson's next iterate from the ring buffers ``xs``, ``fs`` ``[B, m, N]`` holding
-    ``min(k, m)`` valid entries: ``sum_i alpha_i f_i`` with ``alpha`` minimizing
-    ``||sum_i alpha_i (f_i - x_i)||`` subject to ``sum_i alpha_i = 1``, i.e.
-    ``alpha ~ A^{-1} 1`` with ``A`` the (normalized, regularized) Gram matrix. Invalid slots
-    get identity rows and a zero right-hand side, so every shape is fixed (as in JAX)."""
+    ``min(k, m)`` valid entries, the newest in slot ``(k - 1) % m``: ``sum_i alpha_i f_i``
+    with ``alpha`` minimizing ``||sum_i alpha_i (f_i - x_i)||`` subject to
+    ``sum_i alpha_i = 1``, i.e. ``alpha ~ A^{-1} 1`` with ``A`` the Gram matrix of the
+    residuals, normalized to unit mean diagonal and regularized by ``anderson_reg`` of the
+    dtype. Invalid slots get identity rows and a zero right-hand side, so every shape is
+    fixed (as in JAX).
+
+    The residuals are rescaled before their Gram matrix is formed, so it neither overflows
+    nor underflows, and the solve cannot raise (``solve_ex``): an example whose system is
+    singular anyway, or whose coefficients or mix are not finite, takes the plain step
+    ``f`` of its newest iterate instead (no host synchronisation)."""
+    b = xs.shape[0]
     valid = (torch.arange(m, device=xs.device) < min(k, m)).to(xs.dtype)  # [m]
+    tiny = torch.finfo(xs.dtype).tiny
     g = (fs - xs) * valid[:, None]
+    g = g / g.abs().amax(dim=(1, 2), keepdim=True).clamp_min(tiny)  # entries in [-1, 1]
     gram = g @ g.transpose(1, 2)  # [B, m, m]
     scale = gram.diagonal(dim1=1, dim2=2).sum(-1) / valid.sum()
-    tiny = torch.finfo(xs.dtype).tiny
     gram = gram / scale.clamp_min(tiny)[:, None, None]
     eye = torch.eye(m, dtype=xs.dtype, device=xs.device)
     outer = valid[:, None] * valid[None, :]
-    a = gram * outer + eye * (ANDERSON_REG * valid + (1 - valid))
-    alpha = torch.linalg.solve(a, valid.expand(xs.shape[0], m))
+    reg = _deq.anderson_reg(torch.finfo(xs.dtype).eps)
+    a = gram * outer + eye * (reg * valid + (1 - valid))
+    alpha, info = torch.linalg.solve_ex(a, valid.expand(b, m))
     alpha = alpha / alpha.sum(-1, keepdim=True)
-    return (alpha[:, None, :] @ fs)[:, 0]
+    mixed = (alpha[:, None, :] @ fs)[:, 0]
+    ok = (info == 0) & torch.isfinite(alpha).all(-1) & torch.isfinite(mixed).all(-1)
+    return torch.where(ok[:, None], mixed, fs[:, (k - 1) % m])
 
 
 def _anderson(step, z0, cfg: SolverConfig, fresh: bool = False):
@@ -163,8 +184,10 @@ def _anderson(step, z0, cfg: SolverConfig, fresh: bool = False):
     z = z0
     for k in range(1, cfg.max_iter + 1):
         fz = step(z)
+        if k == 1:
+            _check_output(fz, z)
         res = _residuals(fz, fz - z).max().item()
-        if res <= cfg.tol:
+        if res <= cfg.tol or not math.isfinite(res):  # NaN / inf: no iteration recovers from it
             break
         slot = (k - 1) % m
         xs[:, slot] = z.reshape(b, -1)
@@ -312,8 +335,10 @@ class _ImplicitFixedPoint(torch.autograd.Function):
 
 def _unrolled(f, z0, params, cfg: SolverConfig):
     z = z0
-    for _ in range(cfg.max_iter):
+    for k in range(cfg.max_iter):
         fz = f(z, *params)
+        if k == 0:
+            _check_output(fz, z)
         res = _residuals(fz.detach(), (fz - z).detach()).max().item()
         z = fz
     info = FixedPointInfo(cfg.max_iter, res, res <= cfg.tol)
@@ -353,8 +378,12 @@ def fixed_point(
 
 
 def _fixed_point(fmap: _Map, z0, params, backward, phantom_steps, cfg):
-    if not isinstance(z0, torch.Tensor) or z0.dim() < 1:
+    if not isinstance(z0, torch.Tensor):
+        raise TypeError(f"argument 'z0' must be a torch.Tensor [B, *shape], got {type(z0).__name__}")
+    if z0.dim() < 1:
         raise ValueError("argument 'z0' must be a tensor [B, *shape] with a leading batch dim")
+    if not z0.is_floating_point():
+        raise TypeError(f"argument 'z0' must have a floating dtype, got {z0.dtype}")
     for i, p in enumerate(params):
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"argument 'params' must hold tensors, item {i} is {type(p).__name__}")
@@ -381,14 +410,37 @@ def _spectral_norm(weight: torch.Tensor) -> torch.Tensor:
     SVD's factors (``torch.nn.utils.parametrizations.spectral_norm`` uses the same form; only
     second derivatives in ``W``, which score matching never takes, would differ)."""
     with torch.no_grad():
-        u, _, vh = torch.linalg.svd(weight, full_matrices=False)
+        # a NaN / inf weight would make LAPACK raise: take the singular pair of its finite
+        # part, so the norm (and every fixed point built on it) comes out NaN and the
+        # solver's non-convergence policy reports it, as in JAX
+        w = torch.nan_to_num(weight.detach(), nan=0.0, posinf=0.0, neginf=0.0)
+        u, _, vh = torch.linalg.svd(w, full_matrices=False)
         u1, v1 = u[:, 0].clone(), vh[0].clone()  # copies: views would keep all of u, vh alive
     return u1 @ weight @ v1
 
 
 def lipschitz_scaled(weight: torch.Tensor, gamma: float, norm: str = "spectral") -> torch.Tensor:
-    """``W / max(1, ||W|| / gamma)``: spectral norm ``<= gamma``. ``norm="spectral"`` is
-    exact (SVD, fine for the widths used here); ``"frobenius"`` is a cheaper upper bound."""
+    """``W / max(1, ||W|| / gamma)``: spectral norm ``<= gamma``.
+
+    Args:
+        weight: a matrix ``[n, n]`` (or ``[n, k]``).
+        gamma: the bound, a finite number ``> 0`` (``< 1`` for a contraction).
+        norm: ``"spectral"`` is exact (SVD, fine for the widths used here); ``"frobenius"``
+            is a cheaper upper bound.
+
+    Returns:
+        The scaled matrix (NaN where ``weight`` has a NaN or inf).
+
+    Raises:
+        TypeError: ``weight`` is not a tensor, or ``gamma`` not a real number.
+        ValueError: ``weight`` is not a matrix, ``gamma`` not finite or ``<= 0``, or
+            ``norm`` unknown.
+    """
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"argument 'weight' must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"argument 'weight' must be a matrix [n, k], got shape {tuple(weight.shape)}")
+    gamma = _deq.check_gamma(gamma)
     norm = _choice("norm", norm, NORMS)
     n = _spectral_norm(weight) if norm == "spectral" else torch.linalg.matrix_norm(weight, ord="fro")
     return weight / torch.clamp(n / gamma, min=1.0)
@@ -412,12 +464,18 @@ class _LayerMap(_Map):
     fresh = True
 
     def __init__(self, activation: str):
-        act, self.dact = ACTIVATIONS[activation], _DERIVATIVES[activation]
-        super().__init__(lambda z, w_hat, u: act(torch.addmm(u, z, w_hat.T)))
+        # the name, not the functions: a module holding this map pickles (no lambda)
+        self.activation = activation
+
+    def __call__(self, z, w_hat, u):
+        return ACTIVATIONS[self.activation](torch.addmm(u, z, w_hat.T))
+
+    def stepper(self, w_hat, u):
+        return functools.partial(self, w_hat=w_hat, u=u)
 
     def _slope(self, z, w_hat, u):
         with torch.no_grad():
-            return self.dact(torch.addmm(u, z, w_hat.T)), w_hat.detach()
+            return _DERIVATIVES[self.activation](torch.addmm(u, z, w_hat.T)), w_hat.detach()
 
     def vjp_stepper(self, z, w_hat, u):
         d, w = self._slope(z, w_hat, u)
