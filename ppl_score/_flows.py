@@ -22,6 +22,8 @@ from __future__ import annotations
 import math
 import numbers
 
+from ._validate import check_int
+
 __all__ = [
     "DEFAULT_ALPHA",
     "NEWTON_MAX_ITER",
@@ -29,6 +31,9 @@ __all__ = [
     "check_config",
     "check_event",
     "check_max_iter",
+    "check_n_samples",
+    "check_layer",
+    "singular_tolerance",
     "newton_tolerance",
     "newton_error",
 ]
@@ -81,9 +86,61 @@ def newton_tolerance(tol, dtype_eps: float) -> float:
     return float(tol)
 
 
-def newton_error(max_iter: int, n_bad: int, residual: float, tol: float) -> ValueError:
+def newton_error(max_iter: int, n_bad: int, residual: float, tol: float, layer: int | None = None) -> ValueError:
+    """The error of a Newton inverse of the activation that did not converge (``layer``: the
+    index of the layer whose activation it inverts, when known)."""
+    where = "" if layer is None else f" of layer {layer}"
+    residual = float(residual)
+    if not math.isfinite(residual):
+        return ValueError(
+            f"inverse of the smooth leaky ReLU{where} did not converge: {n_bad} entries are not finite "
+            "(nan or inf) after the later layers' inverses, an overflow of an ill-conditioned flow; check "
+            "the weights (InvertibleMLP.inverse rejects singular ones) and the scale of 'z'"
+        )
     return ValueError(
-        f"inverse of the smooth leaky ReLU did not converge: {n_bad} entries still have a relative "
+        f"inverse of the smooth leaky ReLU{where} did not converge: {n_bad} entries still have a relative "
         f"residual up to {residual:.3g} > tol={tol:.3g} after max_iter={max_iter} Newton steps "
         "(raise 'max_iter' or 'tol')"
     )
+
+
+def check_n_samples(n) -> int:
+    """The number of samples of ``sample``: an ``int >= 1`` (numpy integers too, not ``bool``).
+
+    Raises:
+        TypeError: ``n`` is not an integer.
+        ValueError: ``n < 1``.
+    """
+    return check_int("n", n)
+
+
+def singular_tolerance(dim: int, dtype_eps: float) -> float:
+    """A weight is singular to working precision when its smallest singular value is at most
+    this times its largest: ``D * eps``, the rule of ``numpy.linalg.matrix_rank``."""
+    return dim * dtype_eps
+
+
+def check_layer(k: int, finite_weight: bool, finite_bias: bool, s_max: float, s_min: float, dim: int,
+                dtype_eps: float) -> None:
+    """Refuse to invert layer ``k`` whose weight or bias holds NaN / inf, or whose weight is
+    singular to working precision (``s_min <= D eps s_max``, with its singular values
+    ``s_max >= s_min``): its inverse would be NaN, inf or round-off noise.
+
+    Raises:
+        ValueError: naming the layer and what to do.
+    """
+    if not finite_weight:
+        raise ValueError(
+            f"layer {k} weight contains non-finite values (nan or inf): the flow cannot be inverted or "
+            "sampled; check the training run that produced it (lower the learning rate)"
+        )
+    if not finite_bias:
+        raise ValueError(f"layer {k} bias contains non-finite values (nan or inf): the flow cannot be inverted")
+    tol = singular_tolerance(dim, dtype_eps)
+    if not s_min > tol * s_max:
+        cond = math.inf if s_min <= 0 else s_max / s_min
+        raise ValueError(
+            f"layer {k} weight is singular to working precision (condition number {cond:.3g} >= "
+            f"1/(D*eps) = {1.0 / tol:.3g}): the flow is not invertible there and its inverse / samples "
+            "would be nan, inf or round-off noise; re-initialize the weight or train in float64"
+        )

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _flows, spec
+from ..validation import is_validation_enabled
 
 __all__ = ["FlowLayer", "InvertibleMLP", "relative_gradient_linear", "smooth_leaky_relu"]
 
@@ -148,6 +149,9 @@ class InvertibleMLP:
         _flows.check_event(name, x.shape, self.dim)
         # finiteness needs concrete values: checked eagerly, skipped under tracing (a concrete
         # x closed over by a traced function still gives a traced result)
+        # (a host synchronisation: behind the validation switch, ppl_score.set_validation)
+        if not is_validation_enabled():
+            return x.reshape(-1, self.dim), x.shape[:-1]
         finite = jnp.isfinite(x).all()
         if _is_concrete(finite) and not bool(finite):
             raise ValueError(f"argument {name!r} contains non-finite values (nan or inf)")
@@ -247,15 +251,59 @@ class InvertibleMLP:
         rel = jnp.abs(smooth_leaky_relu(y, a) - t0) / (1.0 + jnp.abs(t0))
         return y - (smooth_leaky_relu(y, a) - t) / _dact(y, a), rel
 
+    def check_invertible(self, params):
+        """Whether every layer can be inverted: finite weights and biases, and weights not
+        singular to working precision (``s_min > D eps s_max``); mirrors the torch method.
+
+        Returns:
+            ``True`` for concrete ``params`` (which it checks on the host); for traced ones,
+            a traced boolean (``inverse`` then returns NaN rather than raise).
+
+        Raises:
+            ValueError: concrete ``params`` with a layer that cannot be inverted (named).
+        """
+        self._check_params(params)
+        if all(_is_concrete(a) for layer in params for a in layer if a is not None):
+            for k, (w, b) in enumerate(params):
+                w = np.asarray(w)
+                finite_w = bool(np.isfinite(w).all())
+                s = np.linalg.svd(w, compute_uv=False) if finite_w else None
+                _flows.check_layer(
+                    k,
+                    finite_w,
+                    b is None or bool(np.isfinite(np.asarray(b)).all()),
+                    float(s[0]) if finite_w else np.nan,
+                    float(s[-1]) if finite_w else np.nan,
+                    self.dim,
+                    float(np.finfo(w.dtype).eps),
+                )
+            return True
+        ok = jnp.asarray(True)
+        for w, b in params:
+            s = jnp.linalg.svd(jnp.where(jnp.isfinite(w), w, 0.0), compute_uv=False)
+            tol = _flows.singular_tolerance(self.dim, float(jnp.finfo(w.dtype).eps))
+            ok = ok & jnp.isfinite(w).all() & (s[-1] > tol * s[0])
+            if b is not None:
+                ok = ok & jnp.isfinite(b).all()
+        return ok
+
     def inverse(self, params, z, *, tol: float | None = None, max_iter: int = _flows.NEWTON_MAX_ITER):
         """``x = g^{-1}(z)``, ``[..., D] -> [..., D]``: per layer a Newton inverse of the
         activation (relative residual ``<= tol``, default ``64 eps``) and one linear solve.
-        Differentiable in ``z`` and ``params``. Non-convergence after ``max_iter`` steps:
-        ``ValueError`` on concrete input; under ``jit`` those entries come back as NaN."""
+        Differentiable in ``z`` and ``params``.
+
+        Raises:
+            ValueError: on concrete input, a layer's weight or bias holds NaN / inf, or a
+                weight is singular to working precision (smallest singular value ``<= D eps``
+                times the largest; the message names the layer), or Newton has not converged
+                after ``max_iter`` steps. Under ``jit``, where nothing can be raised, the
+                affected rows (all of them, for a bad layer) come back as NaN, never as
+                silent garbage.
+        """
         flat, batch = self._flat("z", z)
         tol = _flows.newton_tolerance(tol, float(jnp.finfo(flat.dtype).eps))
         max_iter = _flows.check_max_iter(max_iter)
-        self._check_params(params)
+        invertible = self.check_invertible(params)
         h, ok = flat, jnp.ones(flat.shape, bool)
         for k in reversed(range(self.n_layers)):
             w, b = params[k]
@@ -263,18 +311,30 @@ class InvertibleMLP:
                 h, rel = self._act_inverse(h, tol, max_iter)
                 converged = (rel <= tol).all()
                 if _is_concrete(converged) and not bool(converged):
-                    raise _flows.newton_error(max_iter, int((rel > tol).sum()), float(rel.max()), tol)
+                    bad = ~(rel <= tol)  # NaN counts as unconverged
+                    raise _flows.newton_error(max_iter, int(bad.sum()), float(rel.max()), tol, k)
                 ok = ok & (rel <= tol)
             if b is not None:
                 h = h - b
             h = jnp.linalg.solve(w, h.T).T
-        # only reached with unconverged entries under tracing, where raising is impossible
-        h = jnp.where(ok.all(-1, keepdims=True), h, jnp.nan)
+        # only reached with a bad layer or unconverged entries under tracing, where raising
+        # is impossible
+        h = jnp.where(ok.all(-1, keepdims=True) & invertible, h, jnp.nan)
         return h.reshape(*batch, self.dim)
 
     def sample(self, params, key, n: int, **inverse_kwargs):
-        """``n`` samples ``g^{-1}(z)``, ``z ~ N(0, I)``, ``[n, D]``."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"argument 'n' must be an int >= 1, got {n!r}")
+        """``n`` samples ``g^{-1}(z)``, ``z ~ N(0, I)``, ``[n, D]``.
+
+        Args:
+            params: the flow's parameters.
+            key: a PRNG key for ``z``.
+            n: the number of samples, an ``int >= 1`` (numpy integers too).
+            **inverse_kwargs: ``tol``, ``max_iter`` of ``inverse``.
+
+        Raises:
+            TypeError: ``n`` is not an integer.
+            ValueError: ``n < 1``, or the flow cannot be inverted (see ``inverse``).
+        """
+        n = _flows.check_n_samples(n)
         z = jax.random.normal(key, (n, self.dim), params[0].weight.dtype)
         return self.inverse(params, z, **inverse_kwargs)

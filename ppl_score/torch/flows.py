@@ -20,11 +20,14 @@ See ``ppl_score._flows`` for the math shared with ``ppl_score.jax.flows``.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import nn
 
 from .. import _flows, spec
+from ..validation import is_validation_enabled
 
 __all__ = ["InvertibleMLP", "relative_gradient_linear", "smooth_leaky_relu"]
 
@@ -160,7 +163,8 @@ class InvertibleMLP(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"argument {name!r} must have a floating dtype, got {x.dtype}")
         _flows.check_event(name, x.shape, self.dim)
-        if not torch.isfinite(x).all():
+        # a host synchronisation: behind the validation switch (ppl_score.set_validation)
+        if is_validation_enabled() and not torch.isfinite(x).all():
             raise ValueError(f"argument {name!r} contains non-finite values (nan or inf)")
         return x
 
@@ -250,7 +254,7 @@ class InvertibleMLP(nn.Module):
         return nll.sum() if reduction == "sum" else nll.mean()
 
     # ---- inverse and sampling -------------------------------------------------------------
-    def _act_inverse(self, t: torch.Tensor, tol: float, max_iter: int) -> torch.Tensor:
+    def _act_inverse(self, t: torch.Tensor, tol: float, max_iter: int, layer: int | None = None) -> torch.Tensor:
         """``sigma^{-1}(t)`` by Newton's method, differentiable in ``t``.
 
         ``sigma`` is increasing and convex, and ``y0 = min(t, t/alpha) >= sigma^{-1}(t)``
@@ -270,31 +274,73 @@ class InvertibleMLP(nn.Module):
                 y = y - r / _dact(y, a)
             rel = (smooth_leaky_relu(y, a) - t0).abs() / (1.0 + t0.abs())
             if not bool((rel <= tol).all()):
-                raise _flows.newton_error(max_iter, int((rel > tol).sum()), float(rel.max()), tol)
+                bad = ~(rel <= tol)  # NaN counts as unconverged
+                raise _flows.newton_error(max_iter, int(bad.sum()), float(rel.max()), tol, layer)
         return y - (smooth_leaky_relu(y, a) - t) / _dact(y, a)
 
     def inverse(self, z: torch.Tensor, *, tol: float | None = None, max_iter: int = _flows.NEWTON_MAX_ITER) -> torch.Tensor:
         """``x = g^{-1}(z)``, ``[..., D] -> [..., D]``: per layer a Newton inverse of the
         activation (relative residual ``<= tol``, default ``64 eps``) and one batched linear
-        solve. Differentiable in ``z`` and in the parameters. ``ValueError`` if Newton has not
-        converged after ``max_iter`` steps."""
+        solve. Differentiable in ``z`` and in the parameters.
+
+        Raises:
+            ValueError: a layer's weight or bias holds NaN / inf, or a weight is singular to
+                working precision (smallest singular value ``<= D eps`` times the largest; the
+                message names the layer), or Newton has not converged after ``max_iter``
+                steps. Checked whatever the validation switch: the inverse synchronises with
+                the host at every Newton step anyway.
+        """
         flat, batch = self._flat("z", z)
         tol = _flows.newton_tolerance(tol, torch.finfo(flat.dtype).eps)
         max_iter = _flows.check_max_iter(max_iter)
+        self.check_invertible()
         h = flat
         for k in reversed(range(self.n_layers)):
             if k < self.n_layers - 1:
-                h = self._act_inverse(h, tol, max_iter)
+                h = self._act_inverse(h, tol, max_iter, k)
             b = self._bias(k)
             if b is not None:
                 h = h - b
             h = torch.linalg.solve(self.weights[k], h.mT).mT
         return h.reshape(*batch, self.dim)
 
+    @torch.no_grad()
+    def check_invertible(self) -> None:
+        """Check that every layer can be inverted: finite weights and biases, and weights not
+        singular to working precision (``s_min > D eps s_max``, one ``svdvals`` per layer).
+
+        Raises:
+            ValueError: naming the first layer that cannot be inverted.
+        """
+        for k, w in enumerate(self.weights):
+            b = self._bias(k)
+            finite_w = bool(torch.isfinite(w).all())
+            s = torch.linalg.svdvals(w) if finite_w else None
+            _flows.check_layer(
+                k,
+                finite_w,
+                b is None or bool(torch.isfinite(b).all()),
+                float(s[0]) if finite_w else math.nan,
+                float(s[-1]) if finite_w else math.nan,
+                self.dim,
+                torch.finfo(w.dtype).eps,
+            )
+
     def sample(self, n: int, *, generator: torch.Generator | None = None, **inverse_kwargs) -> torch.Tensor:
-        """``n`` samples ``g^{-1}(z)``, ``z ~ N(0, I)``, ``[n, D]``."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"argument 'n' must be an int >= 1, got {n!r}")
+        """``n`` samples ``g^{-1}(z)``, ``z ~ N(0, I)``, ``[n, D]``.
+
+        Args:
+            n: the number of samples, an ``int >= 1`` (numpy integers too).
+            generator: ``torch.Generator`` for ``z``.
+            **inverse_kwargs: ``tol``, ``max_iter`` of ``inverse``.
+
+        Raises:
+            TypeError: ``n`` is not an integer.
+            ValueError: ``n < 1``, or the flow cannot be inverted (see ``inverse``).
+        """
+        n = _flows.check_n_samples(n)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"argument 'generator' must be a torch.Generator, got {type(generator).__name__}")
         w = self.weights[0]
         z = torch.randn(n, self.dim, generator=generator, dtype=w.dtype, device=w.device)
         return self.inverse(z, **inverse_kwargs)

@@ -1,0 +1,256 @@
+"""Full-Jacobian flows under faults (issue 10, items 5 and 9), torch, JAX, Pyro, NumPyro.
+
+- ``sample`` takes numpy integers (and rejects ``bool`` and floats) in both backends;
+- inverting through a singular or non-finite layer is a ``ValueError`` naming the layer in
+  both backends (torch raised a raw linalg error, JAX returned NaN / -inf silently and
+  reported "up to nan"); under ``jit`` JAX returns NaN rows, never silent garbage;
+- every public flow object survives ``pickle``, ``copy.deepcopy`` and ``torch.save``.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+jax = pytest.importorskip("jax")
+import jax.numpy as jnp  # noqa: E402
+
+from ppl_score.jax.flows import InvertibleMLP as JaxFlow  # noqa: E402
+from ppl_score.torch.flows import InvertibleMLP as TorchFlow  # noqa: E402
+
+D, L, ALPHA = 3, 3, 0.2
+DTYPES = ["float32", "float64"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _pair(dtype="float64", seed=0):
+    """A torch flow and its JAX twin (same weights, random biases)."""
+    gen = torch.Generator().manual_seed(seed)
+    tflow = TorchFlow(D, L, ALPHA, dtype=getattr(torch, dtype), generator=gen)
+    with torch.no_grad():
+        for b in tflow.biases:
+            b.copy_(0.3 * torch.randn(D, generator=gen, dtype=b.dtype))
+    jflow = JaxFlow(D, L, ALPHA)
+    if dtype == "float64" and not jax.config.jax_enable_x64:
+        pytest.skip("JAX float64 needs x64")
+    return tflow, jflow, jflow.params_from(tflow.flow_params(), getattr(jnp, dtype))
+
+
+_J_INVERSE = {}
+
+
+def _jit_inverse(jflow):
+    if jflow not in _J_INVERSE:
+        _J_INVERSE[jflow] = jax.jit(jflow.inverse)
+    return _J_INVERSE[jflow]
+
+
+# ---------------------------------------------------------------------------------------
+# sample(n): numpy integers (rejected before)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [3, np.int64(3), np.int32(3), np.uint8(3)])
+def test_sample_accepts_numpy_integers(n):
+    tflow, jflow, params = _pair()
+    assert tflow.sample(n, generator=torch.Generator().manual_seed(0)).shape == (3, D)
+    assert jflow.sample(params, jax.random.PRNGKey(0), n).shape == (3, D)
+
+
+@pytest.mark.parametrize("n,error", [(True, TypeError), (3.0, TypeError), ("3", TypeError), (0, ValueError),
+                                     (np.int64(-1), ValueError)])
+def test_sample_rejects_bad_n(n, error):
+    tflow, jflow, params = _pair()
+    with pytest.raises(error, match="'n'"):
+        tflow.sample(n)
+    with pytest.raises(error, match="'n'"):
+        jflow.sample(params, jax.random.PRNGKey(0), n)
+
+
+# ---------------------------------------------------------------------------------------
+# singular / non-finite layers
+# ---------------------------------------------------------------------------------------
+
+
+def _break(tflow, jflow, params, layer, how):
+    """Make ``layer`` singular (rank deficient), or put a NaN / inf in its weight or bias."""
+    w = tflow.weights[layer].detach().clone()
+    b = tflow.biases[layer].detach().clone()
+    if how == "singular":
+        w[:, 1] = 2.0 * w[:, 0]  # exactly rank deficient in any dtype
+    elif how == "nan weight":
+        w[1, 2] = float("nan")
+    elif how == "inf weight":
+        w[0, 0] = float("inf")
+    else:
+        b[0] = float("nan")
+    with torch.no_grad():
+        tflow.weights[layer].copy_(w)
+        tflow.biases[layer].copy_(b)
+    params = list(params)
+    dtype = params[layer].weight.dtype
+    params[layer] = params[layer]._replace(weight=jnp.asarray(w.numpy(), dtype), bias=jnp.asarray(b.numpy(), dtype))
+    return tuple(params)
+
+
+MESSAGES = {
+    "singular": "layer {k} weight is singular to working precision",
+    "nan weight": r"layer {k} weight contains non-finite values \(nan or inf\)",
+    "inf weight": r"layer {k} weight contains non-finite values \(nan or inf\)",
+    "nan bias": r"layer {k} bias contains non-finite values",
+}
+
+
+@pytest.mark.parametrize("how", list(MESSAGES))
+@pytest.mark.parametrize("layer", [0, 1, 2])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_inverse_through_a_bad_layer_names_it(dtype, layer, how):
+    tflow, jflow, params = _pair(dtype)
+    params = _break(tflow, jflow, params, layer, how)
+    z = np.random.default_rng(0).normal(size=(4, D)).astype(dtype)
+    match = MESSAGES[how].format(k=layer)
+    with pytest.raises(ValueError, match=match):
+        tflow.inverse(torch.from_numpy(z))
+    with pytest.raises(ValueError, match=match):
+        tflow.sample(2)
+    with pytest.raises(ValueError, match=match):
+        jflow.inverse(params, jnp.asarray(z))
+    with pytest.raises(ValueError, match=match):
+        jflow.sample(params, jax.random.PRNGKey(0), 2)
+    # under jit nothing can be raised: every row is NaN, never NaN/-inf mixed with garbage
+    out = np.asarray(_jit_inverse(jflow)(params, jnp.asarray(z)))
+    assert np.isnan(out).all()
+
+
+def test_nearly_singular_layer_in_float32_only():
+    """Condition number 1e9: beyond float32's working precision (rejected), fine in float64
+    (inverted, and the round trip holds)."""
+    for dtype, ok in (("float64", True), ("float32", False)):
+        tflow, jflow, params = _pair(dtype)
+        w = tflow.weights[1].detach().double()
+        u, s, vh = torch.linalg.svd(w)
+        w = (u * torch.tensor([1.0, 1.0, 1e-9], dtype=w.dtype)) @ vh
+        with torch.no_grad():
+            tflow.weights[1].copy_(w)
+        params = list(params)
+        params[1] = params[1]._replace(weight=jnp.asarray(w.numpy(), params[1].weight.dtype))
+        z = torch.zeros(2, D, dtype=tflow.weights[0].dtype)
+        if ok:
+            x = tflow.inverse(z)
+            torch.testing.assert_close(tflow(x), z, atol=1e-5, rtol=0)
+            assert np.isfinite(np.asarray(jflow.inverse(params, jnp.asarray(z.numpy())))).all()
+        else:
+            with pytest.raises(ValueError, match="layer 1 weight is singular"):
+                tflow.inverse(z)
+            with pytest.raises(ValueError, match="layer 1 weight is singular"):
+                jflow.inverse(tuple(params), jnp.asarray(z.numpy()))
+
+
+def test_good_flow_still_inverts_under_jit():
+    tflow, jflow, params = _pair()
+    x = np.random.default_rng(1).normal(size=(5, D))
+    z = jflow.forward(params, jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(_jit_inverse(jflow)(params, z)), x, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(tflow.inverse(torch.from_numpy(np.array(z))).detach().numpy(), x, rtol=1e-9,
+                               atol=1e-9)
+
+
+def test_newton_error_names_the_layer_and_a_non_finite_residual():
+    from ppl_score import _flows
+
+    assert "of layer 1 did not converge" in str(_flows.newton_error(5, 2, 0.1, 1e-6, 1))
+    msg = str(_flows.newton_error(5, 2, float("nan"), 1e-6, 0))
+    assert "not finite" in msg and "up to nan" not in msg
+
+
+# ---------------------------------------------------------------------------------------
+# pickle / deepcopy / torch.save
+# ---------------------------------------------------------------------------------------
+
+
+def _torch_save_load(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+COPIES = {"pickle": lambda o: pickle.loads(pickle.dumps(o)), "deepcopy": copy.deepcopy}
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy", "torch.save"])
+def test_torch_and_pyro_flow_objects_survive_copies(how):
+    import pyro.distributions as dist
+
+    from ppl_score.pyro.flows import InvertibleMLPTransform, RelativeGradientMLE
+
+    copy_of = COPIES.get(how, _torch_save_load)
+    tflow, _, _ = _pair()
+    x = torch.from_numpy(np.random.default_rng(2).normal(size=(4, D)))
+    clone = copy_of(tflow)
+    assert type(clone) is TorchFlow and clone.extra_repr() == tflow.extra_repr()
+    torch.testing.assert_close(clone.log_prob(x), tflow.log_prob(x), rtol=0, atol=0)
+    torch.testing.assert_close(clone.inverse(x), tflow.inverse(x), rtol=0, atol=0)
+    # the copy owns its parameters
+    with torch.no_grad():
+        clone.weights[0].mul_(2.0)
+    assert not torch.equal(clone.weights[0], tflow.weights[0])
+
+    transform = InvertibleMLPTransform(flow=_pair()[0], max_iter=50)
+    t_clone = copy_of(transform)
+    assert type(t_clone) is InvertibleMLPTransform and t_clone.inverse_kwargs == {"max_iter": 50}
+    base = dist.Normal(torch.zeros(D, dtype=torch.float64), 1.0).to_event(1)
+    lp = dist.TransformedDistribution(base, [transform]).log_prob(x)
+    torch.testing.assert_close(dist.TransformedDistribution(base, [t_clone]).log_prob(x), lp, rtol=0, atol=0)
+    torch.testing.assert_close(t_clone(x), transform(x), rtol=0, atol=0)
+    if how != "torch.save":
+        assert isinstance(copy_of(RelativeGradientMLE()), RelativeGradientMLE)
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+def test_jax_and_numpyro_flow_objects_survive_copies(how):
+    import numpyro.distributions as ndist
+
+    from ppl_score.numpyro.flows import InvertibleMLPTransform, RelativeGradientMLE
+
+    copy_of = COPIES[how]
+    _, jflow, params = _pair()
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(4, D)))
+    c_flow, c_params = copy_of((jflow, params))
+    assert c_flow == jflow and hash(c_flow) == hash(jflow)  # still a valid static argument
+    assert type(c_params[0]).__name__ == "FlowLayer"
+    np.testing.assert_array_equal(np.asarray(c_flow.log_prob(c_params, x)), np.asarray(jflow.log_prob(params, x)))
+
+    t = InvertibleMLPTransform(jflow, params, {"max_iter": 50})
+    t_clone = copy_of(t)
+    assert type(t_clone) is InvertibleMLPTransform and t_clone.inverse_kwargs == {"max_iter": 50}
+    base = ndist.Normal(jnp.zeros(D), 1.0).to_event(1)
+    lp = ndist.TransformedDistribution(base, t).log_prob(x)
+    np.testing.assert_array_equal(np.asarray(ndist.TransformedDistribution(base, t_clone).log_prob(x)),
+                                  np.asarray(lp))
+    np.testing.assert_array_equal(np.asarray(t_clone(x)), np.asarray(t(x)))
+    assert isinstance(copy_of(RelativeGradientMLE()), RelativeGradientMLE)
+
+
+def test_finiteness_check_respects_the_validation_switch():
+    from ppl_score.validation import validation_enabled
+
+    tflow, jflow, params = _pair()
+    x = np.full((2, D), np.nan)
+    with pytest.raises(ValueError, match="'x' contains non-finite"):
+        tflow.log_prob(torch.from_numpy(x))
+    with validation_enabled(False):  # no host sync: the NaN propagates
+        assert torch.isnan(tflow.log_prob(torch.from_numpy(x))).all()
+        assert np.isnan(np.asarray(jflow.log_prob(params, jnp.asarray(x)))).all()
