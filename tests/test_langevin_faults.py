@@ -225,3 +225,32 @@ def test_pyro_nuts_grad_modes():
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     with torch.inference_mode(), pytest.raises(RuntimeError, match="no_grad"):
         psampling.nuts(_pyro_model, "x", x, num_samples=3, warmup_steps=3)
+
+
+def _fresh_closure(scale):
+    w = {"w": jnp.full((2,), scale)}  # a new array (in a pytree) per call, as in a training loop
+
+    def energy(p, x):
+        return -0.5 * ((x * p["w"]) ** 2).sum(-1)
+
+    return lambda x: energy(w, x)
+
+
+def test_jax_new_closures_over_new_arrays_reuse_one_compilation():
+    """``lambda x: energy(params, x)`` made afresh per call: compiled once, arrays not kept."""
+    x0, key = jnp.asarray(X0), jax.random.PRNGKey(0)
+    fns = [_fresh_closure(1.0 + i) for i in range(3)]
+    outs = [jl.mala(fn, x0, 0.2, 3, key=key) for fn in fns]
+    drivers, leaves = jl._drivers(fns[0])
+    assert drivers is jl._drivers(fns[2])[0]  # one cache entry for the closure's code
+    assert drivers.traces == 2  # init and one scan, for all three closures
+    assert len(leaves) == 1
+    # the closed-over arrays are live data, not baked constants
+    assert not np.allclose(np.asarray(outs[0].samples), np.asarray(outs[2].samples))
+    ref = jl.mala(lambda x: -0.5 * ((x * jnp.full((2,), 3.0)) ** 2).sum(-1), x0, 0.2, 3, key=key)
+    np.testing.assert_allclose(np.asarray(outs[2].samples), np.asarray(ref.samples), rtol=1e-6)
+    # the cache holds none of the arrays: they die with the closures
+    refs = [weakref.ref(leaf) for fn in fns for leaf in jl._drivers(fn)[1]]
+    del fns, outs, leaves
+    gc.collect()
+    assert all(r() is None for r in refs)

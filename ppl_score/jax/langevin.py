@@ -12,12 +12,14 @@ out, randomness from an explicit key). ``ula`` / ``mala`` drive ``step`` with ``
 under ``jit``, in chunks when a progress bar is shown; every step's key is split from
 ``key`` up front, so the draws do not depend on the chunking.
 
-Compilation. ``fn`` is compiled once per ``fn`` object (and per shape, dtype and option
-set) and the compiled programs are kept only while the caller keeps ``fn``: calling again
-with the same ``fn`` reuses them, a new closure compiles again, and a dropped ``fn`` (with
-the arrays it closes over) is garbage-collected. To reuse one compilation across new
-parameter values, pass ``jax.tree_util.Partial(energy, params)`` with a module-level
-``energy(params, x)``: the ``Partial``'s arguments are dynamic (pytree leaves).
+Compilation. Nothing the caller passes is kept alive by a cache, and a training loop that
+samples with ``lambda x: energy(params, x)`` made afresh each time compiles once: the arrays
+a plain Python function closes over (directly, in nested closures, or in dicts, lists and
+tuples) are passed to the compiled program as dynamic arguments, and the compilation is
+cached per code object (weakly) and per the closure's non-array contents (numbers,
+strings, types). A ``jax.tree_util.Partial(energy, params)`` works the same way. Any other
+``fn`` (a bound method, an object holding arrays in its attributes) is compiled once per
+``fn`` object and released with it.
 
 ``fn`` maps chains ``x[C, *event]`` to log densities ``[C]`` (``kind="log_prob"``, up to a
 constant) or, for ULA only, to scores ``[C, *event]`` (``kind="score"``); row ``c`` of its
@@ -27,6 +29,7 @@ output may depend only on ``x[c]``.
 from __future__ import annotations
 
 import math
+import types
 import weakref
 from functools import partial
 from typing import NamedTuple
@@ -115,22 +118,21 @@ def step(key, state: LangevinState, fn, step_size, *, adjusted: bool = True, kin
 
 
 # ---------------------------------------------------------------------------------------
-# compiled drivers, cached per ``fn`` without keeping ``fn`` alive
+# compiled drivers, cached without keeping ``fn`` (or its arrays) alive
 #
 # ``fn`` cannot be a static jit argument: jit's caches would hold every closure ever passed
 # (and the arrays it closes over) for the life of the process, and compile again for each
-# new one. Instead each ``fn`` (for a ``jax.tree_util.Partial``: its ``func``) gets its own
-# jitted drivers in ``_COMPILED``, a ``WeakKeyDictionary`` whose drivers reach ``fn`` only
-# through a weak reference: the entry, its compiled programs and whatever ``fn`` closes over
-# are freed once the caller drops ``fn``. The arguments of a ``Partial`` are pytree leaves
-# passed as dynamic arguments, so a new ``Partial(energy, params)`` per call (new ``params``
-# of the same shapes) reuses the compilation.
+# new one. Instead ``_COMPILED``, a ``WeakKeyDictionary``, maps a weakly held base (a
+# closure's code object, a ``Partial``'s ``func``, or else ``fn`` itself) to jitted drivers
+# that reach it only through a weak reference. The arrays of a closure or ``Partial`` are
+# pytree leaves passed as dynamic arguments, so a new closure of the same code over new
+# arrays of the same shapes reuses the compilation.
 
 
 class _Drivers:
     """The jitted ``init`` and ``scan`` for one ``fn``, which they hold weakly."""
 
-    def __init__(self, base):
+    def __init__(self, base, assemble):
         try:
             ref = weakref.ref(base)
         except TypeError:  # not weak-referenceable: compiled for this call only
@@ -138,40 +140,123 @@ class _Drivers:
         self.init = jax.jit(partial(_init_checked_impl, ref, self), static_argnames=("kind",))
         self.scan = jax.jit(partial(_scan_impl, ref, self), static_argnames=("kind", "adjusted", "collect"))
         self.traces = 0  # how many times fn was traced (compilations), for tests and debugging
-        self.treedef = None
+        self.assemble = assemble  # (base, leaves) -> fn
 
     def rebuild(self, ref, leaves):
         self.traces += 1
         base = ref()
         if base is None:  # pragma: no cover - the caller holds fn during the call
             raise RuntimeError("argument 'fn' was garbage-collected during the run")
-        if self.treedef is None:
-            return base
-        args, keywords = jax.tree.unflatten(self.treedef, leaves)
-        return jax.tree_util.Partial(base, *args, **keywords)
+        return self.assemble(base, leaves)
 
 
 _COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
+# Closure contents that may be baked into a compilation: immutable values whose equality
+# is their meaning. Anything else (an object holding arrays, say) disables the code-keyed
+# cache for that closure, which is then compiled per ``fn`` object as above.
+_STATIC_TYPES = (type(None), bool, int, float, complex, str, bytes, type, np.dtype, types.BuiltinFunctionType)
+
+
+class _Unkeyable(Exception):
+    """A closure whose contents cannot be split into a static key and array leaves."""
+
+
+class _FnSpec:
+    """A plain Python function with its arrays taken out: code, globals and the structure of
+    its closure cells and defaults, with each array replaced by a slot for a dynamic leaf.
+    Equal specs rebuild functions that differ only in those arrays."""
+
+    __slots__ = ("code", "globals", "name", "cells", "defaults", "_key")
+
+    def __init__(self, fn, leaves):
+        if fn.__kwdefaults__:
+            raise _Unkeyable
+        try:
+            contents = [c.cell_contents for c in fn.__closure__ or ()]
+        except ValueError:  # an empty cell (a function referring to itself before assignment)
+            raise _Unkeyable from None
+        self.code, self.globals, self.name = fn.__code__, fn.__globals__, fn.__name__
+        self.cells = tuple(_split(v, leaves) for v in contents)
+        self.defaults = tuple(_split(v, leaves) for v in fn.__defaults__ or ())
+        self._key = (self.code, id(self.globals), self.cells, self.defaults)
+
+    def __eq__(self, other):
+        return isinstance(other, _FnSpec) and self._key == other._key
+
+    def __hash__(self):
+        return hash(self._key)
+
+    def build(self, leaves):
+        cells = tuple(types.CellType(_join(c, leaves)) for c in self.cells)
+        defaults = tuple(_join(d, leaves) for d in self.defaults) or None
+        return types.FunctionType(self.code, self.globals, self.name, defaults, cells or None)
+
+
+def _split(obj, leaves):
+    """A hashable spec of ``obj`` with its arrays appended to ``leaves``."""
+    if isinstance(obj, (jax.Array, np.ndarray)):
+        leaves.append(obj)
+        return ("leaf",)
+    if isinstance(obj, _STATIC_TYPES):
+        return ("const", type(obj), obj)
+    if isinstance(obj, types.FunctionType):
+        return ("fn", _FnSpec(obj, leaves))
+    children, treedef = jax.tree.flatten(obj, is_leaf=lambda o: o is not obj and isinstance(o, types.FunctionType))
+    if treedef.num_leaves == 1 and children and children[0] is obj:  # an opaque object
+        raise _Unkeyable
+    return ("tree", treedef, tuple(_split(c, leaves) for c in children))
+
+
+def _join(spec, leaves):
+    """Inverse of :func:`_split`, taking the arrays from the iterator ``leaves``."""
+    if spec[0] == "leaf":
+        return next(leaves)
+    if spec[0] == "const":
+        return spec[2]
+    if spec[0] == "fn":
+        return spec[1].build(leaves)
+    return jax.tree.unflatten(spec[1], [_join(c, leaves) for c in spec[2]])
+
 
 def _drivers(fn):
-    """``(drivers, leaves)`` for ``fn``: cached drivers and the dynamic leaves of a ``Partial``."""
+    """``(drivers, leaves)`` for ``fn``: cached drivers and the dynamic leaves of ``fn``.
+
+    A ``Partial``'s arguments, and the arrays a plain Python function closes over (also in
+    nested closures, dicts, lists and tuples), are dynamic leaves: a new closure of the same
+    code over new arrays of the same shapes reuses the compilation, and the cache, keyed
+    weakly by the code object, holds none of the arrays.
+    """
     if isinstance(fn, jax.tree_util.Partial):
         base = fn.func
         leaves, treedef = jax.tree.flatten((tuple(fn.args), dict(fn.keywords)))
+
+        def assemble(base, leaves, treedef=treedef):
+            args, keywords = jax.tree.unflatten(treedef, leaves)
+            return jax.tree_util.Partial(base, *args, **keywords)
+
+        key = ("partial", treedef)
     else:
-        base, leaves, treedef = fn, [], None
+        base, leaves, key = fn, [], None
+        assemble = lambda base, leaves: base  # noqa: E731
+        if isinstance(fn, types.FunctionType) and (fn.__closure__ or fn.__defaults__):
+            try:
+                found = []
+                fspec = _FnSpec(fn, found)
+            except _Unkeyable:
+                pass
+            else:
+                base, leaves, key = fn.__code__, found, ("closure", fspec)
+                assemble = lambda base, leaves, fspec=fspec: fspec.build(iter(leaves))  # noqa: E731
     try:
         per_base = _COMPILED.get(base)
         if per_base is None:
             per_base = _COMPILED[base] = {}
     except TypeError:  # unhashable or not weak-referenceable: no cache
         per_base = {}
-    if treedef not in per_base:
-        drivers = _Drivers(base)
-        drivers.treedef = treedef
-        per_base[treedef] = drivers
-    return per_base[treedef], leaves
+    if key not in per_base:
+        per_base[key] = _Drivers(base, assemble)
+    return per_base[key], leaves
 
 
 def _init_checked_impl(ref, drivers, leaves, x, *, kind):
