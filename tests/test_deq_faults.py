@@ -345,3 +345,33 @@ def test_jax_objects_pickle_and_deepcopy():
             _, p_ref = pair[0](jax.random.PRNGKey(1), (2, 3))
             assert tuple(out_shape) == shape
             np.testing.assert_array_equal(np.asarray(apply_fn(p, x)), np.asarray(pair[1](p_ref, x)))
+
+
+# ---------------------------------------------------------------------------------------
+# The front ends: the same behaviour through ppl_score.pyro / ppl_score.numpyro
+# ---------------------------------------------------------------------------------------
+
+
+def test_pyro_front_end_nan_weight_and_float32():
+    from ppl_score.pyro import deq as pdeq
+
+    torch.manual_seed(1)
+    model = pdeq.DEQEnergy(3, 2, gamma=0.9, on_nonconvergence="raise").float()
+    x = torch.randn(16, 3, generator=torch.Generator().manual_seed(1)) * 2
+    assert torch.isfinite(model(x)).all() and model.last_info.converged
+    with torch.no_grad():
+        model.deq.weight[0, 0] = float("nan")
+    with pytest.raises(tdeq.FixedPointError, match="non-finite"):
+        model(x)
+
+
+def test_numpyro_front_end_nan_weight_and_float32():
+    from ppl_score.numpyro import deq as ndeq
+
+    init_fn, apply_fn = ndeq.deq_energy(2, dtype=jnp.float32, gamma=0.9, on_nonconvergence="raise")
+    _, params = init_fn(jax.random.PRNGKey(0), (16, 3))
+    x = jax.random.normal(jax.random.PRNGKey(1), (16, 3), jnp.float32) * 2
+    assert np.isfinite(np.asarray(apply_fn(params, x))).all()
+    params["weight"] = params["weight"].at[0, 0].set(jnp.nan)
+    with pytest.raises(jdeq.FixedPointError, match="non-finite"):
+        apply_fn(params, x)

@@ -254,3 +254,25 @@ def test_finiteness_check_respects_the_validation_switch():
     with validation_enabled(False):  # no host sync: the NaN propagates
         assert torch.isnan(tflow.log_prob(torch.from_numpy(x))).all()
         assert np.isnan(np.asarray(jflow.log_prob(params, jnp.asarray(x)))).all()
+
+
+# ---------------------------------------------------------------------------------------
+# The front ends: sampling a TransformedDistribution through a singular layer
+# ---------------------------------------------------------------------------------------
+
+
+def test_pyro_and_numpyro_transforms_name_the_bad_layer():
+    import numpyro.distributions as ndist
+    import pyro.distributions as dist
+
+    from ppl_score.numpyro.flows import InvertibleMLPTransform as NTransform
+    from ppl_score.pyro.flows import InvertibleMLPTransform as PTransform
+
+    tflow, jflow, params = _pair()
+    params = _break(tflow, jflow, params, 1, "singular")
+    base = dist.Normal(torch.zeros(D, dtype=torch.float64), 1.0).to_event(1)
+    with pytest.raises(ValueError, match="layer 1 weight is singular"):
+        dist.TransformedDistribution(base, [PTransform(flow=tflow)]).rsample((2,))
+    nbase = ndist.Normal(jnp.zeros(D), 1.0).to_event(1)
+    with pytest.raises(ValueError, match="layer 1 weight is singular"):
+        ndist.TransformedDistribution(nbase, NTransform(jflow, params)).sample(jax.random.PRNGKey(0), (2,))

@@ -39,6 +39,14 @@ not converge warns (``FixedPointWarning``), raises (``FixedPointError``; under `
 surfaces wrapped in JAX's runtime error) or is ignored, per ``on_nonconvergence``; the check
 runs on the host through ``jax.debug.callback``.
 
+Faults: Anderson's least-squares step is regularized relative to the dtype and to the size
+of the residuals (``_deq.anderson_reg``: ``max(1e-8, 10 eps)`` of the normalized Gram
+matrix), and an example whose step is still singular or non-finite takes a plain step
+instead (``jnp.where``: jit-compatible). A map that returns NaN or inf (a NaN
+weight, a NaN input) stops the solve at once and goes through the same policy, with a
+message that says so; a map that changes the shape or dtype of ``z`` is a
+``ValueError`` / ``TypeError`` naming ``f``.
+
 Parameters are dicts in the layout of ``ppl_score.torch.deq.deq_params``.
 """
 

@@ -40,6 +40,14 @@ converged)`` reports the worst example's relative residual. A solve that does no
 warns (``FixedPointWarning``), raises (``FixedPointError``) or is ignored, per
 ``on_nonconvergence``.
 
+Faults: Anderson's least-squares step is regularized relative to the dtype and to the size
+of the residuals (``_deq.anderson_reg``: ``max(1e-8, 10 eps)`` of the normalized Gram
+matrix), and an example whose step is still singular or non-finite takes a plain step
+instead (``solve_ex``, no host synchronisation). A map that returns NaN or inf (a NaN
+weight, a NaN input) stops the solve at once and goes through the same policy, with a
+message that says so; a map that changes the shape or dtype of ``z`` is a
+``ValueError`` / ``TypeError`` naming ``f``.
+
 The layout mirrors ``ppl_score.jax.deq`` (``deq_params`` converts the weights).
 """
 
