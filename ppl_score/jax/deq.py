@@ -185,14 +185,13 @@ def _anderson_mix(xs, fs, k, m: int):
     dtype. Invalid slots get identity rows and a zero right-hand side, so every shape is
     fixed.
 
-    The residuals are rescaled before their Gram matrix is formed, so it neither overflows
-    nor underflows; an example whose system is singular anyway, or whose coefficients or mix
-    are not finite, takes the plain step ``f`` of its newest iterate instead (a
-    ``jnp.where``: no Python branch on traced values)."""
+    An example whose system is singular anyway, or whose coefficients are not finite (a Gram
+    matrix that overflowed), takes the plain step ``f`` of its newest iterate instead (a
+    ``jnp.where``: no Python branch on traced values). A solve stops at the first
+    non-finite residual, so a non-finite ``f`` is never mixed in."""
     valid = (jnp.arange(m) < jnp.minimum(k, m)).astype(xs.dtype)  # [m]
     tiny = jnp.finfo(xs.dtype).tiny
     g = (fs - xs) * valid[:, None]
-    g = g / jnp.maximum(jnp.abs(g).max(axis=(1, 2), keepdims=True), tiny)  # entries in [-1, 1]
     gram = g @ jnp.swapaxes(g, 1, 2)  # [B, m, m]
     scale = jnp.trace(gram, axis1=1, axis2=2) / valid.sum()
     gram = gram / jnp.maximum(scale, tiny)[:, None, None]
@@ -201,10 +200,10 @@ def _anderson_mix(xs, fs, k, m: int):
     reg = _deq.anderson_reg(float(jnp.finfo(xs.dtype).eps))
     a = gram * outer + eye * (reg * valid + (1 - valid))
     alpha = jnp.linalg.solve(a, jnp.broadcast_to(valid, (xs.shape[0], m))[..., None])[..., 0]
-    alpha = alpha / alpha.sum(-1, keepdims=True)
-    mixed = (alpha[:, None, :] @ fs)[:, 0]
-    ok = jnp.isfinite(alpha).all(-1) & jnp.isfinite(mixed).all(-1)
-    return jnp.where(ok[:, None], mixed, fs[:, (k - 1) % m])
+    total = alpha.sum(-1, keepdims=True)  # finite iff every coefficient is
+    # a plain step is the mix with weight 1 on the newest slot: only [B, m] is selected
+    alpha = jnp.where(jnp.isfinite(total), alpha / total, eye[(k - 1) % m])
+    return (alpha[:, None, :] @ fs)[:, 0]
 
 
 def _anderson(step, z0, cfg: SolverConfig):

@@ -162,15 +162,14 @@ def _anderson_mix(xs, fs, k: int, m: int):
     dtype. Invalid slots get identity rows and a zero right-hand side, so every shape is
     fixed (as in JAX).
 
-    The residuals are rescaled before their Gram matrix is formed, so it neither overflows
-    nor underflows, and the solve cannot raise (``solve_ex``): an example whose system is
-    singular anyway, or whose coefficients or mix are not finite, takes the plain step
-    ``f`` of its newest iterate instead (no host synchronisation)."""
+    The solve cannot raise (``solve_ex``): an example whose system is singular anyway, or
+    whose coefficients are not finite (a Gram matrix that overflowed), takes the plain step
+    ``f`` of its newest iterate instead (no host synchronisation). The buffers never hold a
+    non-finite ``f``: a solve stops at the first non-finite residual."""
     b = xs.shape[0]
     valid = (torch.arange(m, device=xs.device) < min(k, m)).to(xs.dtype)  # [m]
     tiny = torch.finfo(xs.dtype).tiny
     g = (fs - xs) * valid[:, None]
-    g = g / g.abs().amax(dim=(1, 2), keepdim=True).clamp_min(tiny)  # entries in [-1, 1]
     gram = g @ g.transpose(1, 2)  # [B, m, m]
     scale = gram.diagonal(dim1=1, dim2=2).sum(-1) / valid.sum()
     gram = gram / scale.clamp_min(tiny)[:, None, None]
@@ -179,10 +178,11 @@ def _anderson_mix(xs, fs, k: int, m: int):
     reg = _deq.anderson_reg(torch.finfo(xs.dtype).eps)
     a = gram * outer + eye * (reg * valid + (1 - valid))
     alpha, info = torch.linalg.solve_ex(a, valid.expand(b, m))
-    alpha = alpha / alpha.sum(-1, keepdim=True)
-    mixed = (alpha[:, None, :] @ fs)[:, 0]
-    ok = (info == 0) & torch.isfinite(alpha).all(-1) & torch.isfinite(mixed).all(-1)
-    return torch.where(ok[:, None], mixed, fs[:, (k - 1) % m])
+    total = alpha.sum(-1, keepdim=True)  # finite iff every coefficient is
+    ok = (info[:, None] == 0) & torch.isfinite(total)
+    # a plain step is the mix with weight 1 on the newest slot: only [B, m] is selected
+    alpha = torch.where(ok, alpha / total, eye[(k - 1) % m])
+    return (alpha[:, None, :] @ fs)[:, 0]
 
 
 def _anderson(step, z0, cfg: SolverConfig, fresh: bool = False):
