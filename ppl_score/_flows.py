@@ -68,9 +68,9 @@ def check_event(name: str, shape: tuple, dim: int) -> None:
 
 
 def check_max_iter(max_iter) -> int:
-    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1:
-        raise ValueError(f"argument 'max_iter' must be an int >= 1, got {max_iter!r}")
-    return int(max_iter)
+    """Newton's step budget: an ``int >= 1`` (``TypeError`` for a non-integer, ``ValueError``
+    for a value below 1)."""
+    return check_int("max_iter", max_iter)
 
 
 def newton_tolerance(tol, dtype_eps: float) -> float:

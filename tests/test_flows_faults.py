@@ -276,3 +276,14 @@ def test_pyro_and_numpyro_transforms_name_the_bad_layer():
     nbase = ndist.Normal(jnp.zeros(D), 1.0).to_event(1)
     with pytest.raises(ValueError, match="layer 1 weight is singular"):
         ndist.TransformedDistribution(nbase, NTransform(jflow, params)).sample(jax.random.PRNGKey(0), (2,))
+
+
+def test_inverse_max_iter_type_and_value():
+    tflow, jflow, params = _pair()
+    z = np.zeros((2, D))
+    for bad, error in ((1.5, TypeError), (True, TypeError), (0, ValueError)):
+        with pytest.raises(error, match="'max_iter'"):
+            tflow.inverse(torch.from_numpy(z), max_iter=bad)
+        with pytest.raises(error, match="'max_iter'"):
+            jflow.inverse(params, jnp.asarray(z), max_iter=bad)
+    assert tflow.inverse(torch.from_numpy(z), max_iter=np.int64(50)).shape == (2, D)
