@@ -81,12 +81,17 @@ def interleaved_timings(
     min_sample_s: float = 0.02,
     max_call_s: float | Mapping[Hashable, float] | None = None,
     seed: int = 0,
+    adjacent: Iterable[Sequence[Hashable]] = (),
 ) -> dict[Hashable, Timing]:
     """Time every ``fns[name]()`` ``repeats`` times, round-robin over the variants in each
     repeat (a seeded random order per repeat). ``fn`` must block until its work is done
     (``block_until_ready`` in JAX). Warm-up calls also calibrate ``inner``; a variant whose
     first call takes longer than ``max_call_s`` (one limit for all, or a limit per name) is
-    not timed (``Timing.skipped`` says why)."""
+    not timed (``Timing.skipped`` says why).
+
+    ``adjacent``: groups of names always timed back to back (in a random order inside the
+    group, the groups shuffled with the rest), so that sample ``i`` of each member is taken
+    under the same load and their per-repeat ratios are tight on a busy machine."""
     out: dict[Hashable, Timing] = {}
     for name, fn in fns.items():
         t = time_call(fn)
@@ -98,11 +103,20 @@ def interleaved_timings(
             t = time_call(fn)
         out[name] = Timing(inner=max(1, math.ceil(min_sample_s / max(t, 1e-9))))
     rng = random.Random(seed)
-    names = [n for n in fns if out[n].skipped is None]
+    timed = [n for n in fns if out[n].skipped is None]
+    units, grouped = [], set()
+    for group in adjacent:
+        members = [n for n in group if n in timed and n not in grouped]
+        if members:
+            units.append(members)
+            grouped.update(members)
+    units += [[n] for n in timed if n not in grouped]
     for _ in range(repeats):
-        rng.shuffle(names)
-        for name in names:
-            out[name].samples.append(time_call(fns[name], out[name].inner))
+        rng.shuffle(units)
+        for unit in units:
+            rng.shuffle(unit)
+            for name in unit:
+                out[name].samples.append(time_call(fns[name], out[name].inner))
     return out
 
 

@@ -14,8 +14,19 @@ of the original papers' code:
 * JAX ``ssm`` / ``ssm_vr``: reverse-over-reverse, ``jax.grad`` of ``s . v``;
 * JAX ``esm``: the diagonal of the per-example ``jax.hessian``.
 
+and beside the **plain** formulation a user would write by hand with the library's default
+draws and options (rademacher ``v``, directions uniform on the sphere, standard normal
+noise, ``sigma = eps = 0.1``, one projection) and no input checks: torch ``ssm`` /
+``ssm_vr`` / ``dsm`` by (double) backward with ``create_graph``, ``esm`` by
+``torch.func.vmap(jacrev(grad))``; JAX ``ssm`` / ``ssm_vr`` by ``jvp`` of ``grad``, ``esm`` by
+``vmap(jacrev(grad))``, ``dsm`` by ``jax.grad``; ``fd_*`` by the formulas in one batched call.
+Column "x plain" is library step / plain step (medians of the same interleaved repeats;
+"paired": the median and IQR of the per-repeat ratios); the target is <= 1.0 within noise,
+read as <= ``PLAIN_NOISE`` = 1.05.
+
 Timing: all variants of one ``D`` (both backends) in one process, round-robin in a fresh
-random order per repeat, medians. Peak memory, the memory a step needs beyond the
+random order per repeat (each library step back to back with its plain counterpart),
+medians. Peak memory, the memory a step needs beyond the
 parameters and the batch: torch, a fresh subprocess per variant, its peak RSS after two
 steps minus its peak RSS once torch is imported, the model and batch are built and a no-grad
 forward and a tiny backward have run (CPU torch allocations are invisible to
@@ -38,6 +49,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -62,9 +74,13 @@ ALTERNATIVES = {
     ("jax", "esm"): ("fwd-over-fwd",),
 }
 
+PLAIN_NOISE = 1.05  # lib/plain at or below 1.0 "within noise": the medians' ratio <= this
+
 TARGETS_TEXT = (
     "ssm_vr and ssm <= 3.0x base at D=784 (both backends); fd_ssm <= 2.5x base; "
-    "esm at D=64 >= 4x faster than the naive formulation; JAX step <= torch step"
+    "esm at D=64 >= 4x faster than the naive formulation; JAX step <= torch step; "
+    f"every objective, both backends: library step / plain step <= 1.0 within noise "
+    f"(median ratio <= {PLAIN_NOISE})"
 )
 
 
@@ -102,6 +118,53 @@ def _torch_naive_loss(model, x, method, gen):
     return ((hv * v).sum(-1) + second).mean()
 
 
+def _torch_plain_loss(model, x, method, gen, sigma=0.1, eps=0.1):
+    """The straightforward formulation a user would write by hand, with the library's default
+    draws (rademacher ``v``; directions uniform on the sphere; standard normal noise; one
+    projection) and no input checks: ``ssm`` / ``ssm_vr`` and ``dsm`` by (double) backward
+    with ``create_graph``, ``esm`` by ``torch.func.vmap(jacrev(grad))`` (the score shared as
+    ``jacrev``'s aux output), ``fd_*`` by the formulas with one batched network call."""
+    import torch
+
+    if method == "esm":
+        f1 = lambda xi: model(xi[None])[0]  # noqa: E731
+        g = torch.func.grad(f1)
+
+        def score_twice(xi):  # jacrev differentiates the first, returns the second as is
+            s = g(xi)
+            return s, s
+
+        hess, s = torch.func.vmap(torch.func.jacrev(score_twice, has_aux=True))(x)
+        trace = torch.diagonal(hess, dim1=-2, dim2=-1).sum(-1)
+        return (trace + 0.5 * (s * s).sum(-1)).mean()
+    if method in ("ssm", "ssm_vr"):
+        v = torch.randint(0, 2, x.shape, generator=gen).to(x.dtype) * 2 - 1
+        xg = x.detach().requires_grad_(True)
+        s = torch.autograd.grad(model(xg).sum(), xg, create_graph=True)[0]
+        sv = (s * v).sum(-1)
+        hv = torch.autograd.grad(sv.sum(), xg, create_graph=True)[0]
+        second = 0.5 * (s * s).sum(-1) if method == "ssm_vr" else 0.5 * sv**2
+        return ((hv * v).sum(-1) + second).mean()
+    if method == "dsm":
+        noise = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+        xt = (x + sigma * noise).detach().requires_grad_(True)
+        s = torch.autograd.grad(model(xt).sum(), xt, create_graph=True)[0]
+        return (0.5 * ((s + noise / sigma) ** 2).sum(-1)).mean()
+    d, b = x.shape[1], x.shape[0]
+    u = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    v = eps * u / u.norm(dim=-1, keepdim=True)
+    c = d / eps**2
+    if method == "fd_ssm":
+        out = model(torch.cat([x, x + v, x - v]))
+        l0, lp, lm = out[:b], out[b : 2 * b], out[2 * b :]
+        return (c * (lp + lm - 2 * l0 + 0.125 * (lp - lm) ** 2)).mean()
+    noise = torch.randn(x.shape, generator=gen, dtype=x.dtype)  # fd_dsm
+    xt = x + sigma * noise
+    out = model(torch.cat([xt + v, xt - v]))
+    inner = 0.5 * (out[:b] - out[b:]) + (v * noise).sum(-1) / sigma
+    return (0.5 * c * inner**2).mean()
+
+
 def _torch_alt_loss(model, x, method, alt, gen):
     import torch
 
@@ -132,6 +195,8 @@ def torch_step(model, x, method: str, impl: str, seed: int):
         loss = lambda: score_matching_loss(model, x, method, generator=gen)  # noqa: E731
     elif impl == "naive":
         loss = lambda: _torch_naive_loss(model, x, method, gen)  # noqa: E731
+    elif impl == "plain":
+        loss = lambda: _torch_plain_loss(model, x, method, gen)  # noqa: E731
     else:
         loss = lambda: _torch_alt_loss(model, x, method, impl, gen)  # noqa: E731
     # the output bias does not reach the score: unused by every score-based objective
@@ -193,6 +258,54 @@ def _jax_naive_loss(p, x, key, method):
     return ((hv * v).sum(-1) + second).mean()
 
 
+def _jax_plain_loss(p, x, key, method, sigma=0.1, eps=0.1):
+    """The straightforward formulation, with the library's default draws and no checks:
+    ``ssm`` / ``ssm_vr`` by forward-over-reverse (``s, Hv = jvp(grad(sum log p), (x,), (v,))``),
+    ``esm`` by the diagonal of ``vmap(jacrev(grad))`` (score shared as ``jacrev``'s aux
+    output), ``dsm`` by ``jax.grad`` at ``x~``, ``fd_*`` by the formulas in one batched call."""
+    import jax
+    import jax.numpy as jnp
+
+    from ppl_score.jax.nets import energy_apply
+
+    f = lambda y: energy_apply(p, y).sum()  # noqa: E731
+    if method == "esm":
+        f1 = lambda xi: energy_apply(p, xi[None])[0]  # noqa: E731
+        g = jax.grad(f1)
+
+        def score_twice(xi):  # jacrev differentiates the first, returns the second as is
+            s = g(xi)
+            return s, s
+
+        hess, s = jax.vmap(jax.jacrev(score_twice, has_aux=True))(x)
+        trace = jnp.trace(hess, axis1=1, axis2=2)
+        return (trace + 0.5 * (s * s).sum(-1)).mean()
+    if method in ("ssm", "ssm_vr"):
+        v = jax.random.rademacher(key, x.shape, dtype=x.dtype)
+        s, hv = jax.jvp(jax.grad(f), (x,), (v,))
+        sv = (s * v).sum(-1)
+        second = 0.5 * (s * s).sum(-1) if method == "ssm_vr" else 0.5 * sv**2
+        return ((hv * v).sum(-1) + second).mean()
+    if method == "dsm":
+        noise = jax.random.normal(key, x.shape, x.dtype)
+        s = jax.grad(f)(x + sigma * noise)
+        return (0.5 * ((s + noise / sigma) ** 2).sum(-1)).mean()
+    d, b = x.shape[1], x.shape[0]
+    key_u, key_n = jax.random.split(key)
+    u = jax.random.normal(key_u, x.shape, x.dtype)
+    v = eps * u / jnp.linalg.norm(u, axis=-1, keepdims=True)
+    c = d / eps**2
+    if method == "fd_ssm":
+        out = energy_apply(p, jnp.concatenate([x, x + v, x - v]))
+        l0, lp, lm = out[:b], out[b : 2 * b], out[2 * b :]
+        return (c * (lp + lm - 2 * l0 + 0.125 * (lp - lm) ** 2)).mean()
+    noise = jax.random.normal(key_n, x.shape, x.dtype)  # fd_dsm
+    xt = x + sigma * noise
+    out = energy_apply(p, jnp.concatenate([xt + v, xt - v]))
+    inner = 0.5 * (out[:b] - out[b:]) + (v * noise).sum(-1) / sigma
+    return (0.5 * c * inner**2).mean()
+
+
 def _jax_alt_loss(p, x, key, method, alt):
     """``esm`` with ``H_ii`` by forward-over-forward (``jvp`` of ``jvp``), chunked like the
     library's forward-over-reverse trace."""
@@ -228,6 +341,8 @@ def jax_compiled_step(params, x, key, method: str, impl: str):
         loss = lambda p, x, key: score_matching_loss(lambda y: energy_apply(p, y), x, method, key=key)  # noqa: E731
     elif impl == "naive":
         loss = lambda p, x, key: _jax_naive_loss(p, x, key, method)  # noqa: E731
+    elif impl == "plain":
+        loss = lambda p, x, key: _jax_plain_loss(p, x, key, method)  # noqa: E731
     else:
         loss = lambda p, x, key: _jax_alt_loss(p, x, key, method, impl)  # noqa: E731
     step = jax.value_and_grad(loss)
@@ -316,7 +431,7 @@ def variants_for(d: int, backends, methods, explore: bool):
     for backend in backends:
         run.append((backend, "base", "lib"))
         for method in methods:
-            impls = ["lib"] + (["naive"] if method in NAIVE else [])
+            impls = ["lib", "plain"] + (["naive"] if method in NAIVE else [])
             if explore:
                 impls += list(ALTERNATIVES.get((backend, method), ()))
             for impl in impls:
@@ -353,6 +468,8 @@ def measure_dim(d: int, args, settings) -> tuple[dict, dict, dict]:
         # only the naive exact trace (D backward passes) may be too slow to time
         max_call_s={v: settings["max_call_s"] for v in fns if v[1:] == ("esm", "naive")},
         seed=args.seed + d,
+        # each library step right beside its plain counterpart: paired lib/plain ratios
+        adjacent=[(v, v[:2] + ("plain",)) for v in fns if v[2] == "lib" and v[:2] + ("plain",) in fns],
     )
     for v, t in timings.items():
         if t.skipped:
@@ -360,6 +477,23 @@ def measure_dim(d: int, args, settings) -> tuple[dict, dict, dict]:
         elif v[0] == "torch":
             info[v] = {"flops": torch_matmul_flops(fns[v])}
     return timings, info, skipped
+
+
+def paired_ratios(lib, plain) -> list[float]:
+    """``lib_i / plain_i`` per repeat: sample ``i`` of every variant comes from the same
+    round-robin pass, so each ratio compares two timings taken seconds apart (a load change
+    between repeats cancels)."""
+    if lib is None or plain is None or lib.skipped or plain.skipped:
+        return []
+    return [a / b for a, b in zip(lib.samples, plain.samples)]
+
+
+def iqr(values) -> float:
+    """Interquartile range (0 with fewer than 4 values)."""
+    if len(values) < 4:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return q3 - q1
 
 
 def build_rows(results, torch_mem) -> list[dict]:
@@ -381,15 +515,18 @@ def build_rows(results, torch_mem) -> list[dict]:
         for backend, method in keys:
             base_v = (backend, "base", "lib")
             base = ms(base_v)
-            order = ["lib", "naive", *ALTERNATIVES.get((backend, method), ())]
+            order = ["lib", "plain", "naive", *ALTERNATIVES.get((backend, method), ())]
             impls = sorted({i for (b, m, i) in list(timings) + list(skipped) if (b, m) == (backend, method)},
                            key=order.index)
             naive_v = (backend, method, "naive")
+            plain_v = (backend, method, "plain")
             for impl in impls:
-                if impl == "naive":
+                if impl in ("naive", "plain"):
                     continue
                 v = (backend, method, impl)
                 t_ms, n_ms = ms(v), ms(naive_v)
+                p_ms = ms(plain_v) if impl == "lib" else None
+                paired = paired_ratios(timings.get(v), timings.get(plain_v)) if impl == "lib" else None
                 other = ms(("torch" if backend == "jax" else "jax", method, impl))
                 t = timings.get(v)
                 notes = [skipped[v]] if v in skipped else []
@@ -407,10 +544,17 @@ def build_rows(results, torch_mem) -> list[dict]:
                     "naive_step_ms": n_ms if impl == "lib" else None,
                     "naive_ratio_to_base": None if impl != "lib" or n_ms is None or base is None else n_ms / base,
                     "speedup_vs_naive": None if impl != "lib" or n_ms is None or t_ms is None else n_ms / t_ms,
+                    "plain_step_ms": p_ms,
+                    "plain_iqr_over_median": None if p_ms is None else timings[plain_v].spread,
+                    "lib_over_plain": None if p_ms is None or t_ms is None else t_ms / p_ms,
+                    "lib_over_plain_paired_median": None if not paired else statistics.median(paired),
+                    "lib_over_plain_paired_iqr": None if not paired else iqr(paired),
                     "gflops": flops(v),
                     "flops_ratio_to_base": None if flops(v) is None or flops(base_v) is None else flops(v) / flops(base_v),
                     "peak_mb": mem(v),
                     "naive_peak_mb": mem(naive_v) if impl == "lib" and method in NAIVE else None,
+                    "plain_peak_mb": mem(plain_v) if impl == "lib" and method != "base" else None,
+                    "plain_gflops": flops(plain_v) if impl == "lib" and method != "base" else None,
                     "jax_over_torch": None if backend != "jax" or t_ms is None or other is None else t_ms / other,
                     "compile_s": info.get(v, {}).get("compile_s"),
                     "naive_compile_s": info.get(naive_v, {}).get("compile_s") if impl == "lib" else None,
@@ -438,18 +582,26 @@ def check_targets(rows) -> list[dict]:
             add("speedup vs naive >= 4 at D=64", r, r["speedup_vs_naive"], 4.0, at_most=False)
         if r["backend"] == "jax" and r["method"] != "base" and r["jax_over_torch"] is not None:
             add("JAX/torch <= 1.0", r, r["jax_over_torch"], 1.0)
+        if r["method"] != "base":
+            add(f"lib/plain <= 1.0 (noise: {PLAIN_NOISE})", r, r["lib_over_plain"], PLAIN_NOISE)
     return out
 
 
 def print_report(rows, targets, meta) -> None:
-    headers = ["method", "D", "backend", "step ms", "x base", "matmul FLOPs x base", "naive x base",
-               "speedup vs naive", "peak MB", "naive peak MB", "JAX/torch", "note"]
+    headers = ["method", "D", "backend", "step ms", "x base", "matmul FLOPs x base", "x plain",
+               "x plain paired (IQR)", "IQR/med lib, plain", "naive x base", "speedup vs naive", "peak MB",
+               "plain peak MB", "naive peak MB", "JAX/torch", "note"]
 
     def cells(r):
+        paired = "-" if r["lib_over_plain_paired_median"] is None else (
+            f"{r['lib_over_plain_paired_median']:.2f} ({r['lib_over_plain_paired_iqr']:.2f})")
+        spread = "-" if r["plain_iqr_over_median"] is None else (
+            f"{r['iqr_over_median']:.2f}, {r['plain_iqr_over_median']:.2f}")
         return [r["method"], str(r["D"]), r["backend"], C.fmt(r["step_ms"], ".1f"), C.fmt(r["ratio_to_base"]),
-                C.fmt(r["flops_ratio_to_base"]), C.fmt(r["naive_ratio_to_base"]),
-                C.fmt(r["speedup_vs_naive"], ".1f"), C.fmt(r["peak_mb"], ".1f"), C.fmt(r["naive_peak_mb"], ".1f"),
-                C.fmt(r["jax_over_torch"]), r["note"]]
+                C.fmt(r["flops_ratio_to_base"]), C.fmt(r["lib_over_plain"]), paired, spread,
+                C.fmt(r["naive_ratio_to_base"]), C.fmt(r["speedup_vs_naive"], ".1f"), C.fmt(r["peak_mb"], ".1f"),
+                C.fmt(r["plain_peak_mb"], ".1f"), C.fmt(r["naive_peak_mb"], ".1f"), C.fmt(r["jax_over_torch"]),
+                r["note"]]
 
     main = [r for r in rows if r["variant"] == "library"]
     print(C.markdown_table(headers, map(cells, main)))
@@ -467,6 +619,7 @@ def print_report(rows, targets, meta) -> None:
     print(f"peak MB: {meta['memory_method']['torch']}; {meta['memory_method']['jax']}.")
     print(f"FLOPs: {meta['flops_method']}.")
     print("naive: " + meta["naive"]["torch"] + "; " + meta["naive"]["jax"] + ".")
+    print("plain: " + meta["plain"]["torch"] + "; " + meta["plain"]["jax"] + ". " + meta["plain"]["ratio"])
     print("\nTargets:")
     for t in targets:
         status = "not measured" if t["met"] is None else ("met" if t["met"] else "MISSED")
@@ -525,7 +678,8 @@ def main(argv=None) -> None:
     if "torch" in args.backends and not args.no_memory:
         t0 = time.perf_counter()
         todo = [(m, i, d) for d, (timings, _, _) in results.items()
-                for (b, m, i), t in timings.items() if b == "torch" and not t.skipped]
+                for (b, m, i), t in timings.items() if b == "torch" and not t.skipped
+                and not (args.quick and i == "plain")]  # --quick: keep it a couple of minutes
         torch_mem = torch_memory_mb(todo, args.seed, args.memory_workers)
         print(f"torch memory: {len(todo)} subprocesses in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     rows = build_rows(results, torch_mem)
@@ -548,7 +702,8 @@ def main(argv=None) -> None:
         "step": "loss + gradient in the network parameters; JAX: jit(value_and_grad), compiled before timing",
         "base": "-mean log p(x) forward + parameter gradient, same batch and backend",
         "timing": "one process, round-robin over all variants of one D (both backends) in a fresh "
-                  "random order per repeat; median per-call time",
+                  "random order per repeat, each library step back to back with its plain counterpart "
+                  "(random order within the pair); median per-call time",
         "memory_method": {
             "torch": "torch: fresh subprocess per variant, peak RSS after 2 steps minus peak RSS after "
                      "import, model/batch setup, a no-grad forward and a tiny backward",
@@ -559,6 +714,17 @@ def main(argv=None) -> None:
         "naive": {
             "torch": "torch ssm/ssm_vr by double backward with create_graph, esm by a loop of D backward passes",
             "jax": "JAX ssm/ssm_vr by reverse-over-reverse (grad of s.v), esm by the diagonal of vmapped jax.hessian",
+        },
+        "plain": {
+            "torch": "torch plain: ssm/ssm_vr by double backward with create_graph (rademacher v), dsm by one "
+                     "create_graph backward at x~, esm by torch.func.vmap(jacrev(grad)) diagonal (score as aux), "
+                     "fd_* by the formulas in one batched call; library's default draws, no input checks",
+            "jax": "JAX plain: ssm/ssm_vr by jvp of grad (rademacher v), dsm by jax.grad at x~, esm by the "
+                   "diagonal of vmap(jacrev(grad)) (score as aux), fd_* by the formulas; inside the same "
+                   "jit(value_and_grad) step",
+            "ratio": "x plain = library median / plain median (same interleaved repeats); paired = median "
+                     "and IQR of the per-repeat ratios lib_i / plain_i; IQR/med = each variant's spread. "
+                     f"Target: x plain <= {PLAIN_NOISE} (1.0 within noise).",
         },
         "targets_text": TARGETS_TEXT,
         "targets": targets,
