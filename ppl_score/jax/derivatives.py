@@ -66,6 +66,11 @@ def score_and_quadratic_forms(fn, kind: str, x: jax.Array, v: jax.Array):
         s, hv = jax.jvp(sf, (x,), (vm,))
         return s, _dot(hv, vm)
 
+    if v.shape[0] == 1:
+        # no vmap over a single projection: its [1, B, H] tangents cost transposes and
+        # copies in the parameter gradient (about 10% of a step, benchmarks/objectives.py)
+        s, vhv = one(v[0])
+        return s, vhv[None]
     s, vhv = jax.vmap(one, out_axes=(None, 0))(v)
     return s, vhv
 

@@ -45,7 +45,7 @@ def _per_example_esm(fn, kind, x, **_):
 
 def _per_example_ssm(fn, kind, x, *, v, **_):
     s, vhv = d.score_and_quadratic_forms(fn, kind, x, v)  # [B, *event], [M, B]
-    vs = jax.vmap(lambda vm: _flat_sum(vm * s))(v)
+    vs = (v * s).reshape(v.shape[0], s.shape[0], -1).sum(-1)  # [M, B]
     return (vhv + 0.5 * vs**2).mean(0)
 
 
