@@ -127,3 +127,21 @@ def test_fd_roundoff_warning_threshold():
         warnings.simplefilter("error")
         spec.fd_roundoff_warning(1e-3, f64, "float64")
         spec.fd_roundoff_warning(0.05, f32, "float32")  # the FD-SSM paper's deep-EBM setting
+
+
+def test_registry_and_resolved_options_pickle_and_deepcopy():
+    """Loss objects hold resolved options: they must survive checkpoints (no mappingproxy)."""
+    import copy
+    import pickle
+
+    from ppl_score import spec
+
+    resolved = spec.resolve("fd_dsm", "score", {"sigma": 0.3, "n_projections": 2})
+    for obj in (spec.OBJECTIVES, *spec.OBJECTIVES.values(), resolved):
+        for clone in (pickle.loads(pickle.dumps(obj)), copy.deepcopy(obj)):
+            assert clone == obj
+    clone = pickle.loads(pickle.dumps(resolved))
+    assert dict(clone.options) == {"sigma": 0.3, "eps": 0.1, "n_projections": 2}
+    assert clone.explicit == {"sigma", "n_projections"} and clone.method == "fd_dsm"
+    with pytest.raises(TypeError):
+        clone.options["sigma"] = 1.0  # still read-only
