@@ -99,12 +99,14 @@ def draw_projections(key, shape, projection: str, dtype) -> jax.Array:
     g = jax.random.normal(key, shape, dtype=dtype)
     if projection == "gaussian":
         return g
-    return math.sqrt(math.prod(shape[2:])) * unit_directions(g)
+    return math.sqrt(math.prod(shape[2:])) * (g / event_norm(g, 2))
 
 
 def draw_directions(key, shape, dtype) -> jax.Array:
     """Finite-difference directions ``u``, uniform on the unit sphere, ``[M, B, *event]``."""
-    return unit_directions(jax.random.normal(key, tuple(shape), dtype=dtype))
+    # Gaussian draws have norms far from over/underflow: the plain normalization suffices
+    g = jax.random.normal(key, tuple(shape), dtype=dtype)
+    return g / event_norm(g, 2)
 
 
 def draw_noise(key, shape, dtype) -> jax.Array:

@@ -70,9 +70,10 @@ def _per_example_dsm(fn, kind, x, *, noise, sigma, **_):
 
 
 def _fd_steps(x, u, eps):
-    """``v = eps u/||u||`` flattened to ``[M * B, *event]`` and ``c = D / eps^2``."""
+    """``v = eps u`` (``u`` already of unit norm) flattened to ``[M * B, *event]`` and
+    ``c = D / eps^2``."""
     m = u.shape[0]
-    v = (eps * unit_directions(u)).reshape(m * x.shape[0], *x.shape[1:])
+    v = (eps * u).reshape(m * x.shape[0], *x.shape[1:])
     return v, spec.event_size(tuple(x.shape)) / (eps * eps)
 
 
@@ -214,6 +215,8 @@ def score_matching_loss(
             proj = projections.reshape(m, *x.shape)
             if fd and validate and has_zero_direction(proj):
                 raise ValueError("argument 'projections' holds a zero direction u; fd_* methods use u/||u||")
+            if fd:
+                proj = unit_directions(proj)  # scale-safe: u * 1e25 or u * 1e-25 give u/||u||
         else:
             shape = (opts["n_projections"], *x.shape)
             proj = draw_directions(shape, **draw) if fd else draw_projections(shape, opts["projection"], **draw)

@@ -55,12 +55,14 @@ def draw_projections(shape, projection: str, *, generator=None, dtype=None, devi
     g = torch.randn(shape, generator=generator, dtype=dtype, device=device)
     if projection == "gaussian":
         return g
-    return math.sqrt(math.prod(shape[2:])) * unit_directions(g)
+    return math.sqrt(math.prod(shape[2:])) * (g / event_norm(g, 2))
 
 
 def draw_directions(shape, *, generator=None, dtype=None, device=None) -> torch.Tensor:
     """Finite-difference directions ``u``, uniform on the unit sphere, ``[M, B, *event]``."""
-    return unit_directions(torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device))
+    # Gaussian draws have norms far from over/underflow: the plain normalization suffices
+    g = torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
+    return g / event_norm(g, 2)
 
 
 def draw_noise(shape, *, generator=None, dtype=None, device=None) -> torch.Tensor:
