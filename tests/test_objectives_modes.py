@@ -346,8 +346,18 @@ def test_torch_esm_fallback_for_functions_vmap_cannot_run(torch_backend):
             raise AssertionError
         return fn0(x)
 
+    calls = []
+    fn1 = fn
+
+    def fn(x):  # noqa: F811 - counts the evaluations
+        calls.append(1)
+        return fn1(x)
+
     x = torch.as_tensor(RNG.normal(size=(3, 5)))
     torch.testing.assert_close(score_matching_loss(fn, x, "esm"), score_matching_loss(fn0, x, "esm"))
+    first = len(calls)
+    score_matching_loss(fn, x, "esm")
+    assert len(calls) - first == first - 1  # the failed vmap attempt is not repeated
 
 
 def _largest_intermediate(jaxpr) -> int:
@@ -383,3 +393,38 @@ def test_esm_chunking_does_not_change_the_value(backend, monkeypatch, chunk_budg
     ref = backend.loss(_mlp_energy, X, "esm", reduction="none")
     monkeypatch.setattr(mod, "ESM_MEMORY_BUDGET", chunk_budget)
     np.testing.assert_allclose(backend.loss(_mlp_energy, X, "esm", reduction="none"), ref, rtol=1e-12)
+
+
+def _key_takers():
+    """Every public JAX / NumPyro function that takes a PRNG key, called with ``key``."""
+    import jax.numpy as jnp
+
+    from ppl_score.jax import deq, estimators, flows, langevin, nets
+
+    x0 = jnp.zeros((2, 2))
+    state = langevin.init(lambda x: -(x * x).sum(-1), x0)
+    est = estimators.LearnedScoreEstimator(2, hidden=(4,))
+    flow = flows.InvertibleMLP(2, 1)
+    return {
+        "ula": lambda key: langevin.ula(lambda x: -(x * x).sum(-1), x0, 0.1, 2, key=key),
+        "mala": lambda key: langevin.mala(lambda x: -(x * x).sum(-1), x0, 0.1, 2, key=key),
+        "langevin.step": lambda key: langevin.step(key, state, lambda x: -(x * x).sum(-1), 0.1),
+        "mlp_init": lambda key: nets.mlp_init(key, (2, 3, 1)),
+        "deq_energy_init": lambda key: deq.deq_energy_init(key, 2, 4),
+        "estimator.init": lambda key: est.init(key),
+        "estimator.update": lambda key: est.update(est.init(__import__("jax").random.PRNGKey(0)), key, x0 + 1.0),
+        "flow.init": lambda key: flow.init(key),
+        "flow.sample": lambda key: flow.sample(flow.init(__import__("jax").random.PRNGKey(0)), key, 2),
+    }
+
+
+@pytest.mark.parametrize("bad, exc", [(0, TypeError), ("seed", TypeError), ("batch", ValueError)])
+def test_every_jax_key_argument_is_checked(jax_backend, bad, exc):
+    import jax
+
+    if bad == "batch":
+        bad = jax.random.split(jax.random.key(0), 2)
+    for name, call in _key_takers().items():
+        with pytest.raises(exc, match="argument 'key'"):
+            call(bad)
+        call(jax.random.PRNGKey(1))  # and a valid key works

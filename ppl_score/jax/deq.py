@@ -77,6 +77,7 @@ from .._deq import (  # noqa: F401  (re-exported: the framework-free part, share
 )
 from .._deq import check_choice as _choice
 from .._deq import check_positive_int as _positive_int
+from .checks import check_key, is_concrete
 
 __all__ = [
     "SOLVERS",
@@ -126,7 +127,7 @@ def _host_report(converged, residual, iterations, *, cfg: SolverConfig, what: st
 def _report(info: FixedPointInfo, cfg: SolverConfig, what: str) -> None:
     if cfg.on_nonconvergence == "ignore":
         return
-    if not isinstance(info.converged, jax.core.Tracer):  # eager: report right here
+    if is_concrete(info.converged):  # eager: report right here
         _host_report(info.converged, info.residual, info.iterations, cfg=cfg, what=what)
         return
     jax.debug.callback(partial(_host_report, cfg=cfg, what=what), info.converged, info.residual, info.iterations)
@@ -372,7 +373,7 @@ def lipschitz_scaled(weight: jax.Array, gamma: float, norm: str = "spectral") ->
         raise TypeError(f"argument 'weight' must be an array, got {type(weight).__name__}")
     if len(weight.shape) != 2:
         raise ValueError(f"argument 'weight' must be a matrix [n, k], got shape {tuple(weight.shape)}")
-    gamma = _deq.check_gamma(gamma, concrete=not isinstance(gamma, jax.core.Tracer))
+    gamma = _deq.check_gamma(gamma, concrete=is_concrete(gamma))
     norm = _choice("norm", norm, NORMS)
     n = _spectral_norm(weight) if norm == "spectral" else jnp.linalg.norm(weight, ord="fro")
     return weight / jnp.maximum(n / gamma, 1.0)
@@ -405,7 +406,7 @@ def _linear_init(key, a: int, b: int, dtype):
 def deq_layer_init(key, in_dim: int, width: int, dtype=jnp.float32) -> dict:
     """``{"weight": W [width, width], "inject": (U [in_dim, width], b [width])}``."""
     in_dim, width = _positive_int("in_dim", in_dim), _positive_int("width", width)
-    kw, ki = jax.random.split(key)
+    kw, ki = jax.random.split(check_key(key))
     return {
         "weight": _uniform(kw, (width, width), 1.0 / math.sqrt(width), dtype),
         "inject": _linear_init(ki, in_dim, width, dtype),
@@ -436,7 +437,7 @@ def _check_input(x, dim: int) -> jax.Array:
 def deq_energy_init(key, dim: int, width: int = 512, dtype=jnp.float32) -> dict:
     """Parameters of ``deq_energy_apply``: a DEQ layer ``dim -> width`` and a linear
     readout ``width -> 1``."""
-    k1, k2 = jax.random.split(key)
+    k1, k2 = jax.random.split(check_key(key))
     params = deq_layer_init(k1, dim, width, dtype)
     params["readout"] = _linear_init(k2, width, 1, dtype)
     return params
@@ -460,7 +461,7 @@ def deq_energy_apply(
 def deq_score_init(key, dim: int, width: int = 256, dtype=jnp.float32) -> dict:
     """Parameters of ``deq_score_apply``: a DEQ layer ``dim -> width`` and a linear
     readout ``width -> dim``."""
-    k1, k2 = jax.random.split(key)
+    k1, k2 = jax.random.split(check_key(key))
     params = deq_layer_init(k1, dim, width, dtype)
     params["readout"] = _linear_init(k2, width, dim, dtype)
     return params

@@ -33,6 +33,7 @@ from .. import implicit_spec as ispec
 from ..validation import is_validation_enabled
 from .nets import mlp_apply, mlp_init
 from .objectives import score_matching_loss
+from .checks import check_key, is_concrete
 
 __all__ = [
     "stein_scores",
@@ -66,10 +67,6 @@ def _median_bandwidth(d2):
     return 0.5 * (pairs[..., lo] + pairs[..., hi])
 
 
-def _is_concrete(a) -> bool:
-    return not isinstance(a, jax.core.Tracer)
-
-
 def _kernel(d2, h):
     """``exp(-d2 / (2 h^2))``, dividing by ``h`` twice (``h^2`` may underflow; see the torch mirror)."""
     return jnp.exp(-0.5 * (d2 / h / h))
@@ -96,7 +93,7 @@ def _prepare(samples, at, bandwidth):
 
 
 def _check_median(h_raw):
-    if _is_concrete(h_raw) and not bool((h_raw > 0).all()):
+    if is_concrete(h_raw) and not bool((h_raw > 0).all()):
         raise ValueError(
             "argument 'samples': the median heuristic gives bandwidth 0 (most samples coincide); "
             "pass 'bandwidth' explicitly"
@@ -161,11 +158,11 @@ _spectral_jit = jax.jit(_spectral, static_argnames=("n_eigen", "threshold"))
 
 def _run(fn, samples, at, *options):
     bandwidth = options[-1]
-    if bandwidth is not None and _is_concrete(bandwidth) and float(jnp.asarray(bandwidth, samples.dtype)) == 0.0:
+    if bandwidth is not None and is_concrete(bandwidth) and float(jnp.asarray(bandwidth, samples.dtype)) == 0.0:
         raise ValueError(ispec.bandwidth_underflow_message(bandwidth, str(samples.dtype)))
     out, h_raw, flag = fn(samples, at, *options)
     _check_median(h_raw)
-    if _is_concrete(flag) and int(flag):
+    if is_concrete(flag) and int(flag):
         eta = options[0]
         raise ValueError(ispec.singular_message(eta, bandwidth, str(samples.dtype), "samples" if int(flag) == 1 else "at"))
     return out
@@ -177,7 +174,7 @@ def _as_array(name: str, a):
     a = jnp.asarray(a)
     if not jnp.issubdtype(a.dtype, jnp.floating):
         raise TypeError(f"argument {name!r} must have a floating dtype, got {a.dtype}")
-    if _is_concrete(a) and not bool(jnp.isfinite(a).all()):
+    if is_concrete(a) and not bool(jnp.isfinite(a).all()):
         raise ValueError(f"argument {name!r} contains non-finite values (nan or inf)")
     return a
 
@@ -193,7 +190,7 @@ def _check_inputs(samples, at):
 
 
 def _check_bandwidth(bandwidth):
-    if bandwidth is not None and isinstance(bandwidth, jax.core.Tracer):
+    if bandwidth is not None and not is_concrete(bandwidth):
         return bandwidth  # traced: cannot be checked
     return ispec.check_bandwidth(bandwidth)
 
@@ -408,12 +405,13 @@ class LearnedScoreEstimator:
         """
         samples = jax.lax.stop_gradient(jnp.asarray(samples))
         context = self._check(samples, context, "samples")
-        if _is_concrete(samples) and not bool(jnp.isfinite(samples).all()):
+        if is_validation_enabled() and is_concrete(samples) and not bool(jnp.isfinite(samples).all()):
             raise ValueError("argument 'samples' contains non-finite values (nan or inf)")
         if self.__dict__.get("_update_jit") is None:  # one compiled update per estimator (eager calls)
             self._update_jit = jax.jit(self._update)
+        key = check_key(key)
         params, opt_state, loss, ok = self._update_jit(state.params, state.opt_state, key, samples, context)
-        if _is_concrete(ok) and is_validation_enabled() and not bool(ok):
+        if is_concrete(ok) and is_validation_enabled() and not bool(ok):
             raise ValueError(ispec.refused_step_message(float(loss)))
         return LearnedScoreState(params, opt_state), loss
 
@@ -470,6 +468,7 @@ def fit_score_estimator(estimator: LearnedScoreEstimator, state, key, samples, c
     """``n_steps`` updates on random minibatches of ``batch_size`` rows of ``samples``
     (one ``lax.scan``); returns ``(state, losses)``."""
     n_steps = ispec.check_int("n_steps", n_steps)
+    key = check_key(key)
     samples = jnp.asarray(samples)
     n = samples.shape[0]
     batch_size = n if batch_size is None else ispec.check_int("batch_size", batch_size, 1, n)

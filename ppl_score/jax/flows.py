@@ -29,6 +29,7 @@ import numpy as np
 
 from .. import _flows, spec
 from ..validation import is_validation_enabled
+from .checks import check_key, is_concrete
 
 __all__ = ["FlowLayer", "InvertibleMLP", "relative_gradient_linear", "smooth_leaky_relu"]
 
@@ -73,10 +74,6 @@ def _rgl_bwd(res, cts):
 relative_gradient_linear.defvjp(_rgl_fwd, _rgl_bwd)
 
 
-def _is_concrete(a) -> bool:
-    return not isinstance(a, jax.core.Tracer)
-
-
 def _log_normal(z):
     return -0.5 * (z * z).sum(-1) - z.shape[-1] * _flows.HALF_LOG_2PI
 
@@ -107,6 +104,7 @@ class InvertibleMLP:
     # ---- parameters -----------------------------------------------------------------
     def init(self, key, dtype=None) -> tuple:
         """Orthogonal weights, zero biases."""
+        key = check_key(key)
         dtype = jnp.result_type(float) if dtype is None else dtype
         ortho = jax.nn.initializers.orthogonal()
         return tuple(
@@ -153,7 +151,7 @@ class InvertibleMLP:
         if not is_validation_enabled():
             return x.reshape(-1, self.dim), x.shape[:-1]
         finite = jnp.isfinite(x).all()
-        if _is_concrete(finite) and not bool(finite):
+        if is_concrete(finite) and not bool(finite):
             raise ValueError(f"argument {name!r} contains non-finite values (nan or inf)")
         return x.reshape(-1, self.dim), x.shape[:-1]
 
@@ -263,7 +261,7 @@ class InvertibleMLP:
             ValueError: concrete ``params`` with a layer that cannot be inverted (named).
         """
         self._check_params(params)
-        if all(_is_concrete(a) for layer in params for a in layer if a is not None):
+        if all(is_concrete(a) for layer in params for a in layer if a is not None):
             for k, (w, b) in enumerate(params):
                 w = np.asarray(w)
                 finite_w = bool(np.isfinite(w).all())
@@ -310,7 +308,7 @@ class InvertibleMLP:
             if k < self.n_layers - 1:
                 h, rel = self._act_inverse(h, tol, max_iter)
                 converged = (rel <= tol).all()
-                if _is_concrete(converged) and not bool(converged):
+                if is_concrete(converged) and not bool(converged):
                     bad = ~(rel <= tol)  # NaN counts as unconverged
                     raise _flows.newton_error(max_iter, int(bad.sum()), float(rel.max()), tol, k)
                 ok = ok & (rel <= tol)
@@ -336,5 +334,5 @@ class InvertibleMLP:
             ValueError: ``n < 1``, or the flow cannot be inverted (see ``inverse``).
         """
         n = _flows.check_n_samples(n)
-        z = jax.random.normal(key, (n, self.dim), params[0].weight.dtype)
+        z = jax.random.normal(check_key(key), (n, self.dim), params[0].weight.dtype)
         return self.inverse(params, z, **inverse_kwargs)

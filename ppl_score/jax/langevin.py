@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from .. import langevin as shared
 from .. import spec
+from .checks import check_key
 
 __all__ = ["LangevinState", "LangevinInfo", "LangevinResult", "init", "step", "ula", "mala"]
 
@@ -88,6 +89,7 @@ def init(fn, x: jax.Array, kind: str = "log_prob") -> LangevinState:
 
 def step(key, state: LangevinState, fn, step_size, *, adjusted: bool = True, kind: str = "log_prob"):
     """One Langevin transition of every chain; returns ``(state, info)``. Pure."""
+    key = check_key(key)
     x, log_prob, score = state
     h = jnp.asarray(step_size, x.dtype)
     key_noise, key_accept = jax.random.split(key)
@@ -313,6 +315,7 @@ def _run(fn, x0, step_size, num_steps, *, key, adjusted, kind, num_warmup, thin,
     x0 = _check_x0(x0)
     if key is None:
         raise ValueError("argument 'key' is required (a jax.random key)")
+    key = check_key(key)
     drivers, leaves = _drivers(fn)
     state, finite = drivers.init(leaves, x0, kind=kind)
     if not bool(finite):

@@ -9,11 +9,14 @@ import math
 import jax
 import jax.numpy as jnp
 
+from .checks import check_key
+
 
 def mlp_init(key, sizes, dtype=jnp.float32, zero_bias: bool = False):
     """Layers ``sizes[0] -> ... -> sizes[-1]`` with torch's default ``nn.Linear`` init
     (uniform in +-1/sqrt(fan_in)); ``zero_bias``: biases start at zero (and each layer's key
     goes whole to its weights)."""
+    key = check_key(key)
     params = []
     for k, (a, b) in zip(jax.random.split(key, len(sizes) - 1), zip(sizes[:-1], sizes[1:])):
         bound = 1.0 / math.sqrt(a)

@@ -16,8 +16,8 @@ import numpy as np
 from .. import spec
 from ..validation import is_validation_enabled, warn_nonfinite
 from . import derivatives as d
+from .checks import check_key, is_concrete
 from .sampling import (
-    check_key,
     draw_directions,
     draw_noise,
     draw_projections,
@@ -107,10 +107,6 @@ _PER_EXAMPLE = {
 }
 
 
-def _is_concrete(a) -> bool:
-    return not isinstance(a, jax.core.Tracer)
-
-
 _X64_WARNED = False
 
 
@@ -136,7 +132,7 @@ def _as_array(name: str, a, dtype=None) -> jax.Array:
     a = jnp.asarray(a) if dtype is None else jnp.asarray(a, dtype=dtype)
     # finiteness needs concrete values: checked eagerly, skipped under tracing. numpy, not
     # jnp: inside a jit trace jnp ops on a closed-over concrete array return tracers.
-    if is_validation_enabled() and _is_concrete(a) and not np.isfinite(np.asarray(a)).all():
+    if is_validation_enabled() and is_concrete(a) and not np.isfinite(np.asarray(a)).all():
         raise ValueError(f"argument {name!r} contains non-finite values (nan or inf)")
     return a
 
@@ -213,7 +209,7 @@ def score_matching_loss(
             projections = _as_array("projections", projections, x.dtype)
             m = spec.check_projection_shape(resolved, tuple(projections.shape), tuple(x.shape))
             proj = projections.reshape(m, *x.shape)
-            if fd and is_validation_enabled() and _is_concrete(proj) and has_zero_direction(proj):
+            if fd and is_validation_enabled() and is_concrete(proj) and has_zero_direction(proj):
                 raise ValueError("argument 'projections' holds a zero direction u; fd_* methods use u/||u||")
             if fd:
                 proj = unit_directions(proj)  # scale-safe: u * 1e25 or u * 1e-25 give u/||u||
@@ -234,7 +230,7 @@ def score_matching_loss(
         spec.fd_roundoff_warning(opts["eps"], float(jnp.finfo(x.dtype).eps), str(x.dtype))
     per_example = _PER_EXAMPLE[name](fn, resolved.kind, x, **kwargs)
     # eagerly only: under jit / grad the value is a tracer (like the finiteness check of x)
-    if is_validation_enabled() and _is_concrete(per_example) and not np.isfinite(np.asarray(per_example)).all():
+    if is_validation_enabled() and is_concrete(per_example) and not np.isfinite(np.asarray(per_example)).all():
         warn_nonfinite(f"score_matching_loss(method={name!r})", spec.nonfinite_cause(name, opts))
     if reduction == "none":
         return per_example

@@ -42,14 +42,9 @@ from numpyro.infer.util import compute_log_probs
 from numpyro.util import check_model_guide_match
 
 from .. import implicit_spec as ispec
+from ..jax.checks import is_concrete
 from ..jax.estimators import LearnedScoreEstimator, kernel_scores_batched
 from ..validation import is_validation_enabled
-
-
-def _is_concrete(a) -> bool:
-    return not isinstance(a, jax.core.Tracer)
-
-__all__ = ["ImplicitELBO", "score_state", "score_state_name", "implicit_site_names"]
 
 
 def score_state_name(site: str) -> str:
@@ -255,7 +250,7 @@ class ImplicitELBO(ELBO):
             )
             s_hat = jax.lax.stop_gradient(s_hat)
             # eagerly, like the Pyro twin: name the site (under tracing nothing can raise)
-            if _is_concrete(s_hat) and is_validation_enabled() and not bool(jnp.isfinite(s_hat).all()):
+            if is_concrete(s_hat) and is_validation_enabled() and not bool(jnp.isfinite(s_hat).all()):
                 raise ValueError(f"site {name!r}: the score estimator returned non-finite values (nan or inf)")
             if state is not None:
                 new_state[score_state_name(name)] = state

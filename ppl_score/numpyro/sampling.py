@@ -44,6 +44,7 @@ from numpyro.distributions.transforms import biject_to
 
 from .. import langevin as shared
 from ..jax import langevin as backend
+from ..jax.checks import check_key
 
 __all__ = ["SiteDensity", "SiteSamples", "site_log_density", "langevin", "potential_fn", "nuts"]
 
@@ -239,7 +240,7 @@ def langevin(
     shared.check_plan(step_size, num_steps, num_warmup, thin)
     if key is None:
         raise ValueError("argument 'key' is required (a jax.random key)")
-    key_guide, key_run = jax.random.split(key)
+    key_guide, key_run = jax.random.split(check_key(key))
     dens = site_log_density(model, site, *args, num_chains=num_chains, params=params, guide=guide,
                             latents=latents, key=key_guide, **kwargs)
     u0 = dens.init_unconstrained(init)
@@ -299,7 +300,7 @@ def nuts(
     c = shared.check_num_chains(num_chains)
     if key is None:
         raise ValueError("argument 'key' is required (a jax.random key)")
-    key_guide, key_run = jax.random.split(key)
+    key_guide, key_run = jax.random.split(check_key(key))
     dens = site_log_density(model, site, *args, num_chains=1, params=params, guide=guide, latents=latents,
                             key=key_guide, **kwargs)
     u0 = dens.init_unconstrained(init, num_chains=c)

@@ -18,6 +18,7 @@ from numpyro.util import check_model_guide_match
 
 from .. import frontend, validation
 from ..jax import score_matching_loss
+from ..jax.checks import is_concrete
 
 __all__ = ["ScoreMatching"]
 
@@ -135,7 +136,7 @@ class ScoreMatching(ELBO):
 
     def _warn_if_nonfinite(self, loss, matched) -> None:
         # eagerly only: under jit / vmap the value is a tracer and cannot be inspected
-        if validation.is_validation_enabled() and _concrete(loss) and not np.isfinite(np.asarray(loss)).all():
+        if validation.is_validation_enabled() and is_concrete(loss) and not np.isfinite(np.asarray(loss)).all():
             what, cause = frontend.nonfinite_loss_warning(f"ScoreMatching(method={self.method!r})", self.method, matched)
             validation.warn_nonfinite(what, cause, stacklevel=4)
 
@@ -281,19 +282,13 @@ def _site_block(name: str, site: dict) -> _Block:
         keep = blk.mask.reshape(batch + (1,) * (u.ndim - len(batch)))
         u = jnp.where(keep, u, jnp.zeros((), u.dtype))
         value = jnp.where(keep.reshape(batch + (1,) * (value.ndim - len(batch))), value, jnp.zeros((), value.dtype))
-    if validation.is_validation_enabled() and _concrete(u) and not np.isfinite(np.asarray(u)).all():
+    if validation.is_validation_enabled() and is_concrete(u) and not np.isfinite(np.asarray(u)).all():
         # concrete values only (under jit the data is traced); tell the causes apart on failure
         if not np.isfinite(np.asarray(value)).all():
             raise frontend.nonfinite_observed_error(name)
         raise frontend.outside_support_error(name)
     blk.u, blk.uevent = jax.lax.stop_gradient(u), tuple(u.shape[len(batch) :])
     return blk
-
-
-def _concrete(a) -> bool:
-    """Whether ``a`` holds values (not a tracer: under ``jit``/``vmap`` even operations on
-    constants are staged, so inspect with NumPy only what this says is concrete)."""
-    return not isinstance(a, jax.core.Tracer)
 
 
 def _broadcast(*shapes):
@@ -323,7 +318,7 @@ def _same_scale(a, b) -> bool:
     """Equal scales; scales that are traced arrays cannot be compared and pass."""
     if a is b:
         return True
-    if isinstance(a, jax.core.Tracer) or isinstance(b, jax.core.Tracer):
+    if not (is_concrete(a) and is_concrete(b)):
         return True
     if a is None or b is None:
         a, b = 1.0 if a is None else a, 1.0 if b is None else b

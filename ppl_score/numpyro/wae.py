@@ -18,6 +18,7 @@ from numpyro.infer import ELBO
 
 from .. import frontend, validation
 from .. import implicit_spec as ispec
+from ..jax.checks import is_concrete
 from ..jax.estimators import LearnedScoreEstimator
 from .implicit import _check_estimator, score_state_name, site_scores
 
@@ -168,7 +169,7 @@ class WAE(ELBO):
         a non-finite value warns (``NonFiniteWarning``) naming the code sites."""
         loss, terms, state, names = self._terms(rng_key, param_map, model, guide, args, kwargs, self.update_estimator)
         value = terms["reconstruction"] + self.lam * terms["divergence"]
-        if validation.is_validation_enabled() and not isinstance(value, jax.core.Tracer):
+        if validation.is_validation_enabled() and is_concrete(value):
             if not np.isfinite(np.asarray(value)).all():
                 what, cause = frontend.nonfinite_loss_warning(f"WAE(regularizer={self.regularizer!r})", None, names)
                 validation.warn_nonfinite(what, cause, stacklevel=3)

@@ -7,6 +7,7 @@ SPEC.md section 1.
 
 from __future__ import annotations
 
+import weakref
 
 import torch
 
@@ -32,14 +33,28 @@ def _mean_over_projections(t: torch.Tensor, m: int) -> torch.Tensor:
     return t.reshape(m, -1).mean(0)
 
 
+# Code (or classes) of functions that failed under ``torch.func.vmap``: they go straight to
+# the autograd trace instead of paying a failed attempt every step. Weak: nothing is kept.
+_NOT_VMAPPABLE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _vmap_key(fn):
+    """What decides whether ``fn`` runs under vmap: its code, or its class (a module)."""
+    code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+    return code if code is not None else type(fn)
+
+
 def _per_example_esm(fn, kind, x, **_):
-    try:  # per-example torch.func transforms: the fastest exact trace (benchmarks/objectives.py)
-        s, trace = d.score_and_trace(fn, kind, x)
-    except Exception:  # noqa: BLE001 - fn does not run under torch.func.vmap: plain autograd
-        xg = d.differentiable_input(x)
-        s = d.score(fn, kind, xg)
-        trace = d.hessian_trace(s, xg)
-    return trace + 0.5 * _flat_sum(s * s)
+    key = _vmap_key(fn)
+    if key not in _NOT_VMAPPABLE:
+        try:  # per-example torch.func transforms: the fastest exact trace (benchmarks/objectives.py)
+            s, trace = d.score_and_trace(fn, kind, x)
+            return trace + 0.5 * _flat_sum(s * s)
+        except Exception:  # noqa: BLE001 - fn does not run under torch.func.vmap: plain autograd
+            _NOT_VMAPPABLE[key] = True
+    xg = d.differentiable_input(x)
+    s = d.score(fn, kind, xg)
+    return d.hessian_trace(s, xg) + 0.5 * _flat_sum(s * s)
 
 
 def _sliced(fn, kind, x, v, variance_reduced):
