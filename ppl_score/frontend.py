@@ -44,6 +44,7 @@ __all__ = [
     "outside_support_error",
     "event_shape_error",
     "unnormalized_shape_error",
+    "failing_sample_frames",
     "mask_shape_error",
     "inference_mode_error",
     "nonfinite_loss_warning",
@@ -293,6 +294,24 @@ def unnormalized_shape_error(value_shape: tuple, event_shape: tuple) -> ValueErr
         f"Unnormalized.log_prob: the value's shape {tuple(value_shape)} does not end with "
         f"event_shape {tuple(event_shape)}; values must have shape [*batch_shape, *event_shape]"
     )
+
+
+def failing_sample_frames(tb):
+    """Walk a traceback raised while a PPL handled a sample statement and return
+    ``(observe_locals, msg, msg_locals)``: the locals of the innermost ``_masked_observe``
+    frame (the ``obs_mask`` route) and the innermost sample message with its frame's locals,
+    each None when absent. Used, best effort, to name the site of a mask-shape error that
+    Pyro's or NumPyro's plate handling raises without naming it."""
+    observe = msg = msg_locals = None
+    while tb is not None:
+        local = tb.tb_frame.f_locals
+        if tb.tb_frame.f_code.co_name == "_masked_observe" and "obs_mask" in local:
+            observe = local
+        m = local.get("msg")
+        if isinstance(m, dict) and m.get("type") == "sample" and "fn" in m:
+            msg, msg_locals = m, local
+        tb = tb.tb_next
+    return observe, msg, msg_locals
 
 
 def mask_shape_error(name: str, mask_shape: tuple, batch_shape: tuple) -> ValueError:

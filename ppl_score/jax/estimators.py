@@ -437,18 +437,9 @@ class LearnedScoreEstimator:
         return params, opt_state, losses[last], ok
 
 
-def learned_score_estimator(
-    dim: int,
-    context_dim: int = 0,
-    *,
-    hidden=(128, 128),
-    activation=jax.nn.softplus,
-    method: str = "ssm_vr",
-    optimizer=None,
-    n_steps: int = 1,
-    **options,
-) -> LearnedScoreEstimator:
-    """A score network ``s_psi(z[, c])`` (MLP on ``[z, c]``) fitted online by score matching.
+def learned_score_estimator(*args, **kwargs) -> LearnedScoreEstimator:
+    """A score network ``s_psi(z[, c])`` (MLP on ``[z, c]``) fitted online by score matching:
+    ``LearnedScoreEstimator(*args, **kwargs)``, the Optax-style factory name.
 
     Mirrors ``ppl_score.torch.estimators.LearnedScoreEstimator``: ``update`` takes
     ``n_steps`` steps of ``optimizer`` (default ``optax.adam(1e-3)``; an optax
@@ -456,8 +447,7 @@ def learned_score_estimator(
     ``score_matching_loss(s_psi, stop_gradient(samples), method, kind="score", **options)``;
     a step whose loss or gradient is not finite is refused (see ``LearnedScoreEstimator.update``).
     """
-    return LearnedScoreEstimator(dim, context_dim, hidden=hidden, activation=activation, method=method,
-                                 optimizer=optimizer, n_steps=n_steps, **options)
+    return LearnedScoreEstimator(*args, **kwargs)
 
 
 def _dtype(params):

@@ -193,15 +193,7 @@ def _mask_shape_culprit(tb):
     """``(site, mask shape, batch shape)`` when the sample statement whose handling raised has a
     mask that does not broadcast to its batch shape; None otherwise (best effort: read from the
     failing handler's frame, so an unrelated error is re-raised as it is)."""
-    msg = frame = observe = None
-    while tb is not None:
-        local = tb.tb_frame.f_locals
-        if tb.tb_frame.f_code.co_name == "_masked_observe" and "obs_mask" in local:
-            observe = local
-        m = local.get("msg")
-        if isinstance(m, dict) and m.get("type") == "sample" and "fn" in m:
-            msg, frame = m, local
-        tb = tb.tb_next
+    observe, msg, frame = frontend.failing_sample_frames(tb)
     if msg is None:
         return None
     fn = msg["fn"]

@@ -250,15 +250,7 @@ def _mask_shape_culprit(tb):
     """``(site, mask shape, batch shape)`` when the sample statement whose handling raised has a
     mask that does not broadcast to its plates' batch shape; None otherwise (best effort: read
     from the failing frame, so an unrelated error is re-raised as it is)."""
-    msg = observe = None
-    while tb is not None:
-        local = tb.tb_frame.f_locals
-        if tb.tb_frame.f_code.co_name == "_masked_observe" and "obs_mask" in local:
-            observe = local
-        m = local.get("msg")
-        if isinstance(m, dict) and m.get("type") == "sample" and "fn" in m:
-            msg = m
-        tb = tb.tb_next
+    observe, msg, _ = frontend.failing_sample_frames(tb)
     if observe is not None and isinstance(observe.get("batch_shape"), tuple):
         name, mask, expected = observe["name"], observe["obs_mask"], tuple(observe["batch_shape"])
     elif msg is not None and isinstance(msg["fn"], MaskedDistribution):
