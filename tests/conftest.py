@@ -312,3 +312,19 @@ def refs():
         ref_ssm_vr=ref_ssm_vr,
         ref_dsm_residual=ref_dsm_residual,
     )
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny torch shapes gain nothing from threads and lose a lot on a shared machine: a
+    module that uses this (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)
+    runs torch on one thread and restores the setting afterwards."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - JAX-only environment
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -18,18 +18,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BACKENDS = ["torch", "jax"]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """The models here are tiny; on a shared CPU extra torch threads only spin."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _require(backend):

@@ -31,12 +31,7 @@ DTYPES = ["float32", "float64"]
 SOLVERS = ["anderson", "iteration"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tdtype(name):

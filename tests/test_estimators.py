@@ -16,13 +16,7 @@ from ppl_score.jax import estimators as je  # noqa: E402
 from ppl_score.torch import estimators as te  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # the machine is shared; small nets run faster on one thread than oversubscribed
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class TorchEst:

@@ -24,13 +24,7 @@ from ppl_score.jax.flows import InvertibleMLP as JaxFlow  # noqa: E402
 from ppl_score.torch import score_matching_loss as torch_sm_loss  # noqa: E402
 from ppl_score.torch.flows import InvertibleMLP as TorchFlow  # noqa: E402
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny shapes gain nothing from threads, and lose a lot on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -27,12 +27,7 @@ D, L, ALPHA = 3, 3, 0.2
 DTYPES = ["float32", "float64"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _pair(dtype="float64", seed=0):

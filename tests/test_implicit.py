@@ -34,12 +34,7 @@ from ppl_score.pyro.implicit import ImplicitELBO as PImplicitELBO  # noqa: E402
 from ppl_score.torch.estimators import LearnedScoreEstimator  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)

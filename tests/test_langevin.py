@@ -124,18 +124,7 @@ def sampler(request):
     return _CACHE[request.param]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: thread start-up dominates, and the machine is shared."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def overdispersed(c, seed=1):
