@@ -37,8 +37,10 @@ step's jaxpr.
 
     python benchmarks/objectives.py --quick --json out/bench/objectives.json
 
-``--explore`` adds alternative formulations (torch ``esm`` chunk sizes, torch ``ssm_vr``
-by ``torch.func`` forward-over-reverse, JAX ``esm`` by forward-over-forward). On a loaded
+``--explore`` adds alternative formulations (torch ``esm`` chunk sizes of the batched
+double-backward trace, torch ``ssm_vr`` by ``torch.func`` forward-over-reverse, JAX ``esm``
+by forward-over-forward) and every torch objective with ``ppl_score.set_validation(False)``
+("unvalidated": the cost of the host-syncing checks). On a loaded
 machine torch's two OpenMP threads wait on each other at every op (5-10x slower than one
 thread); ``--torch-threads 1`` keeps such runs comparable, timings on a quiet machine don't
 need it.
@@ -73,6 +75,9 @@ ALTERNATIVES = {
     ("torch", "ssm_vr"): ("torch.func fwd-over-rev",),
     ("jax", "esm"): ("fwd-over-fwd",),
 }
+# With --explore, every torch objective is also timed with ppl_score.set_validation(False):
+# the cost of the host-syncing checks (JAX runs them outside the compiled step).
+UNVALIDATED = "unvalidated"
 
 PLAIN_NOISE = 1.05  # lib/plain at or below 1.0 "within noise": the medians' ratio <= this
 
@@ -197,6 +202,12 @@ def torch_step(model, x, method: str, impl: str, seed: int):
         loss = lambda: _torch_naive_loss(model, x, method, gen)  # noqa: E731
     elif impl == "plain":
         loss = lambda: _torch_plain_loss(model, x, method, gen)  # noqa: E731
+    elif impl == UNVALIDATED:
+        import ppl_score
+
+        def loss():
+            with ppl_score.validation_enabled(False):
+                return score_matching_loss(model, x, method, generator=gen)
     else:
         loss = lambda: _torch_alt_loss(model, x, method, impl, gen)  # noqa: E731
     # the output bias does not reach the score: unused by every score-based objective
@@ -434,6 +445,7 @@ def variants_for(d: int, backends, methods, explore: bool):
             impls = ["lib", "plain"] + (["naive"] if method in NAIVE else [])
             if explore:
                 impls += list(ALTERNATIVES.get((backend, method), ()))
+                impls += [UNVALIDATED] if backend == "torch" else []
             for impl in impls:
                 v = (backend, method, impl)
                 if method == "esm" and d > ESM_MAX_D:
@@ -515,7 +527,7 @@ def build_rows(results, torch_mem) -> list[dict]:
         for backend, method in keys:
             base_v = (backend, "base", "lib")
             base = ms(base_v)
-            order = ["lib", "plain", "naive", *ALTERNATIVES.get((backend, method), ())]
+            order = ["lib", "plain", "naive", *ALTERNATIVES.get((backend, method), ()), UNVALIDATED]
             impls = sorted({i for (b, m, i) in list(timings) + list(skipped) if (b, m) == (backend, method)},
                            key=order.index)
             naive_v = (backend, method, "naive")

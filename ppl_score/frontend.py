@@ -46,7 +46,6 @@ __all__ = [
     "unnormalized_shape_error",
     "failing_sample_frames",
     "mask_shape_error",
-    "inference_mode_error",
     "nonfinite_loss_warning",
 ]
 
@@ -326,25 +325,6 @@ def mask_shape_error(name: str, mask_shape: tuple, batch_shape: tuple) -> ValueE
 # ---------------------------------------------------------------------------------------
 # Grad modes (Pyro) and non-finite losses
 # ---------------------------------------------------------------------------------------
-
-
-def inference_mode_error(
-    what: str, derivatives: str = "its derivatives in x (the scores of the model's log density in the observed values)"
-) -> RuntimeError:
-    """``what`` (e.g. ``"ScoreMatching(method='esm')"``) was called under ``torch.inference_mode()``.
-
-    Score matching takes derivatives of a log density in its argument, and inference mode
-    disables autograd in a way that cannot be undone inside it.
-
-    Args:
-        what: the loss object as the user built it.
-        derivatives: which derivatives it needs autograd for.
-    """
-    return RuntimeError(
-        f"{what} needs autograd for {derivatives}, and torch.inference_mode() disables autograd so "
-        "that it cannot be switched back on; evaluate the loss under torch.no_grad() instead, which "
-        "is supported (the loss re-enables grad for those derivatives and gives the same value)"
-    )
 
 
 _METHOD_CAUSES = {

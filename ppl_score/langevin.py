@@ -49,7 +49,6 @@ __all__ = [
     "LOW_ACCEPTANCE",
     "warn_low_acceptance",
     "check_nuts_run",
-    "AUTOGRAD_ERROR",
 ]
 
 KINDS = ("log_prob", "score")
@@ -57,12 +56,6 @@ KINDS = ("log_prob", "score")
 # MALA whose mean acceptance rate (over chains and kept steps) is below this barely moves:
 # ``warn_low_acceptance`` says so with the rate.
 LOW_ACCEPTANCE = 0.01
-
-AUTOGRAD_ERROR = (
-    "Langevin samplers are score based: they differentiate the log density in x with "
-    "autograd, which torch.inference_mode() disables and cannot re-enable; run the sampler "
-    "under torch.no_grad() instead (grad is switched back on for the derivatives in x only)"
-)
 
 
 class LowAcceptanceWarning(RuntimeWarning):

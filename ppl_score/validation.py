@@ -23,6 +23,7 @@ import warnings
 
 __all__ = [
     "NonFiniteWarning",
+    "inference_mode_error",
     "is_validation_enabled",
     "set_validation",
     "validation_enabled",
@@ -78,3 +79,21 @@ def warn_nonfinite(what: str, cause: str = "", stacklevel: int = 3) -> None:
     if cause:
         msg += f"; likely cause: {cause}"
     warnings.warn(msg, NonFiniteWarning, stacklevel=stacklevel)
+
+
+def inference_mode_error(what: str, derivatives: str = "its derivatives in x") -> RuntimeError:
+    """The error for ``what`` called under ``torch.inference_mode()`` (torch and Pyro).
+
+    Score matching and score-based samplers differentiate a log density in its argument;
+    inference mode disables autograd in a way that cannot be undone inside it, whereas
+    ``torch.no_grad()`` can (and every such function re-enables grad for those derivatives).
+
+    Args:
+        what: the function or object as the user called it, e.g. ``"score_matching_loss"``.
+        derivatives: which derivatives it needs autograd for.
+    """
+    return RuntimeError(
+        f"{what} needs autograd for {derivatives}, which torch.inference_mode() disables and "
+        "cannot re-enable; call it under torch.no_grad() instead, which is supported (grad is "
+        "switched back on for those derivatives only, the value is the same and carries no graph)"
+    )

@@ -46,6 +46,7 @@ from torch.distributions import biject_to
 
 from .. import langevin as shared
 from ..torch import langevin as backend
+from ..validation import inference_mode_error
 
 __all__ = ["SiteDensity", "SiteSamples", "site_log_density", "langevin", "potential_fn", "nuts"]
 
@@ -308,10 +309,7 @@ def nuts(
 
     num_samples, warmup_steps = shared.check_nuts_run(num_samples, warmup_steps, "warmup_steps")
     if torch.is_inference_mode_enabled():
-        raise RuntimeError(
-            "NUTS differentiates the potential with autograd, which torch.inference_mode() disables and "
-            "cannot re-enable; run it under torch.no_grad() instead (grad is switched back on inside)"
-        )
+        raise inference_mode_error("nuts", "the gradient of the potential")
     c = shared.check_num_chains(num_chains)
     dens = site_log_density(model, site, *args, num_chains=1, guide=guide, latents=latents, **kwargs)
     u0 = dens.init_unconstrained(init, num_chains=c)

@@ -167,7 +167,9 @@ class ScoreMatching(ELBO):
     def _check_grad_mode(self) -> None:
         # no_grad is fine (grad is switched back on below); inference mode cannot be undone
         if torch.is_inference_mode_enabled():
-            raise frontend.inference_mode_error(f"ScoreMatching(method={self.method!r})")
+            raise validation.inference_mode_error(
+                f"ScoreMatching(method={self.method!r})", "the scores of the model's log density in the observed values"
+            )
 
     def _warn_if_nonfinite(self, loss, matched) -> None:
         if validation.is_validation_enabled() and not bool(torch.isfinite(torch.as_tensor(loss)).all()):

@@ -153,7 +153,7 @@ class WAE(ELBO):
         if train and self.regularizer == "score" and torch.is_inference_mode_enabled():
             # a learned estimator's update is score matching on the codes: derivatives in z
             if any(self._estimator_for(n).kind == "learned" for n in names):
-                raise frontend.inference_mode_error(
+                raise validation.inference_mode_error(
                     "WAE(regularizer='score') with a learned estimator",
                     "the score matching that updates the estimator (derivatives in the codes z)",
                 )

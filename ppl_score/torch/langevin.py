@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .. import langevin as shared
 from .. import spec
+from ..validation import inference_mode_error
 
 __all__ = ["LangevinState", "LangevinInfo", "LangevinResult", "init", "step", "ula", "mala"]
 
@@ -51,7 +52,7 @@ def _evaluate(fn, kind: str, x: torch.Tensor):
     ``RuntimeError`` (a score network, ``kind="score"``, needs no autograd and runs).
     """
     if kind == "log_prob" and torch.is_inference_mode_enabled():
-        raise RuntimeError(shared.AUTOGRAD_ERROR)
+        raise inference_mode_error("Langevin sampling", "the score of the log density in x")
     with torch.enable_grad():
         xg = x.detach()
         if xg.is_inference():  # made under inference_mode: a normal tensor can require grad

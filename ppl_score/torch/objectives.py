@@ -12,11 +12,11 @@ import weakref
 import torch
 
 from .. import spec
-from ..validation import is_validation_enabled, warn_nonfinite
+from ..validation import inference_mode_error, is_validation_enabled, warn_nonfinite
 from . import derivatives as d
 from .sampling import draw_directions, draw_noise, draw_projections, has_zero_direction, unit_directions
 
-__all__ = ["check_grad_mode", "score_matching_loss"]
+__all__ = ["score_matching_loss"]
 
 
 def _flat_sum(t: torch.Tensor) -> torch.Tensor:
@@ -143,7 +143,7 @@ def _check_x(x) -> None:
         raise TypeError(f"argument 'x' must be a torch.Tensor, got {type(x).__name__}")
     spec.check_dtype(x.is_floating_point(), x.dtype)
     spec.check_x_shape(tuple(x.shape))
-    if is_validation_enabled() and not _all_finite(x):
+    if _validating() and not _all_finite(x):
         raise ValueError("argument 'x' contains non-finite values (nan or inf)")
 
 
@@ -152,24 +152,14 @@ def _check_tensor(name: str, t, x: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"argument {name!r} must be a torch.Tensor, got {type(t).__name__}")
     if not (t.is_floating_point() or t.dtype in (torch.int8, torch.int16, torch.int32, torch.int64)):
         raise TypeError(f"argument {name!r} must be a real tensor, got dtype {t.dtype}")
-    if is_validation_enabled() and not torch.isfinite(t).all():
+    if _validating() and not _all_finite(t):
         raise ValueError(f"argument {name!r} contains non-finite values (nan or inf)")
     return t.to(dtype=x.dtype, device=x.device)
 
 
-def check_grad_mode(what: str) -> None:
-    """Score matching differentiates in ``x``: impossible under ``torch.inference_mode``."""
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError(
-            f"{what} needs autograd for its derivatives in x, which torch.inference_mode() "
-            "disables for good; evaluate it under torch.no_grad() instead (supported: the "
-            "derivatives in x are still taken, and the result carries no graph)"
-        )
-
-
-def _is_compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and compiler.is_compiling())
+def _validating() -> bool:
+    """Host-syncing checks run: validation on, and not while ``torch.compile`` traces."""
+    return is_validation_enabled() and not torch.compiler.is_compiling()
 
 
 def score_matching_loss(
@@ -223,12 +213,13 @@ def score_matching_loss(
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"argument 'generator' must be a torch.Generator, got {type(generator).__name__}")
     spec.check_unused(resolved, projections is not None, noise is not None)
-    check_grad_mode("score_matching_loss")
+    if torch.is_inference_mode_enabled():
+        raise inference_mode_error("score_matching_loss")
     opts = dict(resolved.options)
     draw = dict(generator=generator, dtype=x.dtype, device=x.device)
     name, fd = resolved.method, resolved.method.startswith("fd_")
     kwargs = {key: opts[key] for key in ("sigma", "eps") if key in opts}
-    validate = is_validation_enabled() and not _is_compiling()
+    validate = _validating()
     if resolved.spec.uses_projections:
         if projections is not None:
             projections = _check_tensor("projections", projections, x)
@@ -257,7 +248,7 @@ def score_matching_loss(
         per_example = _PER_EXAMPLE[name](fn, resolved.kind, x, **kwargs)
     if not grad_mode:
         per_example = per_example.detach()
-    if validate and not torch.isfinite(per_example).all():
+    if validate and not _all_finite(per_example):
         warn_nonfinite(f"score_matching_loss(method={name!r})", spec.nonfinite_cause(name, opts))
     if reduction == "none":
         return per_example
