@@ -333,7 +333,7 @@ def _jax_alt_loss(p, x, key, method, alt):
         ev = jnp.broadcast_to(e, x.shape)
         return jax.jvp(lambda y: jax.jvp(f, (y,), (ev,))[1], (x,), (ev,))[1]
 
-    trace = jax.lax.map(diag_entry, jnp.eye(dim, dtype=x.dtype), batch_size=min(d.ESM_CHUNK, dim)).sum(0)
+    trace = jax.lax.map(diag_entry, jnp.eye(dim, dtype=x.dtype), batch_size=d.esm_chunk(x.shape[0], dim)).sum(0)
     s = jax.grad(lambda y: f(y).sum())(x)
     return (trace + 0.5 * (s * s).sum(-1)).mean()
 

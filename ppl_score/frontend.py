@@ -327,33 +327,21 @@ def mask_shape_error(name: str, mask_shape: tuple, batch_shape: tuple) -> ValueE
 # ---------------------------------------------------------------------------------------
 
 
-_METHOD_CAUSES = {
-    "esm": "",
-    "ssm": "",
-    "ssm_vr": "",
-    "dsm": "sigma too small for the data's scale, ",
-    "fd_ssm": "eps too large or too small for the data's scale, ",
-    "fd_dsm": "sigma or eps too small or too large for the data's scale, ",
-}
-
-
-def nonfinite_loss_warning(what: str, method: str | None, sites: Sequence[str]) -> tuple:
+def nonfinite_loss_warning(what: str, sites: Sequence[str], resolved: spec.Resolved | None = None) -> tuple:
     """``(what, cause)`` for :func:`ppl_score.validation.warn_nonfinite` when a front end's
     loss is NaN or infinite.
 
     Args:
         what: the loss object, e.g. ``"ScoreMatching(method='ssm')"`` or ``"WAE(regularizer='mmd')"``.
-        method: the score-matching method (its options name extra causes), or None.
         sites: the sites the loss matched or regularized.
+        resolved: the score-matching objective and options (their ``eps`` / ``sigma`` are
+            named among the causes), or None.
 
     Returns:
         The two arguments of ``warn_nonfinite``.
     """
     names = list(dict.fromkeys(sites))
     where = f"site {names[0]!r}" if len(names) == 1 else f"sites {names}"
-    cause = (
-        f"a NaN or infinite parameter in the log density of {where}, "
-        + _METHOD_CAUSES.get(method or "", "")
-        + "or guide samples outside the prior's support"
-    )
-    return f"{what} loss at {where}", cause
+    method, options = (None, {}) if resolved is None else (resolved.method, resolved.options)
+    cause = spec.nonfinite_cause(method, options, subject=f"the log density of {where}")
+    return f"{what} loss at {where}", cause + "; or guide samples outside the prior's support"

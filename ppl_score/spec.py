@@ -287,12 +287,18 @@ def check_dtype(is_floating: bool, dtype: Any) -> None:
         raise TypeError(f"argument 'x' must have a floating dtype, got {dtype}")
 
 
-def nonfinite_cause(method: str, options: Mapping[str, Any]) -> str:
-    """The likely causes of a non-finite value of ``method`` with ``options``, for a warning."""
-    causes = ["a nan/inf parameter or output of fn"]
-    if "eps" in options:
-        causes.append(f"eps={options['eps']:g} out of range for fn and the dtype (c = D/eps^2)")
-    if "sigma" in options:
+def nonfinite_cause(method: str | None, options: Mapping[str, Any], subject: str = "fn") -> str:
+    """The likely causes of a non-finite value of ``method`` with ``options``, for a warning.
+
+    Args:
+        method: the objective, or None (only the generic causes).
+        options: its resolved options (``eps`` and ``sigma`` are named with their values).
+        subject: what computes the log density or score (``fn``, or a model's sites).
+    """
+    causes = [f"a nan/inf parameter or output of {subject}"]
+    if method is not None and "eps" in options:
+        causes.append(f"eps={options['eps']:g} out of range for {subject} and the dtype (c = D/eps^2)")
+    if method is not None and "sigma" in options:
         causes.append(f"sigma={options['sigma']:g} too small (the target (x~ - x)/sigma^2 overflows)")
     causes.append("an overflow in float32 (try float64)")
     return "; or ".join(causes)

@@ -137,7 +137,7 @@ class ScoreMatching(ELBO):
     def _warn_if_nonfinite(self, loss, matched) -> None:
         # eagerly only: under jit / vmap the value is a tracer and cannot be inspected
         if validation.is_validation_enabled() and is_concrete(loss) and not np.isfinite(np.asarray(loss)).all():
-            what, cause = frontend.nonfinite_loss_warning(f"ScoreMatching(method={self.method!r})", self.method, matched)
+            what, cause = frontend.nonfinite_loss_warning(f"ScoreMatching(method={self.method!r})", matched, self.config.resolved)
             validation.warn_nonfinite(what, cause, stacklevel=4)
 
     def _particle_loss(self, model_trace, guide_trace, key, rerun):

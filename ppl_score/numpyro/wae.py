@@ -171,7 +171,7 @@ class WAE(ELBO):
         value = terms["reconstruction"] + self.lam * terms["divergence"]
         if validation.is_validation_enabled() and is_concrete(value):
             if not np.isfinite(np.asarray(value)).all():
-                what, cause = frontend.nonfinite_loss_warning(f"WAE(regularizer={self.regularizer!r})", None, names)
+                what, cause = frontend.nonfinite_loss_warning(f"WAE(regularizer={self.regularizer!r})", names)
                 validation.warn_nonfinite(what, cause, stacklevel=3)
         return {"loss": loss, "mutable_state": state}
 

@@ -173,7 +173,7 @@ class ScoreMatching(ELBO):
 
     def _warn_if_nonfinite(self, loss, matched) -> None:
         if validation.is_validation_enabled() and not bool(torch.isfinite(torch.as_tensor(loss)).all()):
-            what, cause = frontend.nonfinite_loss_warning(f"ScoreMatching(method={self.method!r})", self.method, matched)
+            what, cause = frontend.nonfinite_loss_warning(f"ScoreMatching(method={self.method!r})", matched, self.config.resolved)
             validation.warn_nonfinite(what, cause, stacklevel=4)
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:

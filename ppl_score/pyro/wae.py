@@ -204,7 +204,7 @@ class WAE(ELBO):
 
     def _warn_if_nonfinite(self, value, names) -> None:
         if validation.is_validation_enabled() and not math.isfinite(value):
-            what, cause = frontend.nonfinite_loss_warning(f"WAE(regularizer={self.regularizer!r})", None, names)
+            what, cause = frontend.nonfinite_loss_warning(f"WAE(regularizer={self.regularizer!r})", names)
             validation.warn_nonfinite(what, cause, stacklevel=4)
 
     def terms(self, model, guide, *args, **kwargs) -> dict:
