@@ -400,6 +400,7 @@ class PyroAdapter:
         self.pyro.set_rng_seed(seed)
         if "latents" in kw:
             kw["latents"] = {k: self.t(v) for k, v in kw["latents"].items()}
+        kw.setdefault("num_warmup", 0)
         out = self.mod.langevin(model, site, *args, generator=self.torch.Generator().manual_seed(seed), **kw)
         return np.asarray(out.samples), np.asarray(out.accept_rate)
 
@@ -410,7 +411,9 @@ class PyroAdapter:
     def nuts(self, model, site, args, seed=0, **kw):
         self.pyro.set_rng_seed(seed)
         num_warmup = kw.pop("num_warmup")
-        return np.asarray(self.mod.nuts(model, site, *args, warmup_steps=num_warmup, **kw))
+        out = self.mod.nuts(model, site, *args, warmup_steps=num_warmup, **kw)
+        assert out.accept_rate.shape == (kw.get("num_chains", 1),) and out.layout.mode == "site"
+        return np.asarray(out.samples)
 
     def ess(self, x):
         from pyro.ops.stats import effective_sample_size
@@ -505,6 +508,7 @@ class NumPyroAdapter:
     def langevin(self, model, site, args, seed=0, **kw):
         if "latents" in kw:
             kw["latents"] = {k: self.t(v) for k, v in kw["latents"].items()}
+        kw.setdefault("num_warmup", 0)
         out = self.mod.langevin(model, site, *args, key=self.jax.random.PRNGKey(seed), **kw)
         return np.asarray(out.samples), np.asarray(out.accept_rate)
 
@@ -513,7 +517,9 @@ class NumPyroAdapter:
         return float(pot({site: self.t(u)}))
 
     def nuts(self, model, site, args, seed=0, **kw):
-        return np.asarray(self.mod.nuts(model, site, *args, key=self.jax.random.PRNGKey(seed), **kw))
+        out = self.mod.nuts(model, site, *args, key=self.jax.random.PRNGKey(seed), **kw)
+        assert out.accept_rate.shape == (kw.get("num_chains", 1),) and out.layout.mode == "site"
+        return np.asarray(out.samples)
 
     def ess(self, x):
         from numpyro.diagnostics import effective_sample_size

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from numpyro.distributions import Distribution, constraints
 
 from .. import frontend
+from .. import langevin as shared
 
 __all__ = ["Unnormalized"]
 
@@ -26,61 +27,147 @@ class Unnormalized(Distribution):
                 numpyro.sample("x", Unnormalized(partial(energy_apply, params), (2,)), obs=x)
         svi = SVI(model, lambda x: None, optax.adam(1e-3), loss=ScoreMatching())
 
+    Two forms of ``log_density_fn``:
+
+    - rows (``batched=False``, the default): ``f(x[n, *event_shape]) -> [n]``. ``log_prob``
+      flattens the value's batch dims into ``n`` rows, so ``f`` is one function applied to
+      every point, the same for all of them (an energy network, a density with shared
+      parameters); its result is broadcast to ``batch_shape``.
+    - batched (``batched=True``): ``f(x[*batch, *event_shape]) -> [*batch]``: ``f`` gets the
+      value unflattened and returns one log density per point, broadcasting with parameters
+      that carry batch dims. A hierarchical energy, ``mu`` in a plate ``groups`` and ``x``
+      in a nested plate ``data``::
+
+          mu = numpyro.sample("mu", ...)                      # [G, 1, D] inside "groups"
+          with groups, data:                                  # dims -2, -1
+              numpyro.sample("x", Unnormalized(lambda x: -0.5 * ((x - mu) ** 2).sum(-1), (D,),
+                                               batched=True), obs=x)   # x [G, N, D] -> [G, N]
+
+      The output must keep every batch dim of ``x`` and broadcast to ``log_prob``'s shape.
+
+    ``batch_shape`` is a real batch shape: plates ``expand`` it like any distribution's, and
+    ``log_prob(value [*sample, *batch, *event])`` has shape ``value``'s leading dims broadcast
+    with ``batch_shape``. The distribution is a pytree whose ``log_density_fn`` is static
+    (jit-friendly: close over parameters, or use a ``jax.tree_util.Partial``).
+
     ``log_prob`` is *not* normalized, so ``Trace_ELBO`` and likelihood comparisons across
     parameter values are meaningless with it. ``sample`` raises: draw from a fitted model
-    with ``ppl_score.numpyro.langevin`` or NUTS on the potential ``-f``.
+    with ``ppl_score.numpyro.langevin`` (``num_draws`` gives new i.i.d. points) or NUTS on
+    the potential ``-f``.
 
-    :param callable log_density_fn: ``x[n, *event_shape] -> [n]``, the log density up to a
-        constant (a pure JAX function; close over parameters).
-    :param event_shape: the shape of one draw (an int or a tuple).
-    :param support: the support of one coordinate (or of the event when its ``event_dim`` is
-        positive, e.g. ``constraints.simplex``); ``ScoreMatching`` matches a constrained
-        support in the unconstrained space of ``biject_to(support)``. Default: real.
+    Args:
+        log_density_fn: the log density up to a constant (a pure JAX function; close over
+            parameters), of the form chosen by ``batched``.
+        event_shape: the shape of one draw (an int or a tuple).
+        support: the support of one coordinate (or of the event when its ``event_dim`` is
+            positive, e.g. ``constraints.simplex``); ``ScoreMatching`` matches a constrained
+            support in the unconstrained space of ``biject_to(support)``. Default: real.
+        batch_shape: the distribution's batch shape (default ``()``; plates expand it).
+        batched: the form of ``log_density_fn`` (see above).
+
+    Raises:
+        TypeError: ``log_density_fn`` not callable, ``support`` not a constraint, ``batched``
+            not a bool.
+        ValueError: a discrete support, a bad ``event_shape`` / ``batch_shape``.
     """
 
     arg_constraints = {}
     has_rsample = False
-    pytree_aux_fields = ("log_density_fn", "_support")
+    pytree_aux_fields = ("log_density_fn", "_support", "batched")
 
-    def __init__(self, log_density_fn, event_shape, support=constraints.real, *, validate_args=None):
+    def __init__(self, log_density_fn, event_shape, support=constraints.real, *, batch_shape=(),
+                 batched: bool = False, validate_args=None):
         if not callable(log_density_fn):
             raise TypeError(f"argument 'log_density_fn' must be callable, got {type(log_density_fn).__name__}")
         if not isinstance(support, constraints.Constraint):
             raise TypeError(f"argument 'support' must be a constraint, got {type(support).__name__}")
         if support.is_discrete:
             raise ValueError(f"argument 'support' must be a continuous constraint, got {support}")
+        if not isinstance(batched, bool):
+            raise TypeError(f"argument 'batched' must be a bool, got {type(batched).__name__}")
         event_shape = frontend.check_event_shape(event_shape)
+        batch_shape = shared.check_batch_shape(batch_shape)
         extra = len(event_shape) - support.event_dim
         if extra < 0:
             raise ValueError(
                 f"argument 'support' has event_dim {support.event_dim} > len(event_shape) = {len(event_shape)}"
             )
         self.log_density_fn = log_density_fn
+        self.batched = batched
         self._support = constraints.independent(support, extra) if extra else support
-        super().__init__(batch_shape=(), event_shape=event_shape, validate_args=validate_args)
+        super().__init__(batch_shape=batch_shape, event_shape=event_shape, validate_args=validate_args)
 
     @property
     def support(self):
         return self._support
 
-    def log_prob(self, value):
-        """``log_density_fn`` of the rows of ``value [*batch, *event_shape]``, shape ``[*batch]``.
+    def expand(self, batch_shape):
+        """The same density with batch shape ``batch_shape`` (what plates call).
 
         Raises:
-            ValueError: ``value`` does not end with ``event_shape``, or ``log_density_fn`` does
-                not return one value per row.
+            ValueError: ``batch_shape`` does not broadcast from this ``batch_shape``.
+        """
+        batch_shape = shared.check_expand(self.batch_shape, batch_shape)
+        if batch_shape == tuple(self.batch_shape):
+            return self
+        return Unnormalized(self.log_density_fn, self.event_shape, batch_shape=batch_shape, batched=self.batched,
+                            validate_args=self._validate_args)._with_support(self._support)
+
+    def _with_support(self, support):
+        self._support = support
+        return self
+
+    def log_prob(self, value):
+        """``log_density_fn`` at ``value [*lead, *event_shape]``: shape ``lead`` broadcast with
+        ``batch_shape``.
+
+        Raises:
+            ValueError: ``value`` does not end with ``event_shape`` or does not broadcast with
+                ``batch_shape``, or ``log_density_fn`` returns the wrong shape for its form.
         """
         k = len(self.event_shape)
-        if jnp.ndim(value) < k or tuple(jnp.shape(value)[jnp.ndim(value) - k :]) != tuple(self.event_shape):
-            raise frontend.unnormalized_shape_error(jnp.shape(value), self.event_shape)
+        shape = tuple(jnp.shape(value))
+        if len(shape) < k or shape[len(shape) - k :] != tuple(self.event_shape):
+            raise frontend.unnormalized_shape_error(shape, self.event_shape)
         if self._validate_args:
             self._validate_sample(value)
-        lead = jnp.shape(value)[: jnp.ndim(value) - k]
-        n = math.prod(lead)
-        out = self.log_density_fn(jnp.reshape(value, (n, *self.event_shape)))
-        if tuple(getattr(out, "shape", ())) != (n,):
-            raise frontend.log_density_output_error(getattr(out, "shape", ()), (n,))
-        return out.reshape(lead)
+        lead = shape[: len(shape) - k]
+        expected = shared.unnormalized_log_prob_shape(lead, self.batch_shape, self.event_shape)
+        return self._evaluate(value, lead, expected)
+
+    def log_density(self, value):
+        """``log_density_fn`` at points ``value [*lead, *event_shape]``, ignoring ``batch_shape``
+        (the plates' expansion): shape ``lead`` (row form), or ``lead`` broadcast with the
+        parameters' batch dims (batched form). The density of new points, used to draw them.
+
+        Raises:
+            ValueError: as ``log_prob``.
+        """
+        k = len(self.event_shape)
+        shape = tuple(jnp.shape(value))
+        if len(shape) < k or shape[len(shape) - k :] != tuple(self.event_shape):
+            raise frontend.unnormalized_shape_error(shape, self.event_shape)
+        return self._evaluate(value, shape[: len(shape) - k], None)
+
+    def _evaluate(self, value, lead, expected):
+        if self.batched:
+            out = self.log_density_fn(value)
+            out_shape = tuple(getattr(out, "shape", ()))
+            shared.check_batched_output(out_shape, lead, out_shape if expected is None else expected)
+            if expected is None:
+                return out
+        else:
+            n = math.prod(lead)
+            try:
+                out = self.log_density_fn(jnp.reshape(value, (n, *self.event_shape)))
+            except (TypeError, ValueError) as err:  # e.g. parameters with batch dims meeting the n rows
+                err.add_note(f"(ppl_score) {shared.BATCHED_HINT}")
+                raise
+            shared.check_rows_output(getattr(out, "shape", ()), n)
+            out = out.reshape(lead)
+            if expected is None:
+                return out
+        return jnp.broadcast_to(out, expected) if tuple(out.shape) != expected else out
 
     def sample(self, key, sample_shape=()):
         raise frontend.sampling_error("numpyro")
@@ -89,4 +176,6 @@ class Unnormalized(Distribution):
         raise frontend.sampling_error("numpyro")
 
     def __repr__(self) -> str:
-        return f"Unnormalized(log_density_fn={self.log_density_fn!r}, event_shape={tuple(self.event_shape)})"
+        extra = f", batch_shape={tuple(self.batch_shape)}" if self.batch_shape else ""
+        extra += ", batched=True" if self.batched else ""
+        return f"Unnormalized(log_density_fn={self.log_density_fn!r}, event_shape={tuple(self.event_shape)}{extra})"

@@ -39,43 +39,64 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro
 from numpyro import handlers
+from numpyro.distributions import ExpandedDistribution
 from numpyro.distributions.transforms import biject_to
 
 from .. import langevin as shared
 from ..jax import langevin as backend
 from ..jax.checks import check_key
+from .distributions import Unnormalized
 
 __all__ = ["SiteDensity", "SiteSamples", "site_log_density", "langevin", "potential_fn", "nuts"]
 
 
 class SiteDensity(NamedTuple):
-    """``log_prob(u[C, *unconstrained_shape]) -> [C]``: the site's conditional log density
-    (up to a constant) at ``transform(u)``, plus ``log |det d transform / du|``."""
+    """A site's log density in unconstrained coordinates, over a batch of independent rows.
+
+    ``log_prob(u[num_rows, *unconstrained_shape]) -> [num_rows]``: the log density (up to a
+    constant) at ``transform(u)``, plus ``log |det d transform / du|``. A row is one chain's
+    copy of the site (site mode, ``num_rows = num_chains``) or one new point (draws mode,
+    ``num_rows = num_chains * num_draws``); ``layout`` says how rows make up the chains.
+    """
 
     log_prob: Callable[[jax.Array], jax.Array]
     transform: Any  # numpyro Transform, unconstrained -> site support
-    shape: tuple  # the site's value shape (as traced)
-    unconstrained_shape: tuple
+    shape: tuple  # one row's value shape (site mode: the site's value shape)
+    unconstrained_shape: tuple  # one row's unconstrained shape
     value: jax.Array  # the site's traced (observed) value
     num_chains: int
+    layout: shared.SiteLayout
+    start: jax.Array  # the default start, [num_chains, *layout.shape], in the support
+
+    @property
+    def num_rows(self) -> int:
+        return self.num_chains * (self.layout.num_draws or 1)
 
     def init_unconstrained(self, init, num_chains: int | None = None) -> jax.Array:
-        """Chains' start ``[C, *unconstrained_shape]`` from ``init`` (constrained, ``[*shape]``
-        or ``[C, *shape]``); ``None`` starts every chain at the observed value."""
+        """Chains' start ``[C, *layout.shape]`` mapped to unconstrained space (one chain's
+        rows: ``[C, *unconstrained_shape]`` in site mode, ``[C, num_draws,
+        *unconstrained_shape]`` in draws mode).
+
+        Args:
+            init: constrained values that broadcast to ``[C, *layout.shape]`` (one chain's
+                state, one point, or every chain's); ``None``: ``start`` (the observed value
+                in site mode, observed points cycled in draws mode).
+            num_chains: ``C`` (default: ``self.num_chains``).
+
+        Raises:
+            TypeError: ``init`` is not an array.
+            ValueError: it does not broadcast, or lies outside the site's support.
+        """
         c = self.num_chains if num_chains is None else num_chains
+        target = (c, *self.layout.shape)
         if init is None:
-            init = self.value
+            init = self.start[:1] if c != self.num_chains else self.start
         if not isinstance(init, (jax.Array, np.ndarray)):
             raise TypeError(f"argument 'init' must be a jax.Array or numpy array, got {type(init).__name__}")
-        init = jnp.asarray(init, self.value.dtype)
-        if tuple(init.shape) == tuple(self.shape):
-            init = jnp.broadcast_to(init, (c, *self.shape))
-        elif tuple(init.shape) != (c, *self.shape):
-            raise ValueError(
-                f"argument 'init' must have the site's shape {tuple(self.shape)} or "
-                f"[num_chains, *shape] = {(c, *self.shape)}, got {tuple(init.shape)}"
-            )
+        shared.check_init_shape(tuple(init.shape), target)
+        init = jnp.broadcast_to(jnp.asarray(init, self.value.dtype), target)
         u = self.transform.inv(init)
         if not (bool(jnp.all(self.transform.codomain(init))) and bool(jnp.isfinite(u).all())):
             raise ValueError("argument 'init' lies outside the site's support")
@@ -83,8 +104,18 @@ class SiteDensity(NamedTuple):
 
 
 class SiteSamples(NamedTuple):
-    samples: jax.Array  # [num_steps // thin, C, *site shape], in the site's support
-    accept_rate: jax.Array  # [C]
+    """The draws of ``langevin`` and ``nuts``.
+
+    Attributes:
+        samples: ``[num_samples, num_chains, *layout.shape]``, in the site's support.
+        accept_rate: mean acceptance probability, ``[num_chains]``; Langevin in draws mode:
+            ``[num_chains, num_draws]`` (each point is its own Metropolis chain).
+        layout: what the dims of ``samples`` mean (``ppl_score.langevin.SiteLayout``).
+    """
+
+    samples: jax.Array
+    accept_rate: jax.Array
+    layout: shared.SiteLayout
 
 
 def _is_density_site(node) -> bool:
@@ -120,28 +151,83 @@ def _bind(model, params, data):
     return handlers.seed(model, rng_seed=0)
 
 
+_CHAINS = "_ppl_score_chains"
+
+
+def _max_plate_nesting(trace) -> int:
+    depth = 0
+    for node in trace.values():
+        if node["type"] != "sample":
+            continue
+        depth = max(depth, len(node["fn"].batch_shape))
+        for frame in node["cond_indep_stack"]:
+            depth = max(depth, -frame.dim)
+    return depth
+
+
+def _chained(model, rows: int, dim: int):
+    """``model`` inside a plate over ``rows`` chains at ``dim``, left of its own plates."""
+
+    def chained(*args, **kwargs):
+        with numpyro.plate(_CHAINS, rows, dim=dim):
+            return model(*args, **kwargs)
+
+    return chained
+
+
+def _to_rows(lp: jax.Array, rows: int, depth: int) -> jax.Array:
+    """Sum a site's log density over everything but the chain dim, ``-> [rows]``."""
+    if lp.ndim <= depth:
+        lp = jnp.reshape(lp, (1,) * (depth + 1 - lp.ndim) + tuple(lp.shape))
+    return jnp.broadcast_to(lp.reshape(lp.shape[0], -1).sum(-1), (rows,))
+
+
 def site_log_density(
     model,
     site: str,
     *args,
     num_chains: int = 1,
+    num_draws: int | None = None,
     params: dict | None = None,
     guide=None,
     latents: dict | None = None,
     key=None,
+    vectorize: str = "plate",
     **kwargs,
 ) -> SiteDensity:
-    """The conditional log density of the observed ``site`` of ``model(*args, **kwargs)`` in
-    unconstrained coordinates, for ``num_chains`` chains (see the module doc).
+    """The log density of the observed ``site`` of ``model(*args, **kwargs)`` in
+    unconstrained coordinates, vectorized over rows (see the module doc).
 
-    ``params``: the fitted parameters (``svi_result.params``), substituted into model and
-    guide; ``latents``: values of the model's latent sites, shared by all chains;
-    ``guide`` (with ``key``): draws each chain's latent values once. A latent site given by
-    neither is a ``ValueError`` naming it.
+    Args:
+        model, site, *args, **kwargs: the model, its observed site, and its arguments.
+        num_chains: independent chains.
+        num_draws: ``None`` (site mode): each chain is a copy of the site's value, sampled
+            from its conditional given every other site. An int (draws mode, an
+            ``Unnormalized`` site): each chain holds ``num_draws`` new points drawn i.i.d.
+            from the site's own density given its parents (children and factors of the
+            site, which condition on the observed points, are left out).
+        params: the fitted parameters (``svi_result.params``), substituted into model and guide.
+        guide: draws each row's latent values once (with ``key``).
+        latents: values of the model's latent sites, shared by all rows.
+        key: a ``jax.random`` key for ``guide``.
+        vectorize: ``"plate"`` (default): the model runs once for all rows inside a plate
+            over them, left of its own plates (it must broadcast, as for vectorized ELBO
+            particles); ``"vmap"``: one row's model is ``jax.vmap``-ed (any model, slower).
+
+    Returns:
+        A ``SiteDensity``.
+
+    Raises:
+        TypeError, ValueError: a bad argument or site (named), a latent site given by
+            neither ``guide`` nor ``latents``, or ``num_draws`` on a site that is not
+            ``Unnormalized``.
     """
     if not callable(model):
         raise TypeError(f"argument 'model' must be callable, got {type(model).__name__}")
     c = shared.check_num_chains(num_chains)
+    k = shared.check_num_draws(num_draws)
+    vectorize = shared.check_vectorize(vectorize)
+    rows = c * (k or 1)
     for name, value in (("params", params), ("latents", latents)):
         if value is not None and not isinstance(value, dict):
             raise TypeError(f"argument {name!r} must be a dict, got {type(value).__name__}")
@@ -152,7 +238,8 @@ def site_log_density(
     trace = handlers.trace(_bind(model, params, fixed)).get_trace(*args, **kwargs)
     node = _check_site(trace, site)
     missing = [n for n, s in trace.items() if _is_density_site(s) and not s["is_observed"] and n != site]
-    per_chain = {}
+    depth = _max_plate_nesting(trace)
+    per_row = {}
     if guide is not None and missing:
         if key is None:
             raise ValueError("argument 'key' is required to draw the latent sites from 'guide'")
@@ -162,17 +249,39 @@ def site_log_density(
             tr = handlers.trace(handlers.seed(bound_guide, rng_seed=k)).get_trace(*args, **kwargs)
             return {n: tr[n]["value"] for n in missing if n in tr}
 
-        per_chain = jax.vmap(draw)(jax.random.split(key, c))
-        missing = [n for n in missing if n not in per_chain]
+        per_row = jax.vmap(draw)(jax.random.split(key, rows))
+        missing = [n for n in missing if n not in per_row]
     if missing:
         raise ValueError(
             f"latent site(s) {missing} of the model have no value: pass 'guide' (a fitted guide, "
             "with 'params' and 'key') or 'latents' (a dict of values)"
         )
-
     value = jnp.asarray(node["value"])
     transform = biject_to(node["fn"].support)
-    unconstrained_shape = tuple(transform.inv(value).shape)
+    if vectorize == "plate" and per_row:  # each row's latents, with the row dim at the chain dim
+        per_row = {
+            n: jnp.reshape(v, (rows,) + (1,) * (depth - len(trace[n]["fn"].batch_shape)) + tuple(v.shape[1:]))
+            for n, v in per_row.items()
+        }
+    if k is None:
+        if vectorize == "vmap":
+            return _site_density_vmap(model, site, args, kwargs, params, fixed, per_row, value, node, transform, c)
+        return _site_density(model, site, args, kwargs, params, {**fixed, **per_row}, value, node, transform, c, depth)
+    if per_row:  # the site's density closes over each row's latents
+        if vectorize == "vmap":
+            raise ValueError(
+                "argument 'num_draws' with latents drawn from 'guide' needs vectorize='plate' (each "
+                "point's density is traced with its own latents under a plate)"
+            )
+        tr = handlers.trace(_bind(_chained(model, rows, -(depth + 1)), params, {**fixed, **per_row})).get_trace(
+            *args, **kwargs
+        )
+        node = tr[site]
+    return _draws_density(site, node, value, transform, c, k, depth)
+
+
+def _site_density_vmap(model, site, args, kwargs, params, fixed, per_row, value, node, transform, c) -> SiteDensity:
+    """Site mode, one chain's model ``jax.vmap``-ed over the chains."""
 
     def one_chain(u, chain_latents):
         x = transform(u)
@@ -186,9 +295,96 @@ def site_log_density(
     def log_prob(u: jax.Array) -> jax.Array:
         if u.shape[0] != c:
             raise ValueError(f"expected {c} chains (the leading dim of u), got shape {tuple(u.shape)}")
-        return jax.vmap(one_chain, in_axes=(0, 0 if per_chain else None))(u, per_chain)
+        return jax.vmap(one_chain, in_axes=(0, 0 if per_row else None))(u, per_row)
 
-    return SiteDensity(log_prob, transform, tuple(value.shape), unconstrained_shape, value, c)
+    return _site_result(log_prob, transform, value, node, c)
+
+
+def _site_result(log_prob, transform, value, node, c) -> SiteDensity:
+    shape = tuple(value.shape)
+    layout = shared.site_layout(shape, node["fn"].event_shape)
+    return SiteDensity(log_prob, transform, shape, tuple(transform.inv(value).shape), value, c, layout,
+                       jnp.broadcast_to(value, (c, *shape)))
+
+
+def _site_density(model, site, args, kwargs, params, fixed, value, node, transform, c, depth) -> SiteDensity:
+    """Site mode, every chain in one run of the model inside a plate over chains."""
+    shape = tuple(value.shape)
+    pad = depth - (value.ndim - len(node["fn"].event_shape))
+    chain_value_shape = (c,) + (1,) * pad + shape
+    chained = _chained(model, c, -(depth + 1))
+
+    def log_prob(u: jax.Array) -> jax.Array:
+        if u.shape[0] != c:
+            raise ValueError(f"expected {c} chains (the leading dim of u), got shape {tuple(u.shape)}")
+        x = transform(u)
+        logdet = transform.log_abs_det_jacobian(u, x)
+        total = logdet.reshape(c, -1).sum(-1) if logdet.ndim else jnp.broadcast_to(logdet, (c,))
+        data = {**fixed, site: x.reshape(chain_value_shape)}
+        tr = handlers.trace(_bind(chained, params, data)).get_trace(*args, **kwargs)
+        for s in tr.values():
+            if _is_density_site(s):
+                total = total + _to_rows(s["fn"].log_prob(s["value"]), c, depth)
+        return total
+
+    return _site_result(log_prob, transform, value, node, c)
+
+
+def _unnormalized(site: str, fn) -> Unnormalized:
+    base = fn
+    while isinstance(base, ExpandedDistribution):
+        base = base.base_dist
+    if not isinstance(base, Unnormalized):
+        raise shared.draws_site_error(site, type(fn).__name__, "numpyro")
+    return base
+
+
+def _strip_ones(pb) -> tuple:
+    pb = tuple(pb)
+    while pb and pb[0] == 1:
+        pb = pb[1:]
+    return pb
+
+
+def _draws_density(site, node, value, transform, c, k, depth) -> SiteDensity:
+    """Draws mode: ``c * k`` rows, each one new point from the site's own density."""
+    base = _unnormalized(site, node["fn"])
+    rows = c * k
+    event = tuple(base.event_shape)
+    uevent = tuple(transform.inv(value).shape[value.ndim - len(event) :])
+    if base.batched:  # the parameters' batch dims: probe at one point per row
+        probe = transform(jnp.zeros((rows, *(1,) * depth, *uevent), value.dtype))
+        pb = shared.draw_param_batch(jnp.shape(base.log_density(probe)), depth)
+    else:
+        pb = (1,) * depth
+    upoint_shape = (*pb, *uevent)
+    layout = shared.draws_layout(k, _strip_ones(pb), event)
+
+    def log_prob(u: jax.Array) -> jax.Array:
+        n = u.shape[0]
+        ur = u.reshape(n, *upoint_shape)
+        x = transform(ur)
+        logdet = transform.log_abs_det_jacobian(ur, x)
+        total = logdet.reshape(n, -1).sum(-1) if logdet.ndim else jnp.broadcast_to(logdet, (n,))
+        return total + base.log_density(x).reshape(n, -1).sum(-1)
+
+    start = _draws_start(value, depth, pb, event, rows, transform, uevent).reshape(c, *layout.shape)
+    return SiteDensity(log_prob, transform, layout.draw_shape, (*_strip_ones(pb), *uevent), value, c, layout, start)
+
+
+def _draws_start(value, depth, pb, event, rows, transform, uevent) -> jax.Array:
+    """Observed points as starts: cycled (one point per draw), or the first point of each
+    parameter group (batched density); where they do not fit, ``transform(0)``."""
+    nb = value.ndim - len(event)
+    try:
+        if all(p == 1 for p in pb):
+            points = value.reshape(-1, *event)
+            return points[jnp.arange(rows) % points.shape[0]].reshape(rows, *pb, *event)
+        v = value.reshape((1,) * (depth - nb) + tuple(value.shape))
+        v = v[tuple(slice(0, 1) if p == 1 else slice(None) for p in pb)]
+        return jnp.broadcast_to(v, (rows, *pb, *event))
+    except (TypeError, ValueError):
+        return transform(jnp.zeros((rows, *pb, *uevent), value.dtype))
 
 
 def langevin(
@@ -196,75 +392,99 @@ def langevin(
     site: str,
     *args,
     key,
+    num_samples: int | None = None,
+    num_warmup: int = 500,
     num_chains: int = 1,
-    num_steps: int = 1000,
+    num_draws: int | None = None,
     step_size: float = 1e-2,
     adjusted: bool = True,
     init=None,
-    num_warmup: int = 0,
     thin: int = 1,
+    num_steps: int | None = None,
     params: dict | None = None,
     guide=None,
     latents: dict | None = None,
+    vectorize: str = "plate",
     progress_bar: bool = False,
     **kwargs,
 ) -> SiteSamples:
     """Langevin chains (MALA, or ULA with ``adjusted=False``) on the observed ``site`` of a
-    fitted ``model(*args, **kwargs)``, every other site fixed (see the module doc).
+    fitted ``model(*args, **kwargs)`` (see the module doc).
 
     Args:
         model, site, *args, **kwargs: the model, the observed site to sample, and the model's
             arguments (they fix the site's shape and the other sites' values).
         key: a ``jax.random`` key (guide draws and the chains' noise).
-        num_chains: chains ``C``, each a full copy of the site's value.
-        num_steps, num_warmup, thin, progress_bar: as in ``ppl_score.jax.langevin.mala``;
-            ``step_size`` is in unconstrained space.
+        num_samples: states kept per chain (default 1000): every ``thin``-th of
+            ``num_samples * thin`` steps after the warm-up.
+        num_warmup: steps run first and discarded (default 500).
+        num_chains: independent chains.
+        num_draws: ``None``: each chain is a copy of the site's value, sampled from its
+            conditional given every other site. An int (an ``Unnormalized`` site): each chain
+            holds ``num_draws`` new points, i.i.d. from the site's own density given its
+            parents (its children and factors are left out); each point is its own
+            Metropolis chain, so the cost is ``num_chains * num_draws`` points, not copies of
+            the data.
+        step_size: in unconstrained space.
         adjusted: MALA (True, exact) or ULA (False, O(step_size) bias).
-        init: start, in the site's support: ``[*shape]`` or ``[C, *shape]``; default: the
-            observed value.
+        init: start, in the site's support, broadcasting to ``[num_chains, *layout.shape]``;
+            default: the observed value (site mode) or observed points cycled (draws mode).
+        thin: keep every ``thin``-th state.
+        num_steps: instead of ``num_samples``, the steps after warm-up (a multiple of ``thin``).
         params / guide / latents: the fitted parameters and where the latent sites' values
-            come from.
+            come from (a guide draws them once per chain, or per point in draws mode).
+        vectorize: ``"plate"`` (default) or ``"vmap"``, see ``site_log_density``.
+        progress_bar: as in ``ppl_score.jax.langevin.mala``.
 
     Returns:
-        ``SiteSamples(samples [num_steps // thin, C, *shape], accept_rate [C])``.
+        ``SiteSamples(samples [num_samples, num_chains, *layout.shape], accept_rate, layout)``.
 
     Raises:
-        ValueError: bad arguments or sites (named), a missing ``key``, or diverged chains
-            (decrease ``step_size``).
+        TypeError, ValueError: bad arguments or sites (named), a missing ``key``, or diverged
+            chains (decrease ``step_size``).
 
     A MALA run that accepts (almost) nothing warns with its acceptance rate
     (``ppl_score.langevin.LowAcceptanceWarning``). Each call builds a new site density, so
     it is compiled for that call and released afterwards (nothing is cached across calls).
     """
     adjusted = shared.check_adjusted(adjusted)
-    shared.check_plan(step_size, num_steps, num_warmup, thin)
+    plan = shared.check_sampling_run(step_size, num_samples, num_steps, num_warmup, thin)
     if key is None:
         raise ValueError("argument 'key' is required (a jax.random key)")
     key_guide, key_run = jax.random.split(check_key(key))
-    dens = site_log_density(model, site, *args, num_chains=num_chains, params=params, guide=guide,
-                            latents=latents, key=key_guide, **kwargs)
-    u0 = dens.init_unconstrained(init)
+    dens = site_log_density(model, site, *args, num_chains=num_chains, num_draws=num_draws, params=params,
+                            guide=guide, latents=latents, key=key_guide, vectorize=vectorize, **kwargs)
+    u0 = dens.init_unconstrained(init).reshape(dens.num_rows, *dens.unconstrained_shape)
     sampler = backend.mala if adjusted else backend.ula
-    result = sampler(dens.log_prob, u0, step_size, num_steps, key=key_run, num_warmup=num_warmup,
-                     thin=thin, progress_bar=progress_bar)
-    return SiteSamples(dens.transform(result.samples), result.accept_rate)
+    result = sampler(dens.log_prob, u0, plan.step_size, plan.num_steps, key=key_run, num_warmup=plan.num_warmup,
+                     thin=plan.thin, progress_bar=progress_bar)
+    return _result(dens, result.samples, result.accept_rate)
 
 
-def potential_fn(model, site: str, *args, params: dict | None = None, guide=None, latents: dict | None = None,
-                 key=None, **kwargs):
-    """``params_dict -> -log p(transform(params_dict[site]) | rest) - log|det J|``, a
-    scalar: the potential energy of the observed ``site`` (one chain, unconstrained
-    coordinates of the site's shape) for ``numpyro.infer.NUTS(potential_fn=...)`` / ``HMC``.
-    Latent sites are fixed by ``latents`` or one draw of ``guide`` (with ``key``). Samples come
-    back unconstrained: map them with ``site_log_density(...).transform`` (``nuts`` does)."""
-    dens = site_log_density(model, site, *args, num_chains=1, params=params, guide=guide, latents=latents,
-                            key=key, **kwargs)
+def _result(dens: SiteDensity, u: jax.Array, accept_rate: jax.Array) -> SiteSamples:
+    """Rows back to ``[S, C, *layout.shape]`` in the support."""
+    c, layout = dens.num_chains, dens.layout
+    samples = dens.transform(u).reshape(u.shape[0], c, *layout.shape)
+    accept_rate = accept_rate.reshape(c, -1) if layout.mode == "draws" else accept_rate.reshape(c)
+    return SiteSamples(samples, accept_rate, layout)
+
+
+def potential_fn(model, site: str, *args, num_draws: int | None = None, params: dict | None = None, guide=None,
+                 latents: dict | None = None, key=None, vectorize: str = "plate", **kwargs):
+    """``params_dict -> -log p(transform(params_dict[site])) - log|det J|``, a scalar: the
+    potential energy of one chain's state of the observed ``site`` in unconstrained
+    coordinates (site mode: the site's conditional given the rest; draws mode: ``num_draws``
+    new points) for ``numpyro.infer.NUTS(potential_fn=...)`` / ``HMC``. Latent sites are
+    fixed by ``latents`` or one draw of ``guide`` (with ``key``). Samples come back
+    unconstrained: map them with ``site_log_density(...).transform`` (``nuts`` does)."""
+    dens = site_log_density(model, site, *args, num_chains=1, num_draws=num_draws, params=params, guide=guide,
+                            latents=latents, key=key, vectorize=vectorize, **kwargs)
     return _potential(dens, site)
 
 
 def _potential(dens: SiteDensity, site: str):
     def potential(values: dict) -> jax.Array:
-        return -dens.log_prob(values[site][None])[0]
+        return -dens.log_prob(jnp.reshape(values[site], (dens.num_rows, *dens.unconstrained_shape))).sum()
 
     return potential
 
@@ -277,18 +497,32 @@ def nuts(
     num_samples: int = 500,
     num_warmup: int = 500,
     num_chains: int = 1,
+    num_draws: int | None = None,
     init=None,
     params: dict | None = None,
     guide=None,
     latents: dict | None = None,
     kernel_options: dict | None = None,
+    vectorize: str = "plate",
     progress_bar: bool = False,
     **kwargs,
-) -> jax.Array:
-    """NumPyro's ``NUTS`` on the observed ``site`` through ``potential_fn``; returns samples
-    ``[num_samples, num_chains, *shape]`` in the site's support (the layout of
-    ``langevin``). Chains are vectorized (``chain_method="vectorized"``); ``kernel_options``
-    go to ``NUTS`` (e.g. ``target_accept_prob``).
+) -> SiteSamples:
+    """NumPyro's ``NUTS`` on the observed ``site`` through ``potential_fn``.
+
+    Args:
+        model, site, *args, **kwargs, key, num_chains, num_draws, init, params, guide,
+            latents, vectorize: as in ``langevin`` (in draws mode NUTS moves a chain's
+            ``num_draws`` points jointly, one trajectory on their product density).
+        num_samples: draws kept per chain (default 500).
+        num_warmup: adaptation steps (default 500).
+        kernel_options: keyword arguments of ``NUTS`` (e.g. ``target_accept_prob``).
+        progress_bar: show NumPyro's progress bar.
+
+    Returns:
+        ``SiteSamples(samples [num_samples, num_chains, *layout.shape], accept_rate
+        [num_chains], layout)``: the layout of ``langevin``; ``accept_rate`` is each chain's
+        mean acceptance probability after warm-up. Chains are vectorized
+        (``chain_method="vectorized"``).
 
     Raises:
         TypeError, ValueError: ``num_samples < 1``, ``num_warmup < 0``, ``num_chains < 1``,
@@ -301,12 +535,14 @@ def nuts(
     if key is None:
         raise ValueError("argument 'key' is required (a jax.random key)")
     key_guide, key_run = jax.random.split(check_key(key))
-    dens = site_log_density(model, site, *args, num_chains=1, params=params, guide=guide, latents=latents,
-                            key=key_guide, **kwargs)
+    dens = site_log_density(model, site, *args, num_chains=1, num_draws=num_draws, params=params, guide=guide,
+                            latents=latents, key=key_guide, vectorize=vectorize, **kwargs)
     u0 = dens.init_unconstrained(init, num_chains=c)
     kernel = NUTS(potential_fn=_potential(dens, site), **(kernel_options or {}))
     mcmc = MCMC(kernel, num_warmup=num_warmup, num_samples=num_samples, num_chains=c,
                 chain_method="vectorized", progress_bar=progress_bar)
-    mcmc.run(key_run, init_params={site: u0 if c > 1 else u0[0]})
-    u = mcmc.get_samples(group_by_chain=True)[site]  # [C, S, *unconstrained]
-    return dens.transform(jnp.swapaxes(u, 0, 1))
+    mcmc.run(key_run, init_params={site: u0 if c > 1 else u0[0]}, extra_fields=("accept_prob",))
+    u = mcmc.get_samples(group_by_chain=True)[site]  # [C, S, *layout.shape] unconstrained
+    accept = mcmc.get_extra_fields(group_by_chain=True)["accept_prob"].reshape(c, -1).mean(-1)
+    return SiteSamples(dens.transform(jnp.swapaxes(u.reshape(c, num_samples, *u0.shape[1:]), 0, 1)), accept,
+                       dens.layout)

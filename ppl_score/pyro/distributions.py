@@ -7,6 +7,7 @@ import torch
 from pyro.distributions import TorchDistribution, constraints
 
 from .. import frontend
+from .. import langevin as shared
 
 __all__ = ["Unnormalized"]
 
@@ -24,60 +25,143 @@ class Unnormalized(TorchDistribution):
                 pyro.sample("x", Unnormalized(energy, event_shape=(2,)), obs=x)
         svi = SVI(model, lambda x: None, Adam({"lr": 1e-3}), loss=ScoreMatching())
 
+    Two forms of ``log_density_fn``:
+
+    - rows (``batched=False``, the default): ``f(x[n, *event_shape]) -> [n]``. ``log_prob``
+      flattens the value's batch dims into ``n`` rows, so ``f`` is one function applied to
+      every point, the same for all of them (an energy network, a density with shared
+      parameters); its result is broadcast to ``batch_shape``.
+    - batched (``batched=True``): ``f(x[*batch, *event_shape]) -> [*batch]``: ``f`` gets the
+      value unflattened and returns one log density per point, broadcasting with parameters
+      that carry batch dims. A hierarchical energy, ``mu`` in a plate ``groups`` and ``x``
+      in a nested plate ``data``::
+
+          mu = pyro.sample("mu", ...)                         # [G, 1, D] inside "groups"
+          with groups, data:                                  # dims -2, -1
+              pyro.sample("x", Unnormalized(lambda x: -0.5 * ((x - mu) ** 2).sum(-1), (D,),
+                                            batched=True), obs=x)   # x [G, N, D] -> [G, N]
+
+      The output must keep every batch dim of ``x`` and broadcast to ``log_prob``'s shape.
+
+    ``batch_shape`` is a real batch shape: plates ``expand`` it like any distribution's, and
+    ``log_prob(value [*sample, *batch, *event])`` has shape ``value``'s leading dims broadcast
+    with ``batch_shape``.
+
     ``log_prob`` is *not* normalized, so ``Trace_ELBO`` and likelihood comparisons across
     parameter values are meaningless with it. ``sample`` raises: draw from a fitted model
-    with ``ppl_score.pyro.langevin`` or NUTS on the potential ``-f``.
+    with ``ppl_score.pyro.langevin`` (``num_draws`` gives new i.i.d. points) or NUTS on the
+    potential ``-f``.
 
-    :param callable log_density_fn: ``x[n, *event_shape] -> [n]``, the log density up to a
-        constant (a ``torch.nn.Module`` or any function of tensors).
-    :param event_shape: the shape of one draw (an int or a tuple).
-    :param support: the support of one coordinate (or of the event when its ``event_dim`` is
-        positive, e.g. ``constraints.simplex``); ``ScoreMatching`` matches a constrained
-        support in the unconstrained space of ``biject_to(support)``. Default: real.
+    Args:
+        log_density_fn: the log density up to a constant (a ``torch.nn.Module`` or any
+            function of tensors), of the form chosen by ``batched``.
+        event_shape: the shape of one draw (an int or a tuple).
+        support: the support of one coordinate (or of the event when its ``event_dim`` is
+            positive, e.g. ``constraints.simplex``); ``ScoreMatching`` matches a constrained
+            support in the unconstrained space of ``biject_to(support)``. Default: real.
+        batch_shape: the distribution's batch shape (default ``()``; plates expand it).
+        batched: the form of ``log_density_fn`` (see above).
+
+    Raises:
+        TypeError: ``log_density_fn`` not callable, ``support`` not a constraint, ``batched``
+            not a bool.
+        ValueError: a discrete support, a bad ``event_shape`` / ``batch_shape``.
     """
 
     arg_constraints = {}
     has_rsample = False
 
-    def __init__(self, log_density_fn, event_shape, support=constraints.real, *, validate_args=None):
+    def __init__(self, log_density_fn, event_shape, support=constraints.real, *, batch_shape=(),
+                 batched: bool = False, validate_args=None):
         if not callable(log_density_fn):
             raise TypeError(f"argument 'log_density_fn' must be callable, got {type(log_density_fn).__name__}")
         if not isinstance(support, constraints.Constraint):
             raise TypeError(f"argument 'support' must be a constraint, got {type(support).__name__}")
         if support.is_discrete:
             raise ValueError(f"argument 'support' must be a continuous constraint, got {support}")
+        if not isinstance(batched, bool):
+            raise TypeError(f"argument 'batched' must be a bool, got {type(batched).__name__}")
         event_shape = torch.Size(frontend.check_event_shape(event_shape))
+        batch_shape = torch.Size(shared.check_batch_shape(batch_shape))
         extra = len(event_shape) - support.event_dim
         if extra < 0:
             raise ValueError(
                 f"argument 'support' has event_dim {support.event_dim} > len(event_shape) = {len(event_shape)}"
             )
         self.log_density_fn = log_density_fn
+        self.batched = batched
         self._support = constraints.independent(support, extra) if extra else support
-        super().__init__(torch.Size(), event_shape, validate_args=validate_args)
+        super().__init__(batch_shape, event_shape, validate_args=validate_args)
 
     @property
     def support(self):
         return self._support
 
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        """``log_density_fn`` of the rows of ``value [*batch, *event_shape]``, shape ``[*batch]``.
+    def expand(self, batch_shape, _instance=None):
+        """The same density with batch shape ``batch_shape`` (what plates call).
 
         Raises:
-            ValueError: ``value`` does not end with ``event_shape``, or ``log_density_fn`` does
-                not return one value per row.
+            ValueError: ``batch_shape`` does not broadcast from this ``batch_shape``.
+        """
+        batch_shape = torch.Size(shared.check_expand(self.batch_shape, batch_shape))
+        new = self._get_checked_instance(Unnormalized, _instance)
+        new.log_density_fn = self.log_density_fn
+        new.batched = self.batched
+        new._support = self._support
+        super(Unnormalized, new).__init__(batch_shape, self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """``log_density_fn`` at ``value [*lead, *event_shape]``: shape ``lead`` broadcast with
+        ``batch_shape``.
+
+        Raises:
+            ValueError: ``value`` does not end with ``event_shape`` or does not broadcast with
+                ``batch_shape``, or ``log_density_fn`` returns the wrong shape for its form.
         """
         k = len(self.event_shape)
         if value.dim() < k or value.shape[value.dim() - k :] != self.event_shape:
             raise frontend.unnormalized_shape_error(value.shape, self.event_shape)
         if self._validate_args:
             self._validate_sample(value)
-        lead = value.shape[: value.dim() - k]
-        out = self.log_density_fn(value.reshape(-1, *self.event_shape))
-        n = lead.numel()
-        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (n,):
-            raise frontend.log_density_output_error(getattr(out, "shape", ()), (n,))
-        return out.reshape(lead)
+        lead = tuple(value.shape[: value.dim() - k])
+        expected = shared.unnormalized_log_prob_shape(lead, self.batch_shape, self.event_shape)
+        return self._evaluate(value, lead, expected)
+
+    def log_density(self, value: torch.Tensor) -> torch.Tensor:
+        """``log_density_fn`` at points ``value [*lead, *event_shape]``, ignoring ``batch_shape``
+        (the plates' expansion): shape ``lead`` (row form), or ``lead`` broadcast with the
+        parameters' batch dims (batched form). The density of new points, used to draw them.
+
+        Raises:
+            ValueError: as ``log_prob``.
+        """
+        k = len(self.event_shape)
+        if value.dim() < k or value.shape[value.dim() - k :] != self.event_shape:
+            raise frontend.unnormalized_shape_error(value.shape, self.event_shape)
+        return self._evaluate(value, tuple(value.shape[: value.dim() - k]), None)
+
+    def _evaluate(self, value, lead, expected):
+        if self.batched:
+            out = self.log_density_fn(value)
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(f"argument 'log_density_fn' must return a torch.Tensor, got {type(out).__name__}")
+            shared.check_batched_output(out.shape, lead, tuple(out.shape) if expected is None else expected)
+            if expected is None:
+                return out
+        else:
+            n = torch.Size(lead).numel()
+            try:
+                out = self.log_density_fn(value.reshape(n, *self.event_shape))
+            except RuntimeError as err:  # e.g. parameters with batch dims meeting the n rows
+                err.add_note(f"(ppl_score) {shared.BATCHED_HINT}")
+                raise
+            shared.check_rows_output(getattr(out, "shape", ()), n)
+            out = out.reshape(lead)
+            if expected is None:
+                return out
+        return out.expand(expected) if tuple(out.shape) != expected else out
 
     def sample(self, sample_shape=torch.Size()):
         raise frontend.sampling_error("pyro")
@@ -86,4 +170,7 @@ class Unnormalized(TorchDistribution):
         raise frontend.sampling_error("pyro")
 
     def __repr__(self) -> str:
-        return f"Unnormalized(log_density_fn={self.log_density_fn!r}, event_shape={tuple(self.event_shape)})"
+        extra = f", batch_shape={tuple(self.batch_shape)}" if self.batch_shape else ""
+        extra += ", batched=True" if self.batched else ""
+        return f"Unnormalized(log_density_fn={self.log_density_fn!r}, event_shape={tuple(self.event_shape)}{extra})"
+
