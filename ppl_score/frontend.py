@@ -28,15 +28,18 @@ __all__ = [
     "check_beta",
     "check_num_particles",
     "check_sites",
+    "split_elbo_kwargs",
+    "check_vectorize_particles",
     "check_event_shape",
     "select_matched",
     "sites_after",
     "discrete_site_error",
+    "discrete_latent_error",
+    "latent_dependency_error",
+    "joint_scale_error",
     "missing_guide_site_error",
     "nonreparam_guide_site_error",
-    "batch_shape_error",
     "scale_mismatch_error",
-    "dependency_error",
     "log_density_output_error",
     "sampling_error",
     "check_mmd_scales",
@@ -110,6 +113,26 @@ def make_config(method: Any, sites: Any, beta: Any, num_particles: Any, options:
     )
 
 
+def split_elbo_kwargs(options: Mapping[str, Any], names: Sequence[str]) -> tuple[dict, dict]:
+    """``(ELBO keyword arguments, method options)``: the PPL's own ``ELBO`` arguments
+    (``max_plate_nesting``, ``vectorize_particles``, ...) are taken as ``Trace_ELBO`` takes
+    them, the rest go to the method."""
+    elbo = {k: v for k, v in options.items() if k in names}
+    return elbo, {k: v for k, v in options.items() if k not in names}
+
+
+def check_vectorize_particles(vectorize: Any, num_particles: int) -> Any:
+    """``vectorize_particles``: None means vectorized when ``num_particles > 1``."""
+    if vectorize is None:
+        return num_particles > 1
+    if not isinstance(vectorize, bool) and not callable(vectorize):
+        raise TypeError(
+            f"argument 'vectorize_particles' must be a bool (or, in NumPyro, a map function such as "
+            f"jax.lax.map), got {type(vectorize).__name__}"
+        )
+    return vectorize
+
+
 def check_event_shape(event_shape: Any) -> tuple:
     """``event_shape`` of ``Unnormalized``: an int or a tuple of positive ints."""
     if isinstance(event_shape, numbers.Integral) and not isinstance(event_shape, bool):
@@ -164,6 +187,37 @@ def discrete_site_error(name: str) -> ValueError:
     )
 
 
+def discrete_latent_error(name: str) -> ValueError:
+    """A latent site with a discrete support (possibly marked for enumeration)."""
+    return ValueError(
+        f"latent site {name!r} has a discrete support; ScoreMatching differentiates through the "
+        "guide's samples, so latent sites must be continuous and reparameterized (AutoNormal, "
+        "AutoDelta, AutoMultivariateNormal, ...) and enumeration (config_enumerate) is not "
+        "supported. Marginalize the discrete site in the model instead, e.g. a mixture as "
+        "MixtureSameFamily(Categorical(weights), components), or observe it"
+    )
+
+
+def latent_dependency_error(dependencies: Mapping[str, Sequence[str]]) -> ValueError:
+    """A latent site's distribution depends on the value of a matched (observed) site."""
+    desc = "; ".join(f"{site!r} depends on {sorted(on)}" for site, on in dependencies.items())
+    return ValueError(
+        "ScoreMatching matches the joint density of the observed sites given the latent ones; "
+        f"a latent site whose distribution depends on a matched value is not supported: {desc}. "
+        "Its log density would enter both the matched sites' joint density and log p(z); "
+        "observe it, or draw it before the matched sites"
+    )
+
+
+def joint_scale_error(names: Sequence[str]) -> ValueError:
+    """Matched sites that must be matched as one data point carry a per-datum scale."""
+    return ValueError(
+        f"matched sites {list(names)} are matched as one data point (a site couples their data "
+        "points, or they sit in different plates), so their scale must be one number; got a "
+        "scale per data point (poutine.scale / handlers.scale with an array)"
+    )
+
+
 def missing_guide_site_error(name: str) -> ValueError:
     return ValueError(
         f"latent site {name!r} of the model is not provided by the guide; ScoreMatching needs a guide "
@@ -178,28 +232,10 @@ def nonreparam_guide_site_error(name: str) -> ValueError:
     )
 
 
-def batch_shape_error(shapes: Mapping[str, tuple]) -> ValueError:
-    desc = ", ".join(f"{name!r}: {tuple(shape)}" for name, shape in shapes.items())
-    return ValueError(
-        f"matched sites must share their batch (plate) shape to be matched jointly, got {desc}; "
-        "match them separately (sites=[...]) or put them in the same plates"
-    )
-
-
 def scale_mismatch_error(names: Sequence[str]) -> ValueError:
     return ValueError(
         f"matched sites {list(names)} have different scales (poutine.scale / subsampling); sites "
         "matched jointly must share one scale per data point"
-    )
-
-
-def dependency_error(dependencies: Mapping[str, Sequence[str]]) -> ValueError:
-    desc = "; ".join(f"{site!r} depends on {sorted(on)}" for site, on in dependencies.items())
-    return ValueError(
-        "ScoreMatching evaluates each matched site's log density with the distribution the model "
-        "built for it, so a site's distribution must not depend on the value of a matched site; "
-        f"found: {desc}. Match the dependent sites jointly in one multivariate site, or match only "
-        "the sites nothing depends on (sites=[...])"
     )
 
 

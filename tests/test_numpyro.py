@@ -369,15 +369,23 @@ def test_several_sites_are_matched_jointly(rng):
     assert joint == pytest.approx(only_x + only_y, rel=1e-10)
 
 
-def test_a_site_depending_on_a_matched_value_is_an_error(rng):
+def test_a_site_depending_on_a_matched_value_is_matched_jointly(rng):
+    """``y | x ~ Gamma(a, b + (x_1 + x_2)^2)``: matching both is score matching of the joint
+    density of ``(x, log y)`` (SPEC.md section 3), under jit and eagerly."""
     mu, prec, x = mvn_case(rng, n=6, d=2)
     y = rng.gamma(2.0, 0.5, size=6)
     model = _two_site_model(mu, prec, 2.0, 3.0, dep=True)
     args = (jnp.asarray(x), jnp.asarray(y))
-    with pytest.raises(ValueError, match=r"'y' depends on \['x'\]"):  # found at trace time
-        loss_of(ScoreMatching("esm"), model, empty_guide, *args)
-    with pytest.raises(ValueError, match=r"'y' depends on \['x'\]"):  # and eagerly
-        ScoreMatching("esm").loss(KEY, {}, model, empty_guide, *args)
+
+    def joint(rows):
+        xs, u = rows[:, :2], rows[:, 2]
+        lp = dist.MultivariateNormal(mu, precision_matrix=prec).log_prob(xs)
+        return lp + dist.Gamma(2.0, 3.0 + xs.sum(-1) ** 2).log_prob(jnp.exp(u)) + u
+
+    rows = jnp.concatenate([args[0], jnp.log(args[1])[:, None]], 1)
+    expected = float(score_matching_loss(joint, rows, "esm", reduction="sum"))
+    assert loss_of(ScoreMatching("esm"), model, empty_guide, *args) == pytest.approx(expected, rel=1e-10)
+    assert float(ScoreMatching("esm").loss(KEY, {}, model, empty_guide, *args)) == pytest.approx(expected, rel=1e-10)
     assert math.isfinite(loss_of(ScoreMatching("esm", sites=["y"]), model, empty_guide, *args))
 
 
@@ -491,8 +499,10 @@ def test_model_errors_name_the_site(rng):
         with numpyro.plate("b", 2):
             numpyro.sample("y", dist.Normal(jnp.zeros(2), 1.0), obs=x[0])
 
-    with pytest.raises(ValueError, match="batch.*'x'.*'y'"):
-        loss_of(ScoreMatching(), mismatched, empty_guide, x)
+    # sites in different plates are matched as one data point: exact score matching adds up
+    joint = loss_of(ScoreMatching("esm"), mismatched, empty_guide, x)
+    parts = [loss_of(ScoreMatching("esm", sites=[s]), mismatched, empty_guide, x) for s in ("x", "y")]
+    assert joint == pytest.approx(sum(parts), rel=1e-10)
 
     def rescaled(x):
         with numpyro.plate("data", 5):

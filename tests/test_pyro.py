@@ -386,13 +386,23 @@ def test_several_sites_are_matched_jointly(rng):
     assert joint == pytest.approx(only_x + only_y, rel=1e-10)
 
 
-def test_a_site_depending_on_a_matched_value_is_an_error(rng):
+def test_a_site_depending_on_a_matched_value_is_matched_jointly(rng):
+    """``y | x ~ Gamma(a, b + (x_1 + x_2)^2)``: matching both is score matching of the joint
+    density of ``(x, log y)`` (SPEC.md section 3), here against the backend on it."""
     mu, prec, x = mvn_case(rng, n=6, d=2)
     y = rng.gamma(2.0, 0.5, size=6)
     model = _two_site_model(mu, prec, 2.0, 3.0, dep=True)
-    with pytest.raises(ValueError, match=r"'y' depends on \['x'\]"):
-        ScoreMatching("esm").loss(model, empty_guide, t(x), t(y))
-    # conditioning on x (matching only y) is fine: y's distribution given x is what it is
+
+    def joint(rows):
+        xs, u = rows[:, :2], rows[:, 2]
+        rate = t(3.0) + xs.sum(-1) ** 2
+        lp = dist.MultivariateNormal(t(mu), precision_matrix=t(prec)).log_prob(xs)
+        return lp + dist.Gamma(t(2.0), rate).log_prob(u.exp()) + u
+
+    rows = torch.cat([t(x), t(np.log(y))[:, None]], 1)
+    expected = score_matching_loss(joint, rows, "esm", reduction="sum").item()
+    assert ScoreMatching("esm").loss(model, empty_guide, t(x), t(y)) == pytest.approx(expected, rel=1e-10)
+    # conditioning on x (matching only y): y's distribution given x is what it is
     assert math.isfinite(ScoreMatching("esm", sites=["y"]).loss(model, empty_guide, t(x), t(y)))
 
 
@@ -519,8 +529,10 @@ def test_model_errors_name_the_site(rng):
         with pyro.plate("b", 2):
             pyro.sample("y", dist.Normal(torch.zeros(2, dtype=F64), 1.0), obs=x[0])
 
-    with pytest.raises(ValueError, match="batch.*'x'.*'y'"):
-        ScoreMatching().loss(mismatched, empty_guide, x)
+    # sites in different plates are matched as one data point: exact score matching adds up
+    joint = ScoreMatching("esm").loss(mismatched, empty_guide, x)
+    parts = [ScoreMatching("esm", sites=[s]).loss(mismatched, empty_guide, x) for s in ("x", "y")]
+    assert joint == pytest.approx(sum(parts), rel=1e-10)
 
     def rescaled(x):
         with pyro.plate("data", 5):

@@ -1,25 +1,34 @@
-"""Score matching as a Pyro SVI loss: :class:`ScoreMatching`, a ``pyro.infer.ELBO``."""
+"""Score matching as a Pyro SVI loss: :class:`ScoreMatching`, a ``pyro.infer.ELBO``.
+
+This module only translates Pyro traces; the site handling (which sites are matched, data
+blocks, masks and weights, dependencies, the joint log density) is ``ppl_score.sites``.
+"""
 
 from __future__ import annotations
 
 import warnings
 
+import pyro
 import torch
 from pyro import poutine
 from pyro.distributions import constraints
 from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.distributions.transforms import biject_to
-from pyro.distributions.util import broadcast_shape
 from pyro.infer.elbo import ELBO
 from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.poutine.messenger import Messenger
-from pyro.poutine.util import prune_subsample_sites
+from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import check_model_guide_match, check_site_shape
 
-from .. import frontend, validation
+from .. import frontend, sites, validation
 from ..torch import score_matching_loss
 
 __all__ = ["ScoreMatching"]
+
+# keyword arguments of pyro.infer.ELBO that ScoreMatching accepts and honours
+_ELBO_KWARGS = ("max_plate_nesting", "vectorize_particles", "retain_graph", "strict_enumeration_warning",
+                "ignore_jit_warnings", "jit_options")
+_COPIES = "_ppl_score_copies"
 
 
 class ScoreMatching(ELBO):
@@ -41,31 +50,38 @@ class ScoreMatching(ELBO):
     :math:`p(z) \exp(-\beta \sum_i \mathrm{SM}_i(z))`; with no latent sites it is
     :math:`\beta \sum_i w_i\, \mathrm{SM}_i`, score-matching estimation of the parameters.
 
-    - :math:`\mathrm{SM}_i` is the per-example objective ``method`` of the joint log
-      density of the matched sites at data point :math:`i`, taken unscaled: every batch
-      (plate) dimension of a matched site indexes data points, its event dimensions are the
-      :math:`x` of SPEC.md. A site with constrained support is matched in the unconstrained
-      space of ``biject_to(support)``, log-abs-det-Jacobian added, so the estimator stays
-      consistent. Several matched sites (same batch shape) are matched jointly: :math:`x`
-      is the concatenation of their flattened unconstrained values.
+    - :math:`\mathrm{SM}_i` is the per-example objective ``method`` of the model's *joint*
+      log density in the matched values at data point :math:`i`: every site whose
+      distribution depends on a matched value (a later observed site ``y ~ Normal(f(x), 1)``,
+      a Markov chain's next step) contributes its log density as a function of it, found by
+      re-executing the model with the matched values substituted (``poutine.condition`` and
+      ``replay``); unmatched observed sites are conditioned on. Every plate dimension of a
+      matched site indexes data points and its event dimensions are the :math:`x` of
+      SPEC.md; when a site couples data points (it is not inside every plate of the matched
+      sites) the batch is one data point. A site with constrained support is matched in the
+      unconstrained space of ``biject_to(support)``, log-abs-det-Jacobian added. Several
+      matched sites are matched jointly (:math:`x` concatenates their flattened
+      unconstrained values). Log densities are unscaled. Without dependent sites (checked
+      every step) no re-execution happens: the matched sites' own distributions are
+      evaluated in one batched call. See ``ppl_score.sites``.
     - :math:`w_i` is the site's ``scale`` (``N / B`` in a subsampled plate, as in
       ``Trace_ELBO``) times its mask (``poutine.mask``, ``obs_mask``, ``fn.mask``): a
       masked data point contributes nothing.
-    - Observed sites not matched (``sites`` names a subset) are conditioned on.
-      ``pyro.factor`` terms count in :math:`\log p(z)`.
-
-    Each matched site's log density is ``site["fn"].log_prob`` of the distribution the
-    model built for it, evaluated at perturbed :math:`x` without re-running the model (one
-    batched call per evaluation). That is exact when no site depends on a matched site's
-    value, which the loss checks under ``pyro.enable_validation()`` (the default):
-    a violation is a ``ValueError`` naming the sites.
+    - ``pyro.factor`` terms count in :math:`\log p(z)`. Latent sites must be continuous
+      and reparameterized in the guide; a latent site whose distribution depends on a
+      matched value is a ``ValueError``.
 
     :param str method: one of ``ppl_score.spec.OBJECTIVES``: ``"esm"``, ``"ssm"``,
         ``"ssm_vr"`` (default), ``"dsm"``, ``"fd_ssm"``, ``"fd_dsm"``.
     :param sites: names of the observed sites to match (default: all of them).
     :param float beta: weight of the score-matching term (the generalized Bayes
-        temperature); default 1.
+        temperature); default 1. ``ppl_score.pyro.calibrate_beta`` chooses a calibrated one.
     :param int num_particles: guide samples averaged per step.
+    :param vectorize_particles: draw the ``num_particles`` samples in one vectorized trace
+        (an outer ``pyro.plate``, so the model and guide must broadcast as with
+        ``Trace_ELBO(vectorize_particles=True)``); default: True when ``num_particles > 1``.
+    :param max_plate_nesting, retain_graph, strict_enumeration_warning,
+        ignore_jit_warnings, jit_options: as in :class:`~pyro.infer.ELBO`.
     :param options: the method's options (``n_projections``, ``projection``, ``sigma``,
         ``eps``); unknown options or bad values raise here.
 
@@ -75,8 +91,11 @@ class ScoreMatching(ELBO):
     """
 
     def __init__(self, method: str = "ssm_vr", *, sites=None, beta: float = 1.0, num_particles: int = 1, **options):
+        elbo_kwargs, options = frontend.split_elbo_kwargs(options, _ELBO_KWARGS)
         self.config = frontend.make_config(method, sites, beta, num_particles, options)
-        super().__init__(num_particles=self.config.num_particles)
+        vectorize = frontend.check_vectorize_particles(elbo_kwargs.pop("vectorize_particles", None),
+                                                       self.config.num_particles)
+        super().__init__(num_particles=self.config.num_particles, vectorize_particles=vectorize, **elbo_kwargs)
         self.method = self.config.method
         self.sites = self.config.sites
         self.beta = self.config.beta
@@ -95,62 +114,69 @@ class ScoreMatching(ELBO):
     # ---- traces ---------------------------------------------------------------------
 
     def _get_trace(self, model, guide, args, kwargs):
-        """A guide trace and the model trace replayed against it."""
-        validate = is_validation_enabled()
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        replayed = poutine.replay(model, trace=guide_trace)
-        if validate:
-            replayed = _TrackObserved()(replayed)
-        model_trace = _get_model_trace(replayed, args, kwargs)
-        guide_trace = prune_subsample_sites(guide_trace)
-        model_trace = prune_subsample_sites(model_trace)
-        for name, site in model_trace.nodes.items():
-            if site["type"] == "sample" and not site["is_observed"]:
-                if guide_trace.nodes.get(name, {}).get("type") != "sample":
-                    raise frontend.missing_guide_site_error(name)
-        for name, site in guide_trace.nodes.items():
-            if site["type"] == "sample" and not site["is_observed"] and not site["fn"].has_rsample:
-                raise frontend.nonreparam_guide_site_error(name)
-        if validate:
-            check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)
+        """A guide trace and the model trace replayed against it (subsample sites pruned)."""
+        model_trace, guide_trace, _ = self._traces_of(model, guide, args, kwargs)
         return model_trace, guide_trace
+
+    def _traces_of(self, model, guide, args, kwargs):
+        """``(model trace, guide trace, rerun context)``: every observed floating value in the
+        model trace is a fresh leaf that requires grad, so that the dependency analysis can
+        see which distributions are built from it."""
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        full = _get_model_trace(_TrackObserved()(poutine.replay(model, trace=guide_trace)), args, kwargs)
+        guide_trace = prune_subsample_sites(guide_trace)
+        model_trace = prune_subsample_sites(full)
+        sites.check_latent_sites(model_trace.nodes, guide_trace.nodes)
+        if is_validation_enabled():
+            check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)
+        return model_trace, guide_trace, (model, args, kwargs, full)
+
+    def _all_traces(self, model, guide, args, kwargs):
+        """One vectorized trace of all particles, or one trace per particle (``ELBO._get_traces``)."""
+        if self.vectorize_particles and self.num_particles > 1:
+            if self.max_plate_nesting == float("inf"):
+                self._guess_max_plate_nesting(model, guide, args, kwargs)
+            model, guide = self._vectorized_num_particles(model), self._vectorized_num_particles(guide)
+            yield self._traces_of(model, guide, args, kwargs)
+        else:
+            for _ in range(self.num_particles):
+                yield self._traces_of(model, guide, args, kwargs)
 
     # ---- the loss of one particle --------------------------------------------------
 
-    def _particle_loss(self, model_trace, guide_trace) -> tuple:
-        """The loss of one particle and the names of its matched sites."""
-        observed, latent, prior = [], [], []
-        for name, site in model_trace.nodes.items():
-            if site["type"] != "sample":
-                continue
-            if not site["is_observed"]:
-                latent.append(name)
-                prior.append(name)
-            elif site["infer"].get("is_auxiliary", False):  # pyro.factor
-                prior.append(name)
-            else:
-                observed.append(name)
-        matched = frontend.select_matched(observed, latent, self.sites)
-        if is_validation_enabled():
-            _check_dependencies(model_trace, matched)
+    def _matched(self, model_trace, context) -> tuple:
+        """``(sites.MatchedDensity, classified sites)`` of one trace."""
+        cls = sites.classify(model_trace.nodes, self.sites)
+        found = _find_dependencies(model_trace, cls)
+        blocks = [sites.site_block(_OPS, name, model_trace.nodes[name]) for name in cls.matched]
+        deps = sites.plan(model_trace.nodes, found, blocks)
+        rerun = _make_rerun(model_trace, cls, deps, context, self.max_plate_nesting) if deps.dependent else None
+        return sites.matched_density(_OPS, blocks, deps, rerun), cls
 
-        fn, x, weight = _matched_log_density(model_trace, matched)
+    def _datum_values(self, dens) -> torch.Tensor:
         with warnings.catch_warnings():
             # a non-finite loss is reported once, by the loss, naming the sites
             warnings.simplefilter("ignore", validation.NonFiniteWarning)
-            if weight is None:
-                loss = score_matching_loss(fn, x, self.method, reduction="sum", **self.options)
-            else:
-                loss = (score_matching_loss(fn, x, self.method, reduction="none", **self.options) * weight).sum()
+            return score_matching_loss(dens.fn, dens.x, self.method, reduction="none", **self.options)
+
+    def _particle_loss(self, model_trace, guide_trace, context) -> tuple:
+        """The loss of one particle (or of all, vectorized) and the names of its matched sites."""
+        dens, cls = self._matched(model_trace, context)
+        if dens.weight is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", validation.NonFiniteWarning)
+                loss = score_matching_loss(dens.fn, dens.x, self.method, reduction="sum", **self.options)
+        else:
+            loss = (self._datum_values(dens) * dens.weight).sum()
         if self.beta != 1.0:
             loss = self.beta * loss
 
         # E_q[log q(z) - log p(z)]: every guide site (auxiliary ones included, as in
         # Trace_ELBO), the model's latent sites and factors, scaled and masked
-        prior_set = set(prior)
+        prior_set = set(cls.prior)
         model_trace.compute_log_prob(site_filter=lambda name, site: name in prior_set)
         guide_trace.compute_log_prob()
-        for name in prior:
+        for name in cls.prior:
             loss = loss - model_trace.nodes[name]["log_prob_sum"]
         for site in guide_trace.nodes.values():
             if site["type"] == "sample":
@@ -160,7 +186,7 @@ class ScoreMatching(ELBO):
                 for site in trace.nodes.values():
                     if site["type"] == "sample" and "log_prob" in site:
                         check_site_shape(site, self.max_plate_nesting)
-        return loss, matched
+        return loss, cls.matched
 
     # ---- the ELBO interface -----------------------------------------------------------
 
@@ -176,6 +202,24 @@ class ScoreMatching(ELBO):
             what, cause = frontend.nonfinite_loss_warning(f"ScoreMatching(method={self.method!r})", matched, self.config.resolved)
             validation.warn_nonfinite(what, cause, stacklevel=4)
 
+    def datum_losses(self, model, guide, *args, **kwargs) -> tuple:
+        """The per-datum objectives of one draw of the guide (for calibration and diagnostics).
+
+        Returns:
+            ``(losses [n], weights [n] or None)``: :math:`\\mathrm{SM}_i` unweighted and without
+            ``beta``, differentiable in the parameters and in whatever the guide's samples
+            depend on; the weights are scale x mask. When a site couples the data points,
+            ``n = 1``.
+
+        Raises:
+            RuntimeError: under ``torch.inference_mode()``.
+        """
+        self._check_grad_mode()
+        with torch.enable_grad():
+            model_trace, _, context = self._traces_of(model, guide, args, kwargs)
+            dens, _ = self._matched(model_trace, context)
+            return self._datum_values(dens), dens.weight
+
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """The loss as a differentiable tensor (the ``ELBOModule`` route).
 
@@ -190,8 +234,8 @@ class ScoreMatching(ELBO):
         loss, matched = None, []
         # derivatives in x are needed even under no_grad (svi.evaluate_loss)
         with torch.enable_grad():
-            for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-                particle, names = self._particle_loss(model_trace, guide_trace)
+            for model_trace, guide_trace, context in self._all_traces(model, guide, args, kwargs):
+                particle, names = self._particle_loss(model_trace, guide_trace, context)
                 particle = self._average(particle)
                 matched.extend(names)
                 loss = particle if loss is None else loss + particle
@@ -215,8 +259,8 @@ class ScoreMatching(ELBO):
         self._check_grad_mode()
         loss, matched = 0.0, []
         with torch.enable_grad():
-            for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-                particle, names = self._particle_loss(model_trace, guide_trace)
+            for model_trace, guide_trace, context in self._all_traces(model, guide, args, kwargs):
+                particle, names = self._particle_loss(model_trace, guide_trace, context)
                 particle = self._average(particle)
                 matched.extend(names)
                 loss += torch_item(particle)
@@ -229,7 +273,180 @@ class ScoreMatching(ELBO):
 
 
 # ---------------------------------------------------------------------------------------
-# Matched sites -> (fn, x, weight) for the backend.
+# Translation: torch arrays and Pyro traces for ppl_score.sites
+# ---------------------------------------------------------------------------------------
+
+
+def _is_real(c) -> bool:
+    while isinstance(c, constraints.independent):
+        c = c.base_constraint
+    return type(c) is type(constraints.real)
+
+
+class _TorchOps:
+    """``ppl_score.sites.ArrayOps`` for torch tensors and Pyro distributions."""
+
+    @staticmethod
+    def as_float(value):
+        t = torch.as_tensor(value).detach()
+        return t if t.is_floating_point() else t.to(torch.get_default_dtype())
+
+    @staticmethod
+    def as_bool(mask):
+        return torch.as_tensor(mask).bool()
+
+    @staticmethod
+    def unmask(fn):
+        return (fn.base_dist, fn._mask) if isinstance(fn, MaskedDistribution) else (fn, None)
+
+    @staticmethod
+    def transform(support):
+        return None if _is_real(support) else biject_to(support)
+
+    @staticmethod
+    def broadcast_to(x, shape):
+        return torch.broadcast_to(x, shape)
+
+    @staticmethod
+    def where(cond, x, other):
+        return torch.where(cond, x, other)
+
+    @staticmethod
+    def concat(xs):
+        return torch.cat(xs, dim=1)
+
+    @staticmethod
+    def stack_any(masks):
+        return torch.stack(masks).any(0)
+
+    @staticmethod
+    def sum(x, axes):
+        return x.sum(dim=axes, keepdim=True)
+
+    @staticmethod
+    def all_finite(x):
+        return bool(torch.isfinite(x).all())
+
+    @staticmethod
+    def stop_gradient(x):
+        return x.detach()
+
+    @staticmethod
+    def same_scale(a, b):
+        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+            a, b = torch.as_tensor(a), torch.as_tensor(b)
+            return a.shape == b.shape and bool((a == b).all())
+        return a == b
+
+    @staticmethod
+    def scale_weights(scale, batch, n, like):
+        if not isinstance(scale, torch.Tensor) and scale == 1.0:
+            return None
+        return torch.as_tensor(scale, dtype=like.dtype, device=like.device).expand(batch).reshape(n)
+
+    @staticmethod
+    def zeros_like(x):
+        return torch.zeros_like(x)
+
+    @staticmethod
+    def full_bool(shape, value):
+        return torch.full(shape, value, dtype=torch.bool)
+
+    @staticmethod
+    def as_dtype(x, like):
+        return x.to(dtype=like.dtype, device=like.device)
+
+
+_OPS = _TorchOps()
+
+
+class _TrackObserved(Messenger):
+    """Hands the model a fresh leaf that requires grad for each observed floating value (one
+    that already requires grad is kept), so that a distribution built from it is visible to
+    autograd (``_find_dependencies``). The user's tensor is not modified."""
+
+    def _pyro_sample(self, msg):
+        value = msg["value"]
+        if (
+            msg["is_observed"]
+            and isinstance(value, torch.Tensor)
+            and value.is_floating_point()
+            and not value.requires_grad
+        ):
+            msg["value"] = value.detach().requires_grad_(True)
+
+
+def _find_dependencies(model_trace, cls) -> dict:
+    """``{site: matched sites its distribution depends on}``: each sample site after the first
+    matched one whose log density (at its fixed value) has a gradient in a matched value
+    (an autograd query on the tracked leaves; nothing when no site runs after one)."""
+    later = sites.sites_to_check(cls.order, cls.matched)
+    if not later:
+        return {}
+    nodes = model_trace.nodes
+    leaves = {name: nodes[name]["value"] for name in cls.matched if nodes[name]["value"].requires_grad}
+    found = {}
+    for j in later:
+        before = [i for i in cls.matched if i in leaves and cls.order.index(i) < cls.order.index(j)]
+        if not before:
+            continue
+        site = nodes[j]
+        value = site["value"].detach() if isinstance(site["value"], torch.Tensor) else site["value"]
+        if site["is_observed"]:  # masked entries may hold anything (obs_mask allows NaN)
+            clean = sites.clean_observed(_OPS, site)
+            value = value if clean is None else clean
+        lp = _OPS.unmask(site["fn"])[0].log_prob(value).sum()
+        if not lp.requires_grad:
+            continue
+        grads = torch.autograd.grad(lp, [leaves[i] for i in before], allow_unused=True, retain_graph=True)
+        on = [i for i, g in zip(before, grads) if g is not None]
+        if on:
+            found[j] = on
+    return found
+
+
+def _plate_depth(trace, max_plate_nesting) -> int:
+    """Batch dims every site of the model can have: the copies' plate goes left of them."""
+    depth = 0 if max_plate_nesting == float("inf") else int(max_plate_nesting)
+    for site in trace.nodes.values():
+        if site["type"] == "sample" and not site_is_subsample(site):
+            depth = max(depth, len(site["fn"].batch_shape),
+                        *(-f.dim for f in site["cond_indep_stack"] if f.dim is not None))
+    return depth
+
+
+def _make_rerun(model_trace, cls, deps, context, max_plate_nesting):
+    """``values -> {site: log density}``: the model re-executed with the matched values
+    substituted, latent and subsample sites replayed, under a plate over the ``k`` stacked
+    copies (left of the model's plates)."""
+    model, args, kwargs, full = context
+    depth = _plate_depth(full, max_plate_nesting)
+    nodes = model_trace.nodes
+    event_dim = {name: nodes[name]["fn"].event_dim for name in cls.matched}
+    cleaned = {}
+    for j in deps.dependent:
+        if j not in cls.matched:
+            value = sites.clean_observed(_OPS, nodes[j])
+            if value is not None:
+                cleaned[j] = value
+    involved = tuple(dict.fromkeys(cls.matched + deps.dependent))
+    replayed = poutine.replay(model, trace=full)
+
+    def rerun(values):
+        k = next(iter(values.values())).shape[0]
+        data = dict(cleaned)
+        for name, v in values.items():
+            pad = depth - (v.dim() - 1 - event_dim[name])
+            data[name] = v.reshape((k,) + (1,) * pad + tuple(v.shape[1:]))
+        with poutine.block(hide_types=["sample"]), pyro.plate(_COPIES, k, dim=-(depth + 1)):
+            tr = poutine.trace(poutine.condition(replayed, data=data)).get_trace(*args, **kwargs)
+        return {name: sites.masked_log_prob(_OPS, tr.nodes[name]) for name in involved}
+
+    return rerun
+
+
+# ---------------------------------------------------------------------------------------
+# Mask errors that Pyro raises without naming the site
 # ---------------------------------------------------------------------------------------
 
 
@@ -278,169 +495,3 @@ def _mask_shape_culprit(tb):
     except RuntimeError:
         fits = False
     return None if fits else (name, tuple(mask.shape), expected)
-
-
-class _Block:
-    """One matched site: its unconstrained data and how to evaluate its log density."""
-
-    __slots__ = ("name", "base", "transform", "mask", "u", "batch", "uevent", "start", "stop", "scale")
-
-
-def _is_real(c) -> bool:
-    while isinstance(c, constraints.independent):
-        c = c.base_constraint
-    return type(c) is type(constraints.real)
-
-
-def _site_block(name: str, site: dict) -> _Block:
-    fn = site["fn"]
-    if fn.support.is_discrete:
-        raise frontend.discrete_site_error(name)
-    base, fn_mask = (fn.base_dist, fn._mask) if isinstance(fn, MaskedDistribution) else (fn, None)
-    value = torch.as_tensor(site["value"]).detach()
-    if not value.is_floating_point():
-        value = value.to(torch.get_default_dtype())
-    e = fn.event_dim
-    if value.dim() < e or value.shape[value.dim() - e :] != fn.event_shape:
-        raise frontend.event_shape_error(name, value.shape, fn.event_shape)
-    batch = value.shape[: value.dim() - e]
-    if batch != fn.batch_shape:
-        batch = torch.Size(broadcast_shape(batch, fn.batch_shape))
-        value = value.expand(batch + value.shape[value.dim() - e :])
-    blk = _Block()
-    blk.name, blk.base, blk.batch, blk.scale = name, base, batch, site["scale"]
-    blk.transform = None if _is_real(fn.support) else biject_to(fn.support)
-    blk.mask = _combine_masks(name, batch, value.device, site["mask"], fn_mask)
-    u = value if blk.transform is None else blk.transform.inv(value)
-    if blk.mask is not None:
-        # masked entries may hold anything (obs_mask allows NaN): use a finite stand-in
-        keep = blk.mask.reshape(batch + (1,) * (u.dim() - len(batch)))
-        zero = torch.zeros((), dtype=u.dtype, device=u.device)
-        u = torch.where(keep, u, zero)
-        value = torch.where(keep.reshape(batch + (1,) * (value.dim() - len(batch))), value, zero)
-    if validation.is_validation_enabled() and not bool(torch.isfinite(u).all()):
-        # one host sync in the common (finite) case; tell the two causes apart only on failure
-        if not bool(torch.isfinite(value).all()):
-            raise frontend.nonfinite_observed_error(name)
-        raise frontend.outside_support_error(name)
-    blk.u, blk.uevent = u.detach(), u.shape[len(batch) :]
-    return blk
-
-
-def _combine_masks(name, batch, device, *masks):
-    """The conjunction of a site's masks as a bool tensor of its batch shape (None: no mask)."""
-    out = None
-    for m in masks:
-        if m is None or m is True:
-            continue
-        if m is False:
-            m = torch.zeros(batch, dtype=torch.bool, device=device)
-        m = torch.as_tensor(m, device=device)
-        try:
-            fits = torch.broadcast_shapes(m.shape, batch) == batch
-        except RuntimeError:
-            fits = False
-        if not fits:
-            raise frontend.mask_shape_error(name, m.shape, batch)
-        m = m.bool().expand(batch)
-        out = m if out is None else out & m
-    return out
-
-
-def _same_scale(a, b) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        a, b = torch.as_tensor(a), torch.as_tensor(b)
-        return a.shape == b.shape and bool((a == b).all())
-    return a == b
-
-
-def _matched_log_density(model_trace, matched):
-    """``fn(x[k * B, D]) -> [k * B]``, the joint per-datum log density of the matched sites
-    at unconstrained values ``x``; the data ``x[B, D]``; per-datum weights ``[B]`` or None."""
-    blocks = [_site_block(name, model_trace.nodes[name]) for name in matched]
-    batch = blocks[0].batch
-    if any(blk.batch != batch for blk in blocks):
-        raise frontend.batch_shape_error({blk.name: blk.batch for blk in blocks})
-    if any(not _same_scale(blk.scale, blocks[0].scale) for blk in blocks):
-        raise frontend.scale_mismatch_error([blk.name for blk in blocks])
-    n = batch.numel()
-    start = 0
-    for blk in blocks:
-        blk.start, blk.stop = start, start + blk.uevent.numel()
-        start = blk.stop
-    x = torch.cat([blk.u.reshape(n, -1) for blk in blocks], dim=1)
-
-    def fn(rows: torch.Tensor) -> torch.Tensor:
-        k = rows.shape[0] // n  # the backend stacks copies / perturbations of the batch
-        total = 0.0
-        for blk in blocks:
-            u = rows[:, blk.start : blk.stop].reshape(k, *batch, *blk.uevent)
-            if blk.transform is None:
-                lp = blk.base.log_prob(u)
-            else:
-                y = blk.transform(u)
-                lp = blk.base.log_prob(y)
-                ladj = blk.transform.log_abs_det_jacobian(u, y)
-                lp = lp + (ladj.reshape(*lp.shape, -1).sum(-1) if ladj.dim() > lp.dim() else ladj)
-            if blk.mask is not None:
-                lp = torch.where(blk.mask, lp, torch.zeros((), dtype=lp.dtype, device=lp.device))
-            total = total + lp.reshape(k * n)
-        return total
-
-    masks = [blk.mask for blk in blocks]
-    weight = None
-    if all(m is not None for m in masks):
-        # a data point counts when any of its matched sites is unmasked
-        weight = torch.stack(masks).any(0).reshape(n).to(x.dtype)
-    scale = blocks[0].scale
-    if isinstance(scale, torch.Tensor) or scale != 1.0:
-        scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device).expand(batch).reshape(n)
-        weight = scale if weight is None else weight * scale
-    return fn, x, weight
-
-
-# ---------------------------------------------------------------------------------------
-# The dependency check (under validation).
-# ---------------------------------------------------------------------------------------
-
-
-class _TrackObserved(Messenger):
-    """Hands the model a fresh leaf that requires grad for each observed floating value (one
-    that already requires grad is kept), so that a distribution built from it is visible to
-    autograd (``_check_dependencies``). The user's tensor is not modified."""
-
-    def _pyro_sample(self, msg):
-        value = msg["value"]
-        if (
-            msg["is_observed"]
-            and isinstance(value, torch.Tensor)
-            and value.is_floating_point()
-            and not value.requires_grad
-        ):
-            msg["value"] = value.detach().requires_grad_(True)
-
-
-def _check_dependencies(model_trace, matched) -> None:
-    """Raise if a sample site's distribution depends on a matched site's value."""
-    order = [name for name, site in model_trace.nodes.items() if site["type"] == "sample"]
-    later = frontend.sites_after(order, matched)
-    if not later:
-        return
-    leaves = {
-        name: model_trace.nodes[name]["value"] for name in matched if model_trace.nodes[name]["value"].requires_grad
-    }
-    found = {}
-    for j in later:
-        before = [i for i in matched if i in leaves and order.index(i) < order.index(j)]
-        if not before:
-            continue
-        site = model_trace.nodes[j]
-        lp = site["fn"].log_prob(site["value"].detach()).sum()
-        if not lp.requires_grad:
-            continue
-        grads = torch.autograd.grad(lp, [leaves[i] for i in before], allow_unused=True, retain_graph=True)
-        on = [i for i, g in zip(before, grads) if g is not None]
-        if on:
-            found[j] = on
-    if found:
-        raise frontend.dependency_error(found)
