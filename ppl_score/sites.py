@@ -39,7 +39,7 @@ section 1 are sums over coordinates, so the expectation is unchanged), one datum
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, NamedTuple, Protocol, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 from . import frontend
 from .validation import is_validation_enabled
@@ -62,50 +62,87 @@ __all__ = [
 ]
 
 
-class ArrayOps(Protocol):
-    """What a front end supplies for its array library (torch or JAX) and PPL."""
+class ArrayOps:
+    """The array and distribution operations site handling needs, written once over an array
+    namespace ``xp`` (``torch`` or ``jax.numpy``, which share these names); a front end
+    subclasses it with its namespace, its PPL's ``MaskedDistribution``, ``constraints`` and
+    ``biject_to``, and the few operations the two libraries spell differently."""
+
+    xp: Any = None
+    masked_type: type = type(None)
+    constraints: Any = None
+    biject_to: Callable = None
+
+    # ---- spelled differently: each front end defines these ----
 
     def as_float(self, value: Any) -> Any:
         """The value as a detached floating array (integer data in the default float dtype)."""
+        raise NotImplementedError
 
     def as_bool(self, mask: Any) -> Any:
         """A mask as a boolean array."""
-
-    def unmask(self, fn: Any) -> tuple:
-        """``(base distribution, its mask or None)`` of a (possibly masked) distribution."""
-
-    def transform(self, support: Any) -> Any:
-        """``biject_to(support)``, or None for the real line (possibly with event dims)."""
-
-    def broadcast_to(self, x: Any, shape: tuple) -> Any: ...
-
-    def where(self, cond: Any, x: Any, other: float) -> Any: ...
-
-    def concat(self, xs: Sequence[Any]) -> Any:
-        """Concatenation along the last axis of ``[n, d_j]`` arrays."""
-
-    def stack_any(self, masks: Sequence[Any]) -> Any:
-        """Elementwise ``or`` of equally shaped boolean arrays."""
-
-    def sum(self, x: Any, axes: tuple) -> Any:
-        """Sum over ``axes`` keeping them (size 1)."""
+        raise NotImplementedError
 
     def all_finite(self, x: Any) -> bool | None:
         """Whether every entry is finite; None when unknown (a traced array)."""
+        raise NotImplementedError
 
-    def stop_gradient(self, x: Any) -> Any: ...
+    def stop_gradient(self, x: Any) -> Any:
+        raise NotImplementedError
 
-    def same_scale(self, a: Any, b: Any) -> bool: ...
+    def same_scale(self, a: Any, b: Any) -> bool:
+        raise NotImplementedError
+
+    def as_array(self, scale: Any, like: Any) -> Any:
+        """A scale as an array of ``like``'s dtype (and device)."""
+        raise NotImplementedError
+
+    # ---- the same in both ----
+
+    def unmask(self, fn: Any) -> tuple:
+        """``(base distribution, its mask or None)`` of a (possibly masked) distribution."""
+        return (fn.base_dist, fn._mask) if isinstance(fn, self.masked_type) else (fn, None)
+
+    def transform(self, support: Any) -> Any:
+        """``biject_to(support)``, or None for the real line (possibly with event dims)."""
+        c = support
+        while isinstance(c, self.constraints.independent):
+            c = c.base_constraint
+        return None if type(c) is type(self.constraints.real) else self.biject_to(support)
+
+    def broadcast_to(self, x: Any, shape: tuple) -> Any:
+        return self.xp.broadcast_to(x, shape)
+
+    def where(self, cond: Any, x: Any, other: float) -> Any:
+        return self.xp.where(cond, x, other)
+
+    def concat(self, xs: Sequence[Any]) -> Any:
+        """Concatenation along the last axis of ``[n, d_j]`` arrays."""
+        return self.xp.concatenate(xs, axis=1)
+
+    def stack_any(self, masks: Sequence[Any]) -> Any:
+        """Elementwise ``or`` of equally shaped boolean arrays."""
+        return self.xp.stack(masks).any(0)
+
+    def sum(self, x: Any, axes: tuple) -> Any:
+        """Sum over ``axes`` keeping them (size 1)."""
+        return self.xp.sum(x, axis=axes, keepdims=True)
+
+    def zeros_like(self, x: Any) -> Any:
+        return self.xp.zeros_like(x)
+
+    def full_bool(self, shape: tuple, value: bool) -> Any:
+        return self.xp.full(shape, value, dtype=self.xp.bool)
+
+    def as_dtype(self, x: Any, like: Any) -> Any:
+        """A boolean or numeric array in ``like``'s dtype (weights)."""
+        return self.as_array(x, like)
 
     def scale_weights(self, scale: Any, batch: tuple, n: int, like: Any) -> Any | None:
         """Per-datum weights ``[n]`` of a site scale (None for scale 1)."""
-
-    def zeros_like(self, x: Any) -> Any: ...
-
-    def full_bool(self, shape: tuple, value: bool) -> Any: ...
-
-    def as_dtype(self, x: Any, like: Any) -> Any:
-        """``x`` in the dtype (and device) of ``like``."""
+        if scale is None or (isinstance(scale, (int, float)) and scale == 1.0):
+            return None
+        return self.broadcast_to(self.as_array(scale, like), tuple(batch)).reshape((n,))
 
 
 def broadcast_shapes(*shapes: Sequence[int]) -> tuple | None:

@@ -261,92 +261,40 @@ def _log_prob_sum(site):
 # ---------------------------------------------------------------------------------------
 
 
-def _is_real(c) -> bool:
-    while isinstance(c, constraints.independent):
-        c = c.base_constraint
-    return type(c) is type(constraints.real)
-
-
-class _JaxOps:
+class _JaxOps(sites.ArrayOps):
     """``ppl_score.sites.ArrayOps`` for JAX arrays and NumPyro distributions."""
 
-    @staticmethod
-    def as_float(value):
+    xp = jnp
+    masked_type = MaskedDistribution
+    constraints = constraints
+    biject_to = staticmethod(biject_to)
+
+    def as_float(self, value):
         value = jnp.asarray(value)
         return value if jnp.issubdtype(value.dtype, jnp.floating) else value.astype(jnp.result_type(float))
 
-    @staticmethod
-    def as_bool(mask):
+    def as_bool(self, mask):
         return jnp.asarray(mask, bool)
 
-    @staticmethod
-    def unmask(fn):
-        return (fn.base_dist, fn._mask) if isinstance(fn, MaskedDistribution) else (fn, None)
-
-    @staticmethod
-    def transform(support):
-        return None if _is_real(support) else biject_to(support)
-
-    @staticmethod
-    def broadcast_to(x, shape):
-        return jnp.broadcast_to(x, shape)
-
-    @staticmethod
-    def where(cond, x, other):
-        return jnp.where(cond, x, other)
-
-    @staticmethod
-    def concat(xs):
-        return jnp.concatenate(xs, axis=1)
-
-    @staticmethod
-    def stack_any(masks):
-        return jnp.stack(masks).any(0)
-
-    @staticmethod
-    def sum(x, axes):
-        return jnp.sum(x, axis=axes, keepdims=True)
-
-    @staticmethod
-    def all_finite(x):
+    def all_finite(self, x):
         # concrete values only (under jit the data is traced)
         return bool(np.isfinite(np.asarray(x)).all()) if is_concrete(x) else None
 
-    @staticmethod
-    def stop_gradient(x):
+    def stop_gradient(self, x):
         return jax.lax.stop_gradient(x)
 
-    @staticmethod
-    def same_scale(a, b):
+    def same_scale(self, a, b):
         """Equal scales; scales that are traced arrays cannot be compared and pass."""
-        if a is b:
+        if a is b or not (is_concrete(a) and is_concrete(b)):
             return True
-        if not (is_concrete(a) and is_concrete(b)):
-            return True
-        if a is None or b is None:
-            a, b = 1.0 if a is None else a, 1.0 if b is None else b
+        a, b = 1.0 if a is None else a, 1.0 if b is None else b
         if isinstance(a, numbers.Number) and isinstance(b, numbers.Number):
             return a == b
         a, b = jnp.asarray(a), jnp.asarray(b)
         return a.shape == b.shape and bool(jnp.all(a == b))
 
-    @staticmethod
-    def scale_weights(scale, batch, n, like):
-        if scale is None or (isinstance(scale, numbers.Number) and scale == 1.0):
-            return None
-        return jnp.broadcast_to(jnp.asarray(scale, like.dtype), batch).reshape(n)
-
-    @staticmethod
-    def zeros_like(x):
-        return jnp.zeros_like(x)
-
-    @staticmethod
-    def full_bool(shape, value):
-        return jnp.full(shape, value, bool)
-
-    @staticmethod
-    def as_dtype(x, like):
-        return x.astype(like.dtype)
+    def as_array(self, scale, like):
+        return jnp.asarray(scale, dtype=like.dtype)
 
 
 _OPS = _JaxOps()

@@ -277,84 +277,35 @@ class ScoreMatching(ELBO):
 # ---------------------------------------------------------------------------------------
 
 
-def _is_real(c) -> bool:
-    while isinstance(c, constraints.independent):
-        c = c.base_constraint
-    return type(c) is type(constraints.real)
-
-
-class _TorchOps:
+class _TorchOps(sites.ArrayOps):
     """``ppl_score.sites.ArrayOps`` for torch tensors and Pyro distributions."""
 
-    @staticmethod
-    def as_float(value):
+    xp = torch
+    masked_type = MaskedDistribution
+    constraints = constraints
+    biject_to = staticmethod(biject_to)
+
+    def as_float(self, value):
         t = torch.as_tensor(value).detach()
         return t if t.is_floating_point() else t.to(torch.get_default_dtype())
 
-    @staticmethod
-    def as_bool(mask):
+    def as_bool(self, mask):
         return torch.as_tensor(mask).bool()
 
-    @staticmethod
-    def unmask(fn):
-        return (fn.base_dist, fn._mask) if isinstance(fn, MaskedDistribution) else (fn, None)
-
-    @staticmethod
-    def transform(support):
-        return None if _is_real(support) else biject_to(support)
-
-    @staticmethod
-    def broadcast_to(x, shape):
-        return torch.broadcast_to(x, shape)
-
-    @staticmethod
-    def where(cond, x, other):
-        return torch.where(cond, x, other)
-
-    @staticmethod
-    def concat(xs):
-        return torch.cat(xs, dim=1)
-
-    @staticmethod
-    def stack_any(masks):
-        return torch.stack(masks).any(0)
-
-    @staticmethod
-    def sum(x, axes):
-        return x.sum(dim=axes, keepdim=True)
-
-    @staticmethod
-    def all_finite(x):
+    def all_finite(self, x):
         return bool(torch.isfinite(x).all())
 
-    @staticmethod
-    def stop_gradient(x):
+    def stop_gradient(self, x):
         return x.detach()
 
-    @staticmethod
-    def same_scale(a, b):
+    def same_scale(self, a, b):
         if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
             a, b = torch.as_tensor(a), torch.as_tensor(b)
             return a.shape == b.shape and bool((a == b).all())
         return a == b
 
-    @staticmethod
-    def scale_weights(scale, batch, n, like):
-        if not isinstance(scale, torch.Tensor) and scale == 1.0:
-            return None
-        return torch.as_tensor(scale, dtype=like.dtype, device=like.device).expand(batch).reshape(n)
-
-    @staticmethod
-    def zeros_like(x):
-        return torch.zeros_like(x)
-
-    @staticmethod
-    def full_bool(shape, value):
-        return torch.full(shape, value, dtype=torch.bool)
-
-    @staticmethod
-    def as_dtype(x, like):
-        return x.to(dtype=like.dtype, device=like.device)
+    def as_array(self, scale, like):
+        return torch.as_tensor(scale, dtype=like.dtype, device=like.device)
 
 
 _OPS = _TorchOps()
