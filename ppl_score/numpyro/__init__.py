@@ -5,6 +5,7 @@ samplers for fitted models, implicit variational inference (``ImplicitELBO``), W
 auto-encoders (``WAE``), relative-gradient flows and DEQ energies.
 """
 
+from .calibration import calibrate_beta
 from .deq import deq_energy, deq_energy_module, deq_score, deq_score_module
 from .distributions import Unnormalized
 from .flows import InvertibleMLPTransform, RelativeGradientMLE, invertible_mlp
@@ -20,6 +21,7 @@ __all__ = [
     "ScoreMatching",
     "Unnormalized",
     "WAE",
+    "calibrate_beta",
     "deq_energy",
     "deq_energy_module",
     "deq_score",

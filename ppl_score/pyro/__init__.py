@@ -5,6 +5,7 @@ samplers for fitted models, implicit variational inference (``ImplicitELBO``), W
 auto-encoders (``WAE``), relative-gradient flows and DEQ energies.
 """
 
+from .calibration import calibrate_beta
 from .deq import DEQEnergy, DEQScore
 from .distributions import Unnormalized
 from .flows import InvertibleMLPTransform, RelativeGradientMLE
@@ -22,6 +23,7 @@ __all__ = [
     "ScoreMatching",
     "Unnormalized",
     "WAE",
+    "calibrate_beta",
     "langevin",
     "nuts",
     "potential_fn",

@@ -1,0 +1,130 @@
+r"""A calibrated generalized-Bayes weight for :class:`~ppl_score.numpyro.ScoreMatching`:
+:func:`calibrate_beta`, a thin adapter from a NumPyro model to
+``ppl_score.jax.calibration`` (the Pyro twin is ``ppl_score.pyro.calibrate_beta``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+
+from .. import calibration as shared
+from ..jax import calibration as backend
+from ..jax.checks import check_key
+from .score_matching import ScoreMatching
+
+__all__ = ["calibrate_beta"]
+
+
+def calibrate_beta(loss: ScoreMatching, model, latents: dict, *args, key=None, params: dict | None = None,
+                   rule: str = "lyddon", **kwargs) -> float:
+    r"""The weight ``beta`` that calibrates the generalized posterior of ``loss``.
+
+    ``ScoreMatching(method, beta=beta)`` targets
+    :math:`\pi_\beta(z) \propto p(z) \exp(-\beta \sum_i w_i \mathrm{SM}_i(z))`. With
+    :math:`H = \nabla_z^2 \sum_i w_i \mathrm{SM}_i(\hat z)` and
+    :math:`J = \sum_i w_i (g_i - \bar g)(g_i - \bar g)^\top`,
+    :math:`g_i = \nabla_z \mathrm{SM}_i(\hat z)`, :math:`\pi_\beta` is asymptotically
+    :math:`N(\hat z, (\beta H)^{-1})` while the estimator :math:`\hat z` has the sampling
+    covariance :math:`H^{-1} J H^{-1}`. The returned ``beta`` matches the two:
+
+    - ``rule="lyddon"`` (default): :math:`\beta = \mathrm{tr}(H J^{-1} H) / \mathrm{tr}(H)`
+      (the precisions' traces; Lyddon, Holmes & Walker 2019, as used for Hyvarinen-score
+      posteriors by Jewson & Rossell 2022);
+    - ``rule="magnitude"``: :math:`\beta = D / \mathrm{tr}(H^{-1} J)` (the mean eigenvalue of
+      the covariances' ratio; Ribatet, Cooley & Davison 2012), invariant to
+      reparametrizing :math:`z`.
+
+    Both are :math:`H / J` for one latent dimension, where the calibrated posterior's sd is
+    the estimator's sandwich sd. Use it as
+    ``ScoreMatching(loss.method, sites=loss.sites, beta=beta, ...)``. The derivation and full
+    references are in ``ppl_score.calibration``.
+
+    The per-datum losses are ``loss.datum_losses(key, params, model, guide, *args,
+    **kwargs)`` with a guide that puts a point mass (``Delta``) on ``latents``, differentiated
+    with ``jax.jacfwd`` / ``jax.hessian``; ``loss.beta`` is not used (``beta`` is in units of
+    the unweighted :math:`\mathrm{SM}_i`). Derivatives are in the coordinates ``latents`` are
+    given in (the model's own, constrained, ones).
+
+    Args:
+        loss: the :class:`~ppl_score.numpyro.ScoreMatching` loss (``method="esm"`` advised:
+            a stochastic method's own noise inflates :math:`J` and so shrinks ``beta``; such
+            a method warns).
+        model: the NumPyro model; its latent sites must be global (outside data plates).
+        latents: ``{site name: value}`` for every latent sample site of ``model``: the
+            point :math:`\hat z`, ideally the score-matching estimate (the minimizer of
+            :math:`\sum_i w_i \mathrm{SM}_i`), or the generalized posterior's mode or mean.
+            Floating arrays (or numbers), in the site's support.
+        *args: the model's arguments (the data).
+        key: a PRNG key for the model's and the method's randomness; required by a
+            stochastic ``method`` (projections, noise), optional for ``"esm"``.
+        params: the model's parameters (``numpyro.param`` values, e.g. ``svi_result.params``
+            with the guide's entries ignored); default none.
+        rule: ``"lyddon"`` or ``"magnitude"``.
+        **kwargs: the model's keyword arguments (``key``, ``params`` and ``rule`` are taken
+            by this function).
+
+    Returns:
+        ``beta``, a float ``> 0``.
+
+    Raises:
+        TypeError: ``loss`` is not a ``ScoreMatching``; ``latents`` is not a dict of site
+            names to floating values; a bad ``key`` or ``rule``.
+        ValueError: an empty ``latents``, a latent site missing from it or one the losses do
+            not depend on (e.g. not in the model), a missing ``key``
+            for a stochastic method, fewer than two data points, losses that do not depend on
+            ``latents``, :math:`H` (or :math:`J` for ``"lyddon"``) not positive definite
+            (``latents`` not at a minimum), a bad ``rule``.
+
+    References:
+        Lyddon, Holmes & Walker (2019), Biometrika 106(2), 465-478; Jewson & Rossell (2022),
+        JRSS-B 84(5); Ribatet, Cooley & Davison (2012), Statistica Sinica 22, 813-845;
+        Miller (2021), JMLR 22(168).
+    """
+    shared.check_loss_kind(loss, ScoreMatching, "numpyro")
+    names = shared.check_latents(latents)
+    rule = shared.check_rule(rule)
+    if shared.is_stochastic(loss.method):
+        if key is None:
+            raise ValueError(
+                f"argument 'key' is required (a jax.random key): ScoreMatching(method={loss.method!r}) "
+                f"draws projections or noise"
+            )
+        shared.stochastic_method_warning(loss.method)
+    key = jax.random.PRNGKey(0) if key is None else check_key(key)
+    if params is not None and not isinstance(params, dict):
+        raise TypeError(f"argument 'params' must be a dict of parameter values or None, got {type(params).__name__}")
+    params = {} if params is None else params
+    values = {}
+    for name in names:
+        v = jnp.asarray(latents[name])
+        if jnp.issubdtype(v.dtype, jnp.integer) or v.dtype == jnp.bool_:
+            shared.check_latent_value(name, False, v.dtype)
+        values[name] = v
+    dtype = jnp.result_type(*values.values())
+    shapes = [values[name].shape for name in names]
+    sizes = [math.prod(s) for s in shapes]
+    z0 = jnp.concatenate([values[name].reshape(-1).astype(dtype) for name in names])
+    cuts = [sum(sizes[:k]) for k in range(1, len(sizes))]
+
+    def fn(z):
+        parts = dict(zip(names, (p.reshape(s) for p, s in zip(jnp.split(z, cuts), shapes))))
+
+        def guide(*_args, **_kwargs):
+            for name in names:
+                numpyro.sample(name, dist.Delta(parts[name], event_dim=parts[name].ndim))
+
+        return loss.datum_losses(key, params, model, guide, *args, **kwargs)
+
+    fn(z0)  # once eagerly: the loss's own checks of the model, the guide and the data
+    s = jax.jit(lambda z: backend.sandwich(fn, z))(z0)  # (one compilation beats eager derivatives)
+    if not np.any(np.asarray(s.grads)):
+        raise shared.no_dependence_error()
+    used = (np.any(np.asarray(s.grads) != 0, 0) | np.any(np.asarray(s.hessian) != 0, 1)).tolist()
+    shared.unused_latents(names, sizes, used)
+    return float(backend.sandwich_beta(s.hessian, s.meat, rule))
