@@ -244,10 +244,15 @@ def check_init_shape(init_shape, target) -> None:
         )
 
 
-def draws_site_error(site: str, fn_name: str, frontend: str) -> ValueError:
-    """``num_draws`` on a site that is not ``Unnormalized``."""
+def draws_site_error(site: str, fn: Any, frontend: str) -> ValueError:
+    """``num_draws`` on a site whose distribution ``fn`` is not ``Unnormalized``."""
+    name, inner = type(fn).__name__, getattr(fn, "base_dist", None)
+    while inner is not None:
+        name += f"({type(inner).__name__}"
+        inner = getattr(inner, "base_dist", None)
+    name += ")" * name.count("(")
     return ValueError(
-        f"argument 'num_draws' draws new points of an Unnormalized site; site {site!r} is a {fn_name}: "
+        f"argument 'num_draws' draws new points of an Unnormalized site; site {site!r} has distribution {name}: "
         f"draw its new points exactly (e.g. {'pyro.infer' if frontend == 'pyro' else 'numpyro.infer'}"
         ".Predictive), or sample the observed site's conditional without 'num_draws'"
     )

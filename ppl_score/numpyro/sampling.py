@@ -335,7 +335,7 @@ def _unnormalized(site: str, fn) -> Unnormalized:
     while isinstance(base, ExpandedDistribution):
         base = base.base_dist
     if not isinstance(base, Unnormalized):
-        raise shared.draws_site_error(site, type(fn).__name__, "numpyro")
+        raise shared.draws_site_error(site, fn, "numpyro")
     return base
 
 

@@ -279,7 +279,7 @@ def _unnormalized(site: str, fn) -> Unnormalized:
     while isinstance(base, ExpandedDistribution):
         base = base.base_dist
     if not isinstance(base, Unnormalized):
-        raise shared.draws_site_error(site, type(fn).__name__, "pyro")
+        raise shared.draws_site_error(site, fn, "pyro")
     return base
 
 
@@ -465,8 +465,8 @@ def nuts(
     Returns:
         ``SiteSamples(samples [num_samples, num_chains, *layout.shape], accept_rate
         [num_chains], layout)``: the layout of ``langevin``; ``accept_rate`` is each chain's
-        mean acceptance probability after warm-up. Chains run one after another (Pyro's
-        multi-chain MCMC would fork processes).
+        acceptance rate after warm-up (Pyro's diagnostic: the fraction of transitions that
+        moved). Chains run one after another (Pyro's multi-chain MCMC would fork processes).
 
     Raises:
         TypeError, ValueError: ``num_samples < 1``, ``num_warmup < 0``, ``num_chains < 1``,
@@ -489,15 +489,22 @@ def nuts(
                             **kwargs)
     u0 = dens.init_unconstrained(init, num_chains=c)
     pot = _potential(dens, site)
+    class Kernel(NUTS):
+        """``NUTS`` keeping its last diagnostics (MCMC reads them before the kernel resets)."""
+
+        def diagnostics(self):
+            self.last_diagnostics = super().diagnostics()
+            return self.last_diagnostics
+
     draws, rates = [], []
     for start in u0:
-        kernel = NUTS(potential_fn=pot, **(kernel_options or {}))
+        kernel = Kernel(potential_fn=pot, **(kernel_options or {}))
         mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=num_warmup,
                     initial_params={site: start}, disable_progbar=not progress_bar)
         with torch.enable_grad():  # the same draws under torch.no_grad(): NUTS needs the potential's gradient
             mcmc.run()
         draws.append(mcmc.get_samples()[site].detach())
-        rates.append(float(kernel.logging()["acc. prob"]))  # the mean after warm-up, to 3 decimals
+        rates.append(float(kernel.last_diagnostics["acceptance rate"]))
     u = torch.stack(draws, dim=1)  # [S, C, *layout.shape] unconstrained
     samples = dens.transform(u)
     return SiteSamples(samples, torch.tensor(rates, dtype=samples.dtype), dens.layout)
