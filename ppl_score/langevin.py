@@ -1,5 +1,7 @@
 """Langevin samplers: the math, and the argument checks shared by both backends and both
-front ends. Imports neither torch nor JAX.
+front ends; the layout of a sampled site (``SiteLayout``) and the shape contract of
+``Unnormalized``'s two forms, shared by the Pyro and NumPyro front ends. Imports neither
+torch nor JAX.
 
 With ``l(x) = log p(x) + const`` and its score ``s(x) = grad_x l(x)``, one step of size
 ``h`` (the Euler-Maruyama discretization of ``dX = s(X) dt + sqrt(2) dW``) proposes

@@ -232,7 +232,6 @@ def test_run_length_arguments(ppl):
 def test_numpyro_plate_and_vmap_chains_agree():
     """NumPyro runs every chain in one model call inside a plate over chains (as Pyro does);
     the ``vmap`` fallback gives the same draws, latents from a guide included."""
-    jax = pytest.importorskip("jax")
     ppl = NumPyroPPL()
     dist = ppl.dist
 
@@ -252,4 +251,3 @@ def test_numpyro_plate_and_vmap_chains_agree():
     assert a.layout == b.layout
     with pytest.raises(ValueError, match="vectorize"):
         ppl.langevin(model, "x", ppl.t(DATA[:4, 0]), vectorize="pmap", **kw)
-    del jax

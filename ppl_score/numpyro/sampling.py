@@ -6,24 +6,43 @@ A model fitted by score matching, e.g. ::
         with numpyro.plate("data", data.shape[0]):
             numpyro.sample("x", Unnormalized(energy, event_shape=(2,)), obs=data)
 
-defines ``x`` only up to its normalizer, so ``numpyro.sample`` cannot draw it. Here the
-site's conditional log density given every other site,
+defines ``x`` only up to its normalizer, so ``numpyro.sample`` cannot draw it. Two things
+can be sampled, both by MCMC in the unconstrained space of ``T = biject_to(support)``
+(``u -> log p(T(u)) + log |det dT/du|``), as in ``ppl_score.pyro.sampling``:
 
-    log p(x | rest) = sum over sample sites of log p(site | its parents)   (x substituted),
+- **The observed site's conditional** (site mode, the default): each chain is a copy of the
+  site's value, drawn from
 
-is sampled by MCMC in the unconstrained space of ``T = biject_to(support)``:
-``u -> log p(T(u) | rest) + log |det dT/du|``. One chain's density traces the model with
-``x`` conditioned; chains are ``jax.vmap``-ed over it, and the whole run is jitted.
-Log densities are unscaled (a subsampling scale is not a tempering), masks apply, and
-``numpyro.factor`` terms count.
-The other sites are fixed: parameters from ``params`` (e.g. ``svi_result.params``),
-latent sites at the values in ``latents`` (shared by every chain) or drawn once per chain
-from ``guide`` (so the chains sample the posterior predictive). Mirrors
-``ppl_score.pyro.sampling``.
+      log p(x | rest) = sum over sample sites of log p(site | its parents)   (x substituted),
 
-- ``langevin(model, site, *args, key=..., ...)``: ULA / MALA chains (``ppl_score.jax.langevin``).
-- ``potential_fn(model, site, *args, ...)``: a potential for
-  ``numpyro.infer.NUTS(potential_fn=...)``; ``nuts(...)`` runs ``MCMC`` with it::
+  so children of the site and ``numpyro.factor`` terms count; log densities are unscaled
+  and masks apply.
+- **New points** (draws mode, ``num_draws=k``, an ``Unnormalized`` site): each chain holds
+  ``k`` new points drawn i.i.d. from the site's own density given its parents; the site's
+  children and factors are left out. A row-form density gives points ``[*event]``; a
+  batched one whose parameters carry plate dims gives one point per parameter group,
+  ``[*param_batch, *event]``. Each point is its own Metropolis chain.
+
+Chains are batched as data: the model runs once per evaluation for every chain inside a
+``numpyro.plate`` over chains placed left of its own plates (``vectorize="plate"``, the
+default; the model must broadcast as for vectorized ELBO particles). ``vectorize="vmap"``
+instead ``jax.vmap``-s one chain's model, for models that do not broadcast. The whole run
+is jitted. The other sites are fixed: parameters from ``params`` (e.g.
+``svi_result.params``), latent sites at the values in ``latents`` (shared by every chain)
+or drawn once per chain (per point in draws mode) from ``guide``. A subsampling plate keeps
+the indices of the first trace (a fixed seed). The result, ``SiteSamples(samples,
+accept_rate, layout)``, has samples ``[num_samples, num_chains, *layout.shape]``.
+
+- ``langevin(model, site, *args, key=..., num_samples=1000, num_warmup=500, num_chains=1,
+  num_draws=None, ...)``: MALA / ULA chains (``ppl_score.jax.langevin``)::
+
+      draws = langevin(model, "x", data, key=key, params=params, num_draws=500, step_size=0.1)
+      points = draws.samples[-1, 0]                    # [500, 2]
+
+- ``nuts(model, site, *args, key=..., ...)``: NumPyro's ``NUTS`` (vectorized chains), the
+  same arguments and result.
+- ``potential_fn(model, site, *args, ...)``: the potential for your own
+  ``numpyro.infer.NUTS(potential_fn=...)``::
 
       pot = potential_fn(model, "x", data, params=params)
       dens = site_log_density(model, "x", data, params=params)

@@ -3,26 +3,47 @@
 A model fitted by score matching, e.g. ::
 
     def model(data):
-        with pyro.plate("data", data.shape[0]):
-            pyro.sample("x", Unnormalized(energy, event_shape=(2,)), obs=data)
+        with pyro.plate("data", data.shape[0], subsample_size=128) as idx:
+            pyro.sample("x", Unnormalized(energy, event_shape=(2,)), obs=data[idx])
 
-defines ``x`` only up to its normalizer, so ``pyro.sample`` cannot draw it. Here the site's
-conditional log density given every other site,
+defines ``x`` only up to its normalizer, so ``pyro.sample`` cannot draw it. Two things can
+be sampled, both by MCMC in the unconstrained space of ``T = biject_to(support)``
+(``u -> log p(T(u)) + log |det dT/du|``):
 
-    log p(x | rest) = sum over sample sites of log p(site | its parents)   (x substituted),
+- **The observed site's conditional** (site mode, the default): each chain is a copy of the
+  site's value (here the 128-point minibatch), drawn from
 
-is sampled by MCMC in the unconstrained space of ``T = biject_to(support)``:
-``u -> log p(T(u) | rest) + log |det dT/du|``. Chains are vectorized by running the model
-once per evaluation inside a ``pyro.plate`` over chains placed left of the model's plates
-(like ``vectorize_particles``), so the model must broadcast as it does for vectorized
-ELBO particles. Log densities are unscaled (a subsampling scale is not a tempering), masks
-apply, and ``pyro.factor`` terms count. The other sites are fixed: latent sites at the values in ``latents`` (shared
-by every chain) or drawn once per chain from ``guide`` (so the chains sample the posterior
-predictive); parameters are read from the param store.
+      log p(x | rest) = sum over sample sites of log p(site | its parents)   (x substituted),
 
-- ``langevin(model, site, *args, ...)``: ULA / MALA chains (``ppl_score.torch.langevin``).
-- ``potential_fn(model, site, *args, ...)``: a potential for
-  ``pyro.infer.mcmc.NUTS(potential_fn=...)``; ``nuts(...)`` runs ``MCMC`` with it::
+  so children of the site and ``pyro.factor`` terms count; log densities are unscaled (a
+  subsampling scale is not a tempering) and masks apply.
+- **New points** (draws mode, ``num_draws=k``, an ``Unnormalized`` site): each chain holds
+  ``k`` new points drawn i.i.d. from the site's own density given its parents, the
+  data-generating density of one point; the site's children and factors, which condition on
+  the observed points, are left out. A row-form density gives points ``[*event]``; a
+  batched one whose parameters carry plate dims (``mu`` per group) gives one point per
+  parameter group, ``[*param_batch, *event]``. Each point is its own Metropolis chain, and
+  the cost is ``num_chains * k`` points, not copies of the data.
+
+Chains are vectorized by running the model once per evaluation inside a ``pyro.plate``
+over chains placed left of the model's plates (like ``vectorize_particles``), so the model
+must broadcast as it does for vectorized ELBO particles. The other sites are fixed: latent
+sites at the values in ``latents`` (shared by every chain) or drawn once per chain (per
+point in draws mode) from ``guide``, so the chains sample the posterior predictive;
+parameters are read from the param store. A subsampling plate keeps the indices of the
+first trace. The result, ``SiteSamples(samples, accept_rate, layout)``, has samples
+``[num_samples, num_chains, *layout.shape]``; ``layout`` (``ppl_score.langevin.SiteLayout``)
+says what the dims are.
+
+- ``langevin(model, site, *args, num_samples=1000, num_warmup=500, num_chains=1,
+  num_draws=None, ...)``: MALA / ULA chains (``ppl_score.torch.langevin``)::
+
+      draws = langevin(model, "x", data, num_draws=500, step_size=0.1)
+      points = draws.samples[-1, 0]                    # [500, 2]: the last state of each point
+
+- ``nuts(model, site, *args, ...)``: Pyro's ``NUTS`` with the same arguments and result.
+- ``potential_fn(model, site, *args, ...)``: the potential for your own
+  ``pyro.infer.mcmc.NUTS(potential_fn=...)``::
 
       pot = potential_fn(model, "x", data)
       dens = site_log_density(model, "x", data)
