@@ -251,3 +251,27 @@ def test_numpyro_plate_and_vmap_chains_agree():
     assert a.layout == b.layout
     with pytest.raises(ValueError, match="vectorize"):
         ppl.langevin(model, "x", ppl.t(DATA[:4, 0]), vectorize="pmap", **kw)
+
+
+def test_numpyro_model_that_does_not_broadcast_needs_vmap():
+    """A model mixing a latent with data by plain arithmetic (``x + loc`` with ``loc`` of
+    shape [C, 1] under the plate of chains) fails in the plate with a hint naming
+    ``vectorize='vmap'``, and runs with it."""
+    ppl = NumPyroPPL()
+    dist = ppl.dist
+
+    def model(x):
+        loc = ppl.sample("loc", dist.Normal(0.0, 1.0))
+        with ppl.plate("data", x.shape[0]):
+            y = ppl.sample("x", dist.Normal(0.0, 1.0).expand([2]).to_event(1), obs=x)
+            ppl.sample("z", dist.Normal(y, 1.0).to_event(1), obs=x + loc)
+
+    def guide(x):
+        ppl.sample("loc", dist.Normal(ppl.t(0.3), ppl.t(0.1)))
+
+    kw = dict(guide=guide, num_chains=3, num_samples=2, num_warmup=0, step_size=0.1)
+    with pytest.raises(TypeError) as err:
+        ppl.langevin(model, "x", ppl.t(DATA[:4]), **kw)
+    assert "vectorize='vmap'" in " ".join(getattr(err.value, "__notes__", []))
+    out = ppl.langevin(model, "x", ppl.t(DATA[:4]), vectorize="vmap", **kw)
+    assert tuple(out.samples.shape) == (2, 3, 4, 2)

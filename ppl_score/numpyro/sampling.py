@@ -171,6 +171,11 @@ def _bind(model, params, data):
 
 
 _CHAINS = "_ppl_score_chains"
+_PLATE_HINT = (
+    "(ppl_score) the chains run in one call of the model inside a plate over chains left of its "
+    "plates, so the model must broadcast over that extra batch dim (as for vectorized ELBO "
+    "particles); pass vectorize='vmap' to map one chain's model over the chains instead"
+)
 
 
 def _max_plate_nesting(trace) -> int:
@@ -340,7 +345,11 @@ def _site_density(model, site, args, kwargs, params, fixed, value, node, transfo
         logdet = transform.log_abs_det_jacobian(u, x)
         total = logdet.reshape(c, -1).sum(-1) if logdet.ndim else jnp.broadcast_to(logdet, (c,))
         data = {**fixed, site: x.reshape(chain_value_shape)}
-        tr = handlers.trace(_bind(chained, params, data)).get_trace(*args, **kwargs)
+        try:
+            tr = handlers.trace(_bind(chained, params, data)).get_trace(*args, **kwargs)
+        except (TypeError, ValueError) as err:  # e.g. a model that does not broadcast over chains
+            err.add_note(_PLATE_HINT)
+            raise
         for s in tr.values():
             if _is_density_site(s):
                 total = total + _to_rows(s["fn"].log_prob(s["value"]), c, depth)

@@ -283,8 +283,16 @@ def _site_density(model, site, args, kwargs, node, fixed, transform, c, depth) -
         logdet = transform.log_abs_det_jacobian(u, x)
         total = logdet.reshape(c, -1).sum(-1) if logdet.dim() else logdet.expand(c)
         data = {**fixed, site: x.reshape(chain_value_shape)}
-        with pyro.plate(_CHAINS, c, dim=chain_dim):
-            tr = poutine.trace(poutine.condition(model, data)).get_trace(*args, **kwargs)
+        try:
+            with pyro.plate(_CHAINS, c, dim=chain_dim):
+                tr = poutine.trace(poutine.condition(model, data)).get_trace(*args, **kwargs)
+        except (RuntimeError, ValueError) as err:  # e.g. a model that does not broadcast over chains
+            err.add_note(
+                "(ppl_score) the chains run in one call of the model inside a plate over chains left "
+                "of its plates, so the model must broadcast over that extra batch dim (as for "
+                "vectorized ELBO particles, e.g. index with x[..., i] and let plates set batch dims)"
+            )
+            raise
         for s in tr.nodes.values():
             if _is_density_site(s):
                 lp = scale_and_mask(s["fn"].log_prob(s["value"]), mask=s["mask"])
