@@ -693,6 +693,107 @@ def test_numpyro_module_in_svi(jdeq, data):
 
 
 # ---------------------------------------------------------------------------------------
+# Defaults (issue 11, item 4): defined once in ppl_score._deq, the same in every front end
+# ---------------------------------------------------------------------------------------
+
+
+def test_defaults_are_shared_by_every_backend(tdeq, jdeq):
+    import inspect
+
+    from ppl_score import _deq
+
+    # one class, one default instance, one set of values (benchmarks/deq_defaults.py)
+    assert tdeq.DEQConfig is jdeq.DEQConfig is _deq.DEQConfig
+    assert tdeq.SolverConfig is jdeq.SolverConfig is _deq.SolverConfig
+    default = _deq.DEQConfig()
+    assert (default.solver.solver, default.solver.tol, default.gamma) == ("iteration", 1e-4, 0.9)
+    assert (default.solver.solver, default.solver.tol, default.gamma, default.solver.max_iter, default.solver.memory) == (
+        _deq.DEFAULT_SOLVER, _deq.DEFAULT_TOL, _deq.DEFAULT_GAMMA, _deq.DEFAULT_MAX_ITER, _deq.DEFAULT_MEMORY)
+    for mod in (tdeq, jdeq):
+        assert (mod.DEFAULT_SOLVER, mod.DEFAULT_TOL, mod.DEFAULT_GAMMA) == (
+            _deq.DEFAULT_SOLVER, _deq.DEFAULT_TOL, _deq.DEFAULT_GAMMA)
+    # the validating constructors' signatures spell the same defaults as the NamedTuples
+    sig = inspect.signature(_deq.solver_config).parameters
+    assert {k: sig[k].default for k in _deq.SolverConfig._fields} == _deq.SolverConfig()._asdict()
+    sig = inspect.signature(_deq.deq_config).parameters
+    flat = {**default._asdict(), **default.solver._asdict()}  # "solver": the solver's name
+    assert {k: sig[k].default for k in flat} == flat
+    assert tdeq.deq_config() == jdeq.deq_config() == default
+    assert tdeq.solver_config() == jdeq.solver_config() == default.solver
+    # every model built without options gets them
+    assert tdeq.DEQLayer(D, H).config == default
+    assert tdeq.DEQEnergy(D, H).deq.config == default and tdeq.DEQScore(D, H).deq.config == default
+    for fn in (jdeq.deq_layer_apply, jdeq.deq_energy_apply, jdeq.deq_score_apply):
+        assert inspect.signature(fn).parameters["config"].default == default
+    assert inspect.signature(tdeq.solve).parameters["cfg"].default == default.solver
+    assert inspect.signature(jdeq.solve).parameters["cfg"].default == default.solver
+    if _has("pyro"):
+        from ppl_score.pyro.deq import DEQEnergy, DEQScore
+
+        assert DEQEnergy(D, H).deq.config == default and DEQScore(D, H).deq.config == default
+    if _has("numpyro"):
+        from ppl_score.numpyro.deq import deq_energy, deq_score
+
+        assert deq_energy(H)[1].config == default and deq_score(H)[1].config == default
+
+
+def _has(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def test_torch_defaults_converge(tdeq):
+    """A float32 DEQ with the default options reaches ``tol`` in the forward solve (residual
+    recomputed here) and in the adjoint solves of an ``ssm_vr`` step (no warning)."""
+    import torch
+
+    from ppl_score.torch import score_matching_loss
+
+    torch.manual_seed(0)
+    model = tdeq.DEQEnergy(4, 32, quadratic=0.5)
+    x = torch.randn(16, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tdeq.FixedPointWarning)
+        flat_z = model.deq(x)
+        info = model.last_info
+        loss = score_matching_loss(model, x, "ssm_vr", generator=torch.Generator().manual_seed(0))
+        loss.backward()
+    tol = tdeq.DEFAULT_TOL
+    assert info.converged and info.residual <= tol and 1 <= info.iterations <= tdeq.DEFAULT_MAX_ITER
+    layer = model.deq
+    with torch.no_grad():
+        w_hat = tdeq.lipschitz_scaled(layer.weight, layer.config.gamma)
+        fz = torch.nn.functional.softplus(flat_z @ w_hat.T + layer.inject(x))
+        res = ((fz - flat_z).norm(dim=-1) / (1 + fz.norm(dim=-1))).max().item()
+    assert res <= tol
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_jax_defaults_converge(jdeq):
+    import jax
+    import jax.numpy as jnp
+
+    from ppl_score.jax import score_matching_loss
+
+    params = jdeq.deq_energy_init(jax.random.PRNGKey(0), 4, 32, jnp.float32)
+    x = jax.random.normal(jax.random.PRNGKey(1), (16, 4), jnp.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", jdeq.FixedPointWarning)
+        z, info = jdeq.deq_layer_apply(params, x)
+        loss, grads = jax.value_and_grad(
+            lambda p: score_matching_loss(lambda y: jdeq.deq_energy_apply(p, y, quadratic=0.5), x, "ssm_vr",
+                                          key=jax.random.PRNGKey(2)))(params)
+    tol = jdeq.DEFAULT_TOL
+    assert bool(info.converged) and float(info.residual) <= tol
+    w_hat = jdeq.lipschitz_scaled(params["weight"], jdeq.DEFAULT_GAMMA)
+    fz = jax.nn.softplus(z @ w_hat + x @ params["inject"][0] + params["inject"][1])
+    res = float((jnp.linalg.norm(fz - z, axis=-1) / (1 + jnp.linalg.norm(fz, axis=-1))).max())
+    assert res <= tol
+    assert np.isfinite(float(loss)) and all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
+# ---------------------------------------------------------------------------------------
 # Tutorial
 # ---------------------------------------------------------------------------------------
 

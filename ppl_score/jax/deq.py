@@ -11,8 +11,10 @@ or the Frobenius norm (an upper bound of it). Then ``Lip_z(f) <= ||W_hat||_2 <= 
 plain iteration converges to it from any start (Banach). This is the norm-scaled variant of
 the ICLR 2024 paper's ``softplus(B softplus(A z)) / (C ||A||_F ||B||_F) + y(x)``.
 
-Forward: plain iteration or Anderson acceleration in a ``lax.while_loop`` (memory does not
-grow with the number of iterations). Backward modes:
+Forward: plain iteration (the default) or Anderson acceleration in a ``lax.while_loop``
+(memory does not grow with the number of iterations). The defaults of every option
+(``solver``, ``tol``, ``gamma``, ...) are ``ppl_score._deq.DEFAULT_*``, shared with torch;
+their cost and accuracy: ``deq_layer_apply``. Backward modes:
 
 - ``"implicit"``: a ``jax.custom_jvp`` whose tangent rule is the implicit function theorem,
   ``dz = (I - J)^{-1} (df/dtheta) dtheta`` with ``J = df/dz`` at ``z*``, solved by
@@ -65,6 +67,11 @@ from .. import _deq
 from .._deq import (  # noqa: F401  (re-exported: the framework-free part, shared with ppl_score.torch.deq)
     ANDERSON_REG,
     BACKWARDS,
+    DEFAULT_GAMMA,
+    DEFAULT_MAX_ITER,
+    DEFAULT_MEMORY,
+    DEFAULT_SOLVER,
+    DEFAULT_TOL,
     NORMS,
     POLICIES,
     SOLVERS,
@@ -415,7 +422,29 @@ def deq_layer_init(key, in_dim: int, width: int, dtype=jnp.float32) -> dict:
 
 def deq_layer_apply(params: dict, x: jax.Array, config: DEQConfig = DEQConfig()):
     """``x [B, in_dim] -> (z* [B, width], FixedPointInfo)`` with
-    ``z* = act(z* W_hat + x U + b)``; mirrors ``torch.deq.DEQLayer``."""
+    ``z* = act(z* W_hat + x U + b)``; mirrors ``torch.deq.DEQLayer``.
+
+    Args:
+        params: from ``deq_layer_init``.
+        x: ``[B, in_dim]``.
+        config: a ``DEQConfig`` from ``deq_config`` (static under ``jit``). The default,
+            ``DEQConfig()``, is the torch layer's (``_deq.DEFAULT_*``): ``solver="iteration"``,
+            ``tol=1e-4``, ``gamma=0.9``, ``max_iter=100``, ``backward="implicit"``. Their cost
+            against a depth-2 MLP step of the same width (``ssm_vr``, width 128, CPU;
+            ``benchmarks/deq_defaults.py``, README table):
+
+            ==============  ==========================  =================================
+            option          cheaper                     costlier
+            ==============  ==========================  =================================
+            ``solver``      ``"iteration"`` (default)   ``"anderson"``: fewer iterations,
+                                                        2-4x the step on this cheap map
+            ``tol``         ``1e-3``: 10-20% cheaper,   ``1e-6``: 1.3-1.6x the step, no
+                            gradient error ~1%          better fit; default ``1e-4``
+                                                        (gradient error ~1e-3)
+            ``gamma``       ``0.5``: fewer iterations   ``0.9`` (default): more feedback;
+                                                        fits the smooth mixture better
+            ==============  ==========================  =================================
+    """
     if not isinstance(config, DEQConfig):
         raise TypeError(f"argument 'config' must be a DEQConfig (see deq_config), got {type(config).__name__}")
     u_w, u_b = params["inject"]
@@ -447,7 +476,16 @@ def deq_energy_apply(
     params: dict, x: jax.Array, config: DEQConfig = DEQConfig(), quadratic: float = 0.0, return_info: bool = False
 ):
     """``log p(x) = w^T z*(x) + c - quadratic/2 ||x||^2 + const`` for ``x [B, *event] -> [B]``
-    (with the ``FixedPointInfo`` when ``return_info``); mirrors ``torch.deq.DEQEnergy``."""
+    (with the ``FixedPointInfo`` when ``return_info``); mirrors ``torch.deq.DEQEnergy``.
+
+    Args:
+        params: from ``deq_energy_init``.
+        x: ``[B, *event]``.
+        config: a ``DEQConfig``; default ``DEQConfig()``: ``solver="iteration"``,
+            ``tol=1e-4``, ``gamma=0.9`` (their trade-off: ``deq_layer_apply``).
+        quadratic: the coefficient of ``-quadratic/2 ||x||^2``.
+        return_info: also return the forward solve's ``FixedPointInfo``.
+    """
     dim = params["inject"][0].shape[0]
     flat = _check_input(x, dim)
     z, info = deq_layer_apply(params, flat, config)
@@ -469,7 +507,15 @@ def deq_score_init(key, dim: int, width: int = 256, dtype=jnp.float32) -> dict:
 
 def deq_score_apply(params: dict, x: jax.Array, config: DEQConfig = DEQConfig(), return_info: bool = False):
     """Score network ``x [B, *event] -> [B, *event]``, ``s(x) = z*(x) V + c``; mirrors
-    ``torch.deq.DEQScore``."""
+    ``torch.deq.DEQScore``.
+
+    Args:
+        params: from ``deq_score_init``.
+        x: ``[B, *event]``.
+        config: a ``DEQConfig``; default ``DEQConfig()``: ``solver="iteration"``,
+            ``tol=1e-4``, ``gamma=0.9`` (their trade-off: ``deq_layer_apply``).
+        return_info: also return the forward solve's ``FixedPointInfo``.
+    """
     dim = params["inject"][0].shape[0]
     flat = _check_input(x, dim)
     z, info = deq_layer_apply(params, flat, config)

@@ -65,7 +65,9 @@ def deq_energy(width: int = 512, *, quadratic: float = 0.0, dtype=None, **option
         width: the DEQ layer's width.
         quadratic: the coefficient of ``-quadratic/2 ||x||^2`` in ``log p``.
         dtype: of the parameters; defaults to JAX's default float (float64 with x64 enabled).
-        **options: go to ``ppl_score.jax.deq.deq_config``.
+        **options: go to ``ppl_score.jax.deq.deq_config``; defaults ``solver="iteration"``,
+            ``tol=1e-4``, ``gamma=0.9``, the same as torch's (their trade-off:
+            ``ppl_score.jax.deq.deq_layer_apply``).
 
     Returns:
         ``(init_fn, apply_fn)`` with ``apply_fn(params, x [B, *event]) -> [B]``; both pickle.
@@ -81,7 +83,9 @@ def deq_score(width: int = 256, *, dtype=None, **options):
     Args:
         width: the DEQ layer's width.
         dtype: of the parameters; defaults to JAX's default float.
-        **options: go to ``ppl_score.jax.deq.deq_config``.
+        **options: go to ``ppl_score.jax.deq.deq_config``; defaults ``solver="iteration"``,
+            ``tol=1e-4``, ``gamma=0.9``, the same as torch's (their trade-off:
+            ``ppl_score.jax.deq.deq_layer_apply``).
 
     Returns:
         ``(init_fn, apply_fn)`` with ``apply_fn(params, x [B, *event]) -> [B, *event]``; both

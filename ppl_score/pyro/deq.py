@@ -41,7 +41,13 @@ class _Picklable:
 
 class DEQEnergy(_Picklable, PyroModule[_deq.DEQEnergy]):
     """``PyroModule`` version of ``ppl_score.torch.deq.DEQEnergy``: ``x [B, *event] -> [B]``,
-    ``log p(x) = w^T z*(x) + c - quadratic/2 ||x||^2 + const``."""
+    ``log p(x) = w^T z*(x) + c - quadratic/2 ||x||^2 + const``.
+
+    Args:
+        dim, width, quadratic: as there.
+        **options: see ``ppl_score.torch.deq.deq_config``; defaults ``solver="iteration"``,
+            ``tol=1e-4``, ``gamma=0.9`` (their trade-off: ``ppl_score.torch.deq.DEQLayer``).
+    """
 
     def __init__(self, dim: int, width: int = 512, quadratic: float = 0.0, **options):
         super().__init__(dim, width, quadratic, **options)
@@ -50,7 +56,13 @@ class DEQEnergy(_Picklable, PyroModule[_deq.DEQEnergy]):
 
 class DEQScore(_Picklable, PyroModule[_deq.DEQScore]):
     """``PyroModule`` version of ``ppl_score.torch.deq.DEQScore``: ``x [B, *event] ->
-    [B, *event]``."""
+    [B, *event]``.
+
+    Args:
+        dim, width: as there.
+        **options: see ``ppl_score.torch.deq.deq_config``; defaults ``solver="iteration"``,
+            ``tol=1e-4``, ``gamma=0.9`` (their trade-off: ``ppl_score.torch.deq.DEQLayer``).
+    """
 
     def __init__(self, dim: int, width: int = 256, **options):
         super().__init__(dim, width, **options)

@@ -11,8 +11,10 @@ or the Frobenius norm (an upper bound of it). Then ``Lip_z(f) <= ||W_hat||_2 <= 
 plain iteration converges to it from any start (Banach). This is the norm-scaled variant of
 the ICLR 2024 paper's ``softplus(B softplus(A z)) / (C ||A||_F ||B||_F) + y(x)``.
 
-Forward: plain iteration or Anderson acceleration under ``no_grad`` (memory does not grow
-with the number of iterations). Backward modes:
+Forward: plain iteration (the default) or Anderson acceleration under ``no_grad`` (memory
+does not grow with the number of iterations). The defaults of every option (``solver``,
+``tol``, ``gamma``, ...) are ``ppl_score._deq.DEFAULT_*``, shared with JAX; their cost and
+accuracy: ``DEQLayer``. Backward modes:
 
 - ``"implicit"``: exact implicit differentiation. With ``J = df/dz`` at ``z*``, the
   vector-Jacobian product is ``theta_bar = (df/dtheta)^T g`` with ``g = v + J^T g`` (the
@@ -66,6 +68,11 @@ from .. import _deq
 from .._deq import (  # noqa: F401  (re-exported: the framework-free part, shared with ppl_score.jax.deq)
     ANDERSON_REG,
     BACKWARDS,
+    DEFAULT_GAMMA,
+    DEFAULT_MAX_ITER,
+    DEFAULT_MEMORY,
+    DEFAULT_SOLVER,
+    DEFAULT_TOL,
     NORMS,
     POLICIES,
     SOLVERS,
@@ -497,8 +504,27 @@ class _LayerMap(_Map):
 class DEQLayer(nn.Module):
     """``x [B, in_dim] -> z*(x) [B, width]`` with ``z* = act(W_hat z* + U x + b)``.
 
-    Options: see ``deq_config``. After each call ``last_info`` holds the forward solve's
-    ``FixedPointInfo``.
+    Args:
+        in_dim: the input size.
+        width: the number of hidden units (the fixed point's size).
+        **options: see ``deq_config``. The defaults (``_deq.DEFAULT_*``, the same in JAX)
+            are ``solver="iteration"``, ``tol=1e-4``, ``gamma=0.9``, ``max_iter=100``,
+            ``backward="implicit"``. Their cost against a depth-2 MLP step of the same width
+            (``ssm_vr``, width 128, CPU; ``benchmarks/deq_defaults.py``, README table):
+
+            ==============  ==========================  =================================
+            option          cheaper                     costlier
+            ==============  ==========================  =================================
+            ``solver``      ``"iteration"`` (default)   ``"anderson"``: fewer iterations,
+                                                        2-4x the step on this cheap map
+            ``tol``         ``1e-3``: 10-20% cheaper,   ``1e-6``: 1.3-1.6x the step, no
+                            gradient error ~1%          better fit; default ``1e-4``
+                                                        (gradient error ~1e-3)
+            ``gamma``       ``0.5``: fewer iterations   ``0.9`` (default): more feedback;
+                                                        fits the smooth mixture better
+            ==============  ==========================  =================================
+
+    After each call ``last_info`` holds the forward solve's ``FixedPointInfo``.
     """
 
     def __init__(self, in_dim: int, width: int, **options):
@@ -535,7 +561,15 @@ def _check_input(x, dim: int) -> torch.Tensor:
 class DEQEnergy(nn.Module):
     """DEQ energy model: ``log p(x) = w^T z*(x) + c - quadratic/2 ||x||^2 + const``,
     ``x [B, *event] -> [B]``; the DEQ counterpart of ``nets.MLPEnergy`` (one weight-tied
-    layer of ``width`` units instead of a stack). Options: see ``deq_config``."""
+    layer of ``width`` units instead of a stack).
+
+    Args:
+        dim: the event size (``prod(event)``).
+        width: the DEQ layer's width.
+        quadratic: the coefficient of ``-quadratic/2 ||x||^2`` in ``log p``.
+        **options: see ``deq_config``; defaults ``solver="iteration"``, ``tol=1e-4``,
+            ``gamma=0.9`` (their cost and accuracy trade-off: ``DEQLayer``).
+    """
 
     def __init__(self, dim: int, width: int = 512, quadratic: float = 0.0, **options):
         super().__init__()
@@ -560,7 +594,14 @@ class DEQEnergy(nn.Module):
 
 class DEQScore(nn.Module):
     """DEQ score network ``x [B, *event] -> [B, *event]``: ``s(x) = V z*(x) + c``, the DEQ
-    counterpart of ``nets.MLPScore``. Options: see ``deq_config``."""
+    counterpart of ``nets.MLPScore``.
+
+    Args:
+        dim: the event size (``prod(event)``).
+        width: the DEQ layer's width.
+        **options: see ``deq_config``; defaults ``solver="iteration"``, ``tol=1e-4``,
+            ``gamma=0.9`` (their cost and accuracy trade-off: ``DEQLayer``).
+    """
 
     def __init__(self, dim: int, width: int = 256, **options):
         super().__init__()
