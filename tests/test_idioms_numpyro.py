@@ -249,6 +249,31 @@ def test_handlers_scale_scales_the_loss_and_its_gradient(rng):
 N_DATA, BATCH = 40, 10
 
 
+def test_plate_drawn_subsample_is_scaled_by_n_over_b(rng):
+    """``numpyro.plate("data", N, subsample_size=B) as i`` draws the batch from the model's
+    key (the first of the particle key's ``(model, guide, objective)`` split): the loss is
+    ``beta N / B sum_{i in batch} SM_i - log p(m)`` on that batch, a different batch per key."""
+    x = data(rng, N_DATA)
+    x_np = np.asarray(x)
+
+    def drawn(x):
+        mu = numpyro.sample("mu", dist.Normal(jnp.zeros(D), TAU).to_event(1))
+        with numpyro.plate("data", N_DATA, subsample_size=BATCH) as i:
+            numpyro.sample("x", dist.Normal(mu, 1.0).to_event(1), obs=x[i])
+
+    m = np.full(D, 0.3)
+    elbo = ScoreMatching("esm", beta=BETA)
+    batches = []
+    for key in random.split(KEY, 2):
+        model_key = random.split(key, 3)[0]
+        idx = np.asarray(handlers.trace(handlers.seed(drawn, model_key)).get_trace(x)["data"]["value"])
+        assert idx.shape == (BATCH,)
+        batches.append(set(idx.tolist()))
+        exact = BETA * N_DATA / BATCH * esm(x_np[idx], m).sum() - log_prior(m)
+        assert float(elbo.loss(key, {"m": jnp.asarray(m)}, drawn, delta_guide, x)) == pytest.approx(exact, rel=1e-12)
+    assert batches[0] != batches[1]
+
+
 def minibatch_model(x, idx):
     """A python minibatch loop hands the indices in; the plate scales by N / B."""
     mu = numpyro.sample("mu", dist.Normal(jnp.zeros(D), TAU).to_event(1))
