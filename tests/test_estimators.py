@@ -371,3 +371,128 @@ def test_spectral_drops_numerically_null_eigenpairs(est, rng):
     want = est.call("spectral_scores", x, n_eigen=12)
     for kw in (dict(threshold=1.0), dict(n_eigen=18)):
         np.testing.assert_allclose(est.call("spectral_scores", x, **kw), want, rtol=1e-6, atol=1e-8)
+
+
+# --------------------------------------------------------------------------------------
+# learned estimator state: save and restore (state_dict / load_state_dict), device
+
+
+def _torch_twin(**kw):
+    return te.LearnedScoreEstimator(2, context_dim=1, hidden=(8,), dtype=torch.float64, n_steps=2, **kw)
+
+
+def test_torch_learned_state_dict_round_trip():
+    """A fresh estimator loaded with another's state gives the same scores and takes the
+    same next step (Adam's moments and step counts, and the generator, come along), also
+    through torch.save / torch.load; the snapshot does not follow later updates."""
+    import io
+
+    x = torch.as_tensor(np.random.default_rng(0).normal(size=(16, 2)))
+    c = torch.as_tensor(np.random.default_rng(1).normal(size=(16, 1)))
+    torch.manual_seed(0)
+    est = _torch_twin(generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        est.update(x, c)
+    sd = est.state_dict()
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for source in (sd, loaded):
+        torch.manual_seed(1)  # other initial weights: everything must come from the state
+        other = _torch_twin(generator=torch.Generator().manual_seed(5))
+        before = {k: v.clone() for k, v in source["net"].items()}
+        other.load_state_dict(source)
+        assert other.dtype == torch.float64 and other.device == est.device
+        torch.testing.assert_close(other(x, c), est(x, c), rtol=0, atol=0)
+        twin = _torch_twin(generator=torch.Generator())
+        twin.load_state_dict(sd)
+        assert other.update(x, c) == twin.update(x, c)
+        torch.testing.assert_close(other(x, c), twin(x, c), rtol=0, atol=0)
+        for k, v in source["net"].items():  # the dict given was not modified
+            torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    step_count = sd["optimizer"]["state"][0]["step"]
+    assert float(step_count) == 6.0  # 3 updates of n_steps=2
+    est.update(x, c)  # later updates do not change the snapshot
+    assert float(sd["optimizer"]["state"][0]["step"]) == 6.0
+    # a round trip through the estimator itself
+    state = est.state_dict()
+    est2 = _torch_twin(generator=torch.Generator())
+    est2.load_state_dict(state)
+    assert est.update(x, c) == est2.update(x, c)
+
+
+def test_torch_learned_state_dict_validation_and_device():
+    est = _torch_twin()
+    with pytest.raises(TypeError, match="'state_dict'"):
+        est.load_state_dict([1, 2])
+    with pytest.raises(ValueError, match="'state_dict'.*keys"):
+        est.load_state_dict({"net": {}})
+    other = te.LearnedScoreEstimator(2, context_dim=1, hidden=(4,), dtype=torch.float64, n_steps=2)
+    with pytest.raises(ValueError, match="'state_dict'.*network"):
+        est.load_state_dict(other.state_dict())
+    with pytest.raises(ValueError, match="'state_dict'.*generator"):
+        est.load_state_dict(_torch_twin(generator=torch.Generator()).state_dict())
+    with pytest.raises(TypeError, match="'device'"):
+        est.to(3)
+    x, c = torch.randn(6, 2, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)
+    est.update(x, c)
+    assert est.to("cpu") is est and est.device == torch.device("cpu") and est.dtype == torch.float64
+    assert est.optimizer.state[next(est.net.parameters())]["exp_avg"].dtype == torch.float64
+    assert np.isfinite(est.update(x, c))
+    # scores come back in the dtype and on the device of z
+    assert est(x.float(), c.float()).dtype == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_torch_learned_to_cuda_keeps_float64_and_optimizer_state():
+    x, c = torch.randn(6, 2, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)
+    est = _torch_twin()
+    est.update(x, c)
+    ref = _torch_twin()
+    ref.load_state_dict(est.state_dict())
+    est.to("cuda")
+    assert est.device.type == "cuda" and est.dtype == torch.float64
+    assert est.optimizer.state[next(est.net.parameters())]["exp_avg"].device.type == "cuda"
+    est.update(x.cuda(), c.cuda())
+    ref.update(x, c)
+    out = est(x.cuda(), c.cuda())
+    assert out.device.type == "cuda"
+    torch.testing.assert_close(out.cpu(), ref(x, c), rtol=1e-10, atol=1e-12)
+    back = _torch_twin()
+    back.load_state_dict(est.state_dict())  # a CUDA state loads onto a CPU estimator
+    torch.testing.assert_close(back(x, c), ref(x, c), rtol=1e-10, atol=1e-12)
+
+
+def test_jax_learned_state_dict_round_trip(tmp_path):
+    """The state as a flat dict of numpy arrays: through np.savez / np.load it restores the
+    same scores and the same next step (Adam's count included)."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 2)))
+    est = je.learned_score_estimator(2, hidden=(8,), n_steps=2)
+    state = est.init(jax.random.PRNGKey(0), jnp.float64)
+    state, _ = est.update(state, jax.random.PRNGKey(1), x)
+    sd = est.state_dict(state)
+    assert all(isinstance(v, np.ndarray) for v in sd.values())
+    np.savez(tmp_path / "state.npz", **sd)
+    loaded = dict(np.load(tmp_path / "state.npz"))
+    fresh = je.learned_score_estimator(2, hidden=(8,), n_steps=2)  # built alike
+    for source in (sd, loaded):
+        restored = fresh.load_state_dict(source)
+        assert jax.tree.structure(restored) == jax.tree.structure(state)
+        for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_array_equal(np.asarray(fresh.apply(restored.params, x)), np.asarray(est.apply(state.params, x)))
+        s1, l1 = fresh.update(restored, jax.random.PRNGKey(2), x)
+        s2, l2 = est.update(state, jax.random.PRNGKey(2), x)
+        assert float(l1) == float(l2)
+        for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(TypeError, match="'state'"):
+        est.state_dict(sd)
+    with pytest.raises(TypeError, match="'state_dict'"):
+        est.load_state_dict([1])
+    with pytest.raises(ValueError, match="'state_dict'.*shape"):
+        je.learned_score_estimator(2, hidden=(4,), n_steps=2).load_state_dict(sd)
+    with pytest.raises(ValueError, match="'state_dict'.*does not know"):
+        est.load_state_dict({**sd, "extra": np.zeros(1)})

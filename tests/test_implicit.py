@@ -439,7 +439,7 @@ def test_pyro_wae_decreases_both_terms(regularizer, estimator):
             pyro.sample("z", pdist.Delta(enc(x), event_dim=1))
 
     if estimator == "learned":
-        estimator = LearnedScoreEstimator(2, hidden=(32, 32), lr=5e-3)
+        estimator = LearnedScoreEstimator(2, hidden=(32, 32), lr=5e-3, n_steps=1)
     loss = PWAE(regularizer, lam=10.0, estimator=estimator, reconstruction="squared_error")
     svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 3e-3}), loss)
     before = loss.terms(model, guide, x_all[:256])
@@ -473,7 +473,7 @@ def test_numpyro_wae_decreases_both_terms_under_jit(regularizer, estimator):
     x_all = jnp.asarray(X_WAE)
     enc0 = _mlp_params(jax.random.PRNGKey(0), (6, 32, 2), bias_last=3.0)
     dec0 = _mlp_params(jax.random.PRNGKey(1), (2, 32, 6))
-    est = learned_score_estimator(2, hidden=(32, 32), optimizer=optax.adam(5e-3)) if estimator == "learned" else estimator
+    est = learned_score_estimator(2, hidden=(32, 32), optimizer=optax.adam(5e-3), n_steps=1) if estimator == "learned" else estimator
 
     def model(x):
         dec = numpyro.param("dec", dec0)
@@ -529,8 +529,8 @@ def test_wae_prior_variance_analytic_or_from_draws():
     import pyro.distributions as pdist
     from torch.distributions.transforms import ExpTransform
 
-    from ppl_score.numpyro.wae import _prior_variance as n_var
-    from ppl_score.pyro.wae import _prior_variance as p_var
+    from ppl_score.jax.mmd import prior_variance as n_var
+    from ppl_score.torch.mmd import prior_variance as p_var
 
     draws = np.random.default_rng(2).lognormal(size=(50, 2))
     from_draws = float(draws.var(axis=0).mean())

@@ -22,6 +22,7 @@ update it once per step and return it as the new mutable state.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -43,6 +44,9 @@ __all__ = [
     "LearnedScoreEstimator",
     "learned_score_estimator",
     "fit_score_estimator",
+    "kernel_scores_batched",
+    "site_scores",
+    "check_scores_finite",
 ]
 
 
@@ -274,7 +278,29 @@ class LearnedScoreEstimator:
     ``LearnedScoreState`` pytree), so it pickles and deep-copies; an ``optimizer`` given as an
     optax ``GradientTransformation`` is made of closures that ``pickle`` cannot store: pass a
     picklable factory instead (``functools.partial(optax.adam, 1e-3)``) when the estimator
-    must be pickled.
+    must be pickled. ``state_dict(state)`` / ``load_state_dict(d)`` turn a state into a flat
+    dict of numpy arrays and back (for ``np.savez`` and the like).
+
+    Defaults and tuning as the torch mirror (``ppl_score.torch.estimators.LearnedScoreEstimator``,
+    whose docstring gives the objective, the signs of a collapsing guide and the remedies):
+    ``n_steps=5`` Adam steps at 3e-3 per ``update``, two hidden layers of 128.
+
+    Args:
+        dim: ``D`` of the samples.
+        context_dim: ``C`` of the context (0: unconditional).
+        hidden, activation: the MLP.
+        method: ``"ssm_vr"`` (default), ``"fd_ssm"`` or ``"dsm"``.
+        optimizer: an optax ``GradientTransformation`` or a factory returning one (default
+            ``optax.adam(3e-3)``).
+        n_steps: optimizer steps per ``update`` (default 5).
+        **options: the method's options.
+
+    Raises:
+        TypeError, ValueError: a bad argument, named.
+
+    References:
+        Song, Garg, Shi, Ermon. Sliced score matching: a scalable approach to density and
+        score estimation. UAI 2019.
     """
 
     def __init__(
@@ -286,7 +312,7 @@ class LearnedScoreEstimator:
         activation=jax.nn.softplus,
         method: str = "ssm_vr",
         optimizer=None,
-        n_steps: int = 1,
+        n_steps: int = ispec.LEARNED_N_STEPS,
         **options,
     ):
         from ..spec import resolve
@@ -307,7 +333,7 @@ class LearnedScoreEstimator:
     @staticmethod
     def _build_optimizer(optimizer):
         if optimizer is None:
-            return optax.adam(1e-3)
+            return optax.adam(ispec.LEARNED_LR)
         if isinstance(optimizer, optax.GradientTransformation):
             return optimizer
         if callable(optimizer):
@@ -379,6 +405,76 @@ class LearnedScoreEstimator:
         params = mlp_init(key, self._sizes, dtype)
         return LearnedScoreState(params, self.optimizer.init(params))
 
+    def state_dict(self, state: LearnedScoreState) -> dict:
+        """``state`` as a flat dict of numpy arrays, ``{"params.0": ..., "opt_state.0": ...}``
+        (the leaves of the two pytrees in ``jax.tree`` order, the optimizer's step count
+        included): storable with ``np.savez(path, **d)``, ``pickle`` or ``torch.save``, and
+        restored by ``load_state_dict``.
+
+        Args:
+            state: a ``LearnedScoreState`` of this estimator.
+
+        Returns:
+            The flat dict (host copies; later updates do not change it).
+
+        Raises:
+            TypeError: ``state`` is not a ``LearnedScoreState``.
+        """
+        if not isinstance(state, LearnedScoreState):
+            raise TypeError(f"argument 'state' must be a LearnedScoreState, got {type(state).__name__}")
+        out = {}
+        for part in ("params", "opt_state"):
+            for i, leaf in enumerate(jax.tree.leaves(getattr(state, part))):
+                out[f"{part}.{i}"] = np.array(leaf)
+        return out
+
+    def load_state_dict(self, state_dict) -> LearnedScoreState:
+        """The ``LearnedScoreState`` saved by ``state_dict`` (e.g. ``dict(np.load(path))``):
+        same scores, same next ``update`` step. The estimator must be built alike (``dim``,
+        ``context_dim``, ``hidden``, ``optimizer``); the dtype is that of the saved weights.
+
+        Args:
+            state_dict: the flat dict from ``state_dict`` (any mapping of its keys to arrays).
+
+        Returns:
+            The restored state (new arrays; ``state_dict`` is not modified).
+
+        Raises:
+            TypeError: ``state_dict`` is not a mapping.
+            ValueError: its keys, or the shape of one of its arrays, do not fit this
+                estimator's network and optimizer.
+        """
+        from collections.abc import Mapping
+
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"argument 'state_dict' must be a dict from state_dict(), got {type(state_dict).__name__}")
+        if "params.0" not in state_dict:
+            raise ValueError("argument 'state_dict' has no 'params.0': pass the dict from LearnedScoreEstimator.state_dict()")
+        dtype = np.asarray(state_dict["params.0"]).dtype
+        template = jax.eval_shape(lambda: self.init(jax.random.PRNGKey(0), dtype))
+        parts = {}
+        expected = set()
+        for part in ("params", "opt_state"):
+            leaves, treedef = jax.tree.flatten(getattr(template, part))
+            restored = []
+            for i, like in enumerate(leaves):
+                key = f"{part}.{i}"
+                expected.add(key)
+                if key not in state_dict:
+                    raise ValueError(f"argument 'state_dict' has no {key!r}: it does not fit this estimator ({self!r})")
+                arr = np.asarray(state_dict[key])
+                if arr.shape != like.shape:
+                    raise ValueError(
+                        f"argument 'state_dict': {key!r} has shape {arr.shape}, this estimator ({self!r}) "
+                        f"needs {like.shape}"
+                    )
+                restored.append(jnp.array(arr, dtype=like.dtype))
+            parts[part] = jax.tree.unflatten(treedef, restored)
+        extra = set(state_dict) - expected
+        if extra:
+            raise ValueError(f"argument 'state_dict' has entries this estimator does not know: {sorted(extra)}")
+        return LearnedScoreState(parts["params"], parts["opt_state"])
+
     def apply(self, params, z, context=None):
         """``s_psi(z[, context])`` for ``z [N, D]``."""
         context = self._check(z, context, "z")
@@ -403,19 +499,23 @@ class LearnedScoreEstimator:
             ValueError: ``samples`` non-finite (when concrete) or of the wrong shape, or a
                 refused step (eagerly, validation on).
         """
+        return self._take_steps(state, key, samples, context, self.n_steps)
+
+    def _take_steps(self, state, key, samples, context, n_steps: int):
+        """``update`` with ``n_steps`` steps (``fit_score_estimator`` takes them one at a time)."""
         samples = jax.lax.stop_gradient(jnp.asarray(samples))
         context = self._check(samples, context, "samples")
         if is_validation_enabled() and is_concrete(samples) and not bool(jnp.isfinite(samples).all()):
             raise ValueError("argument 'samples' contains non-finite values (nan or inf)")
         if self.__dict__.get("_update_jit") is None:  # one compiled update per estimator (eager calls)
-            self._update_jit = jax.jit(self._update)
+            self._update_jit = jax.jit(self._update, static_argnames="n_steps")
         key = check_key(key)
-        params, opt_state, loss, ok = self._update_jit(state.params, state.opt_state, key, samples, context)
+        params, opt_state, loss, ok = self._update_jit(state.params, state.opt_state, key, samples, context, n_steps=n_steps)
         if is_concrete(ok) and is_validation_enabled() and not bool(ok):
             raise ValueError(ispec.refused_step_message(float(loss)))
         return LearnedScoreState(params, opt_state), loss
 
-    def _update(self, params, opt_state, key, samples, context):
+    def _update(self, params, opt_state, key, samples, context, n_steps):
         optimizer = self.optimizer
 
         def step(carry, k):
@@ -430,10 +530,10 @@ class LearnedScoreEstimator:
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(take, a, b), new, old)  # noqa: E731
             return (keep(new_params, params), keep(new_opt, opt_state), take), (loss, take)
 
-        keys = jax.random.split(key, self.n_steps)
+        keys = jax.random.split(key, n_steps)
         (params, opt_state, ok), (losses, taken) = jax.lax.scan(step, (params, opt_state, jnp.array(True)), keys)
         # the last step taken, else the first refused one
-        last = jnp.where(ok, self.n_steps - 1, jnp.argmin(taken))
+        last = jnp.where(ok, n_steps - 1, jnp.argmin(taken))
         return params, opt_state, losses[last], ok
 
 
@@ -442,7 +542,7 @@ def learned_score_estimator(*args, **kwargs) -> LearnedScoreEstimator:
     ``LearnedScoreEstimator(*args, **kwargs)``, the Optax-style factory name.
 
     Mirrors ``ppl_score.torch.estimators.LearnedScoreEstimator``: ``update`` takes
-    ``n_steps`` steps of ``optimizer`` (default ``optax.adam(1e-3)``; an optax
+    ``n_steps`` (default 5) steps of ``optimizer`` (default ``optax.adam(3e-3)``; an optax
     ``GradientTransformation`` or a factory returning one) on
     ``score_matching_loss(s_psi, stop_gradient(samples), method, kind="score", **options)``;
     a step whose loss or gradient is not finite is refused (see ``LearnedScoreEstimator.update``).
@@ -455,8 +555,9 @@ def _dtype(params):
 
 
 def fit_score_estimator(estimator: LearnedScoreEstimator, state, key, samples, context=None, *, n_steps: int, batch_size=None):
-    """``n_steps`` updates on random minibatches of ``batch_size`` rows of ``samples``
-    (one ``lax.scan``); returns ``(state, losses)``."""
+    """``n_steps`` optimizer steps, each on a random minibatch of ``batch_size`` rows of
+    ``samples`` (one ``lax.scan``; the estimator's own ``n_steps``, its steps per ``update``,
+    does not apply); returns ``(state, losses)``, as the torch ``LearnedScoreEstimator.fit``."""
     n_steps = ispec.check_int("n_steps", n_steps)
     key = check_key(key)
     samples = jnp.asarray(samples)
@@ -466,6 +567,59 @@ def fit_score_estimator(estimator: LearnedScoreEstimator, state, key, samples, c
     def step(state, k):
         k_idx, k_upd = jax.random.split(k)
         idx = jax.random.permutation(k_idx, n)[:batch_size]
-        return estimator.update(state, k_upd, samples[idx], None if context is None else context[idx])
+        return estimator._take_steps(state, k_upd, samples[idx], None if context is None else context[idx], 1)
 
     return jax.lax.scan(step, state, jax.random.split(key, n_steps))
+
+
+# ---------------------------------------------------------------------------------------
+# the scores of one implicit site's particles (ImplicitELBO, WAE)
+
+
+def site_scores(name: str, estimator, z, batch_ndim: int, context=None, *, options=None, state=None, key=None,
+                train: bool = False):
+    """Estimated ``grad_z log q`` at the particles ``z [P, *batch, *event]`` of site ``name``;
+    mirrors ``ppl_score.torch.estimators.site_scores`` (see it for the arguments), with a
+    learned estimator's ``state`` (a ``LearnedScoreState``) and the ``key`` of its update
+    passed in and the new state returned.
+
+    Returns:
+        ``(scores, state)``: the scores (``z``'s shape and dtype) and the learned estimator's
+        new state (None for the other estimators).
+
+    Raises:
+        TypeError, ValueError: as the torch mirror, naming the site.
+    """
+    kind = ispec.estimator_kind(estimator, LearnedScoreEstimator)
+    p, batch = z.shape[0], tuple(z.shape[1 : 1 + batch_ndim])
+    n_batch = math.prod(batch)
+    flat = z.reshape(p, n_batch, -1)
+    if kind == "callable":
+        out = estimator(z, context)
+        ispec.check_callable_scores(name, out, tuple(z.shape), (jax.Array, np.ndarray))
+        return jax.lax.stop_gradient(jnp.asarray(out)), None
+    if kind != "learned":
+        ispec.check_kernel_particles(name, kind, p)
+        g = kernel_scores_batched(kind, jnp.swapaxes(flat, 0, 1), **(options or {}))
+        return jnp.swapaxes(g, 0, 1).reshape(z.shape), None
+    d = flat.shape[-1]
+    ispec.check_learned_dim(name, estimator.dim, d)
+    ctx = None
+    if context is not None:
+        ctx = context.reshape(-1, context.shape[-1]) if context.ndim > 1 else context[None]
+        if ctx.shape[0] == 1 and n_batch > 1:
+            ctx = jnp.broadcast_to(ctx, (n_batch, ctx.shape[-1]))
+        ispec.check_context_rows(name, ctx.shape[0], n_batch, batch)
+        ctx = jnp.broadcast_to(ctx[None], (p, *ctx.shape)).reshape(p * n_batch, -1)
+    samples = flat.reshape(p * n_batch, d)
+    if train:
+        state, _ = estimator.update(state, key, samples, ctx)
+    out = estimator.apply(state.params, samples.astype(_dtype(state.params)), ctx)
+    return out.astype(z.dtype).reshape(z.shape), state
+
+
+def check_scores_finite(name: str, scores) -> None:
+    """Eagerly (concrete values) and under ``ppl_score.validation``, non-finite estimated
+    scores of site ``name`` raise ``ValueError`` naming it; under tracing nothing can raise."""
+    if is_concrete(scores) and is_validation_enabled() and not bool(jnp.isfinite(scores).all()):
+        raise ValueError(ispec.nonfinite_scores_message(name))

@@ -14,7 +14,7 @@ gradient is the reparameterized entropy gradient ``-E[grad_z log q(z)^T dg/dphi]
           ...
           numpyro.sample("z", dist.Delta(encoder(x, eps), event_dim=1))
 
-  Each loss evaluation takes one ``est.update`` step on the fresh, stop-gradient samples
+  Each loss evaluation takes one ``est.update`` (``n_steps`` optimizer steps) on the fresh, stop-gradient samples
   (keyed by the SVI step's key), evaluates the updated network, and returns the new state
   as the mutable state that ``SVI`` carries to the next step;
 * ``"stein"`` / ``"spectral"``: kernel estimators across the ``num_particles`` samples of each
@@ -28,42 +28,47 @@ negative ELBO without the implicit sites' unknown entropy.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
-from numpyro.primitives import mutable as _mutable
 from jax import random
 from numpyro.distributions import Delta, MaskedDistribution
 from numpyro.handlers import replay, seed, substitute
 from numpyro.infer import ELBO
 from numpyro.infer.util import compute_log_probs
+from numpyro import primitives
 from numpyro.util import check_model_guide_match
 
 from .. import implicit_spec as ispec
-from ..jax.checks import is_concrete
-from ..jax.estimators import LearnedScoreEstimator, kernel_scores_batched
-from ..validation import is_validation_enabled
+from ..jax.estimators import LearnedScoreEstimator, check_scores_finite
+from ..jax.estimators import site_scores as backend_site_scores
 
+__all__ = ["ImplicitELBO", "implicit_site_names", "score_state", "score_state_name", "site_scores"]
 
-def score_state_name(site: str) -> str:
-    """Name of the mutable site holding the learned estimator state of ``site``."""
-    return f"{site}_score_state"
+score_state_name = ispec.score_state_name
 
 
 def score_state(site: str, estimator: LearnedScoreEstimator, seed: int = 0, dtype=jnp.float32):
     """Declare (in the guide) the learned estimator state of implicit site ``site`` as
-    NumPyro mutable state ``score_state_name(site)``; returns the current state."""
+    NumPyro mutable state ``score_state_name(site)``; returns the current state.
+
+    Args:
+        site: the implicit site's name.
+        estimator: its ``LearnedScoreEstimator``.
+        seed: seed of the network's initial weights.
+        dtype: the network's dtype.
+
+    Returns:
+        The state (a ``LearnedScoreState``): fresh at the first step, then the one that
+        ``ImplicitELBO`` / ``WAE`` carry from step to step.
+
+    Raises:
+        TypeError: ``estimator`` is not a ``LearnedScoreEstimator``.
+    """
     if not isinstance(estimator, LearnedScoreEstimator):
         raise TypeError(f"argument 'estimator' must be a LearnedScoreEstimator, got {type(estimator).__name__}")
-    return _mutable(score_state_name(site), estimator.init(random.PRNGKey(seed), dtype))
-
-
-def _base_fn(fn):
-    while hasattr(fn, "base_dist"):
-        fn = fn.base_dist
-    return fn
+    return primitives.mutable(score_state_name(site), estimator.init(random.PRNGKey(seed), dtype))
 
 
 def _mask_of(fn):
@@ -78,80 +83,33 @@ def _mask_of(fn):
 
 def implicit_site_names(guide_trace, sites=None) -> list[str]:
     """Names of the guide's implicit (``Delta``) sample sites, or the ``sites`` given, which
-    must be such sites."""
-    found = [
-        name
-        for name, site in guide_trace.items()
-        if site["type"] == "sample" and not site["is_observed"] and isinstance(_base_fn(site["fn"]), Delta)
-    ]
-    if sites is None:
-        return found
-    for name in sites:
-        if name not in guide_trace or guide_trace[name]["type"] != "sample":
-            raise ValueError(f"argument 'sites': site {name!r} is not a sample site of the guide")
-        if name not in found:
-            raise ValueError(
-                f"argument 'sites': guide site {name!r} is not implicit; write it as "
-                f"numpyro.sample({name!r}, dist.Delta(g(eps, ...), event_dim=k))"
-            )
-    return list(sites)
+    must be such sites.
 
-
-def _check_estimator(est, num_particles):
-    if isinstance(est, str):
-        ispec.check_kernel_estimator(est, num_particles)
-    elif not (isinstance(est, LearnedScoreEstimator) or callable(est)):
-        raise TypeError(
-            "argument 'estimator' must be a LearnedScoreEstimator, 'stein', 'spectral', a callable "
-            f"score(z, context), or a dict of these per site; got {type(est).__name__}"
-        )
+    Raises:
+        ValueError: a name of ``sites`` is not a sample site of the guide, or not implicit.
+    """
+    return ispec.implicit_site_names(guide_trace, sites, Delta, "numpyro")
 
 
 def site_scores(name, est, options, z, batch_ndim, context, params, key, train):
     """Estimated ``grad_z log q`` for ``z [P, *batch, *event]`` (stop-gradient) of implicit
-    site ``name``; returns ``(scores, new_learned_state_or_None)``. Shared with ``WAE``."""
-    p, batch = z.shape[0], z.shape[1 : 1 + batch_ndim]
-    n_batch = math.prod(batch)
-    flat = z.reshape(p, n_batch, -1)
-    if isinstance(est, str):
-        if p < 2:
-            raise ValueError(f"site {name!r}: the {est!r} kernel estimator needs at least 2 samples")
-        g = kernel_scores_batched(est, jnp.swapaxes(flat, 0, 1), **options)
-        return jnp.swapaxes(g, 0, 1).reshape(z.shape), None
+    site ``name``; returns ``(scores, new_learned_state_or_None)``. Shared with ``WAE``.
+
+    The NumPyro translation of ``ppl_score.jax.estimators.site_scores``: a learned
+    estimator's state comes from the mutable state in ``params``; a callable runs under
+    ``substitute(data=params)`` so that ``numpyro.param`` inside it reads the current values.
+    """
+    state = None
     if isinstance(est, LearnedScoreEstimator):
-        d = flat.shape[-1]
-        if d != est.dim:
-            raise ValueError(f"site {name!r}: the learned estimator has dim={est.dim}, the site's event size is {d}")
-        state_name = score_state_name(name)
-        if state_name not in params:
-            raise ValueError(
-                f"site {name!r}: the learned estimator's state {state_name!r} is not in NumPyro's mutable "
-                f"state; declare it in the guide with ppl_score.numpyro.implicit.score_state({name!r}, estimator)"
-            )
-        ctx = None
-        if context is not None:
-            ctx = context.reshape(-1, context.shape[-1]) if context.ndim > 1 else context[None]
-            if ctx.shape[0] == 1 and n_batch > 1:
-                ctx = jnp.broadcast_to(ctx, (n_batch, ctx.shape[-1]))
-            if ctx.shape[0] != n_batch:
-                raise ValueError(
-                    f"site {name!r}: the context has {ctx.shape[0]} rows, the site has {n_batch} batch elements "
-                    f"(batch shape {tuple(batch)})"
-                )
-            ctx = jnp.broadcast_to(ctx[None], (p, *ctx.shape)).reshape(p * n_batch, -1)
-        samples = flat.reshape(p * n_batch, d)
-        state = params[state_name]
-        if train:
-            state, _ = est.update(state, key, samples, ctx)
-        return est.apply(state.params, samples.astype(jax.tree.leaves(state.params)[0].dtype), ctx).astype(z.dtype).reshape(z.shape), state
-    with substitute(data=params):
-        out = est(z, context)
-    if not hasattr(out, "shape") or tuple(out.shape) != tuple(z.shape):
-        raise ValueError(
-            f"site {name!r}: argument 'estimator' must return scores of the shape of z, {tuple(z.shape)}, "
-            f"got {getattr(out, 'shape', type(out).__name__)}"
-        )
-    return out, None
+        state = ispec.learned_state(params, name)
+    elif callable(est):
+        user_fn = est
+
+        def est(z, context):
+            with substitute(data=params):
+                return user_fn(z, context)
+
+    return backend_site_scores(name, est, z, batch_ndim, context, options=options, state=state, key=key, train=train)
 
 
 class ImplicitELBO(ELBO):
@@ -168,6 +126,13 @@ class ImplicitELBO(ELBO):
         estimator_options: kernel options (``eta``, ``bandwidth``, ``n_eigen``, ``threshold``),
             or a dict per site.
         update_estimator: take a learned-estimator step in every loss evaluation.
+
+    Raises:
+        TypeError, ValueError: as ``ppl_score.pyro.implicit.ImplicitELBO``; a learned
+            estimator whose state the guide did not declare with ``score_state``.
+
+    Tuning a learned estimator (defaults: ``n_steps=5`` Adam steps at 3e-3 per SVI step;
+    signs of a collapsing guide and the remedies): see ``ppl_score.pyro.implicit.ImplicitELBO``.
     """
 
     def __init__(
@@ -182,20 +147,12 @@ class ImplicitELBO(ELBO):
     ):
         num_particles = ispec.check_int("num_particles", num_particles)
         super().__init__(num_particles=num_particles)
-        for est in estimator.values() if isinstance(estimator, Mapping) else [estimator]:
-            _check_estimator(est, num_particles)
-        if context is not None and not (callable(context) or isinstance(context, Mapping)):
-            raise TypeError(f"argument 'context' must be a callable or a dict of callables, got {type(context).__name__}")
+        ispec.check_estimators(estimator, LearnedScoreEstimator, num_particles)
         self.estimator = estimator
         self.sites = ispec.check_sites(sites)
-        self.context = context
+        self.context = ispec.check_context(context)
         self.estimator_options = estimator_options
         self.update_estimator = bool(update_estimator)
-
-    def _for_site(self, name):
-        est, opts = ispec.for_site(self.estimator, self.estimator_options or {}, name, "implicit site")
-        ctx = self.context.get(name) if isinstance(self.context, Mapping) else self.context
-        return est, dict(opts), ctx
 
     def loss_with_mutable_state(self, rng_key, param_map, model, guide, *args, **kwargs):
         info = {}  # static structure recorded while tracing
@@ -234,7 +191,7 @@ class ImplicitELBO(ELBO):
         new_state = {}
         surrogate = jnp.array(0.0)
         for i, name in enumerate(values):
-            est, opts, ctx_fn = self._for_site(name)
+            est, opts, ctx_fn = ispec.site_options(self.estimator, self.estimator_options, self.context, name)
             z, event_dim = values[name], info[name]
             context = None if ctx_fn is None else jax.lax.stop_gradient(jnp.asarray(ctx_fn(*args, **kwargs)))
             s_hat, state = site_scores(
@@ -249,9 +206,7 @@ class ImplicitELBO(ELBO):
                 self.update_estimator,
             )
             s_hat = jax.lax.stop_gradient(s_hat)
-            # eagerly, like the Pyro twin: name the site (under tracing nothing can raise)
-            if is_concrete(s_hat) and is_validation_enabled() and not bool(jnp.isfinite(s_hat).all()):
-                raise ValueError(f"site {name!r}: the score estimator returned non-finite values (nan or inf)")
+            check_scores_finite(name, s_hat)  # eagerly, naming the site (under tracing nothing can raise)
             if state is not None:
                 new_state[score_state_name(name)] = state
             term = (s_hat * (z - jax.lax.stop_gradient(z))).reshape(*z.shape[: z.ndim - event_dim], -1).sum(-1)
