@@ -30,6 +30,7 @@ __all__ = [
     "check_sites",
     "split_elbo_kwargs",
     "check_vectorize_particles",
+    "particles_fallback_message",
     "check_event_shape",
     "select_matched",
     "sites_after",
@@ -131,6 +132,17 @@ def check_vectorize_particles(vectorize: Any, num_particles: int) -> Any:
             f"jax.lax.map), got {type(vectorize).__name__}"
         )
     return vectorize
+
+
+def particles_fallback_message(err: BaseException) -> str:
+    """The warning when vectorized particles fail and the loss runs one trace per particle."""
+    return (
+        "ScoreMatching: the model or guide does not broadcast over the plate of vectorized "
+        f"particles ({type(err).__name__}: {err}); computing the particles one trace at a "
+        "time instead. Pass vectorize_particles=False to choose this (and silence this "
+        "warning), or make the model broadcast (e.g. Unnormalized(..., batched=True)) to "
+        "vectorize them"
+    )
 
 
 def check_event_shape(event_shape: Any) -> tuple:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -206,21 +207,31 @@ def test_unnormalized_site_predictive_returns_latents_and_refuses_to_sample_the_
         Predictive(unnormalized_model, guide=guide, num_samples=4)(None, n=3)
 
 
-def test_rows_form_energy_over_a_latent_needs_batched_under_vectorized_particles(rng):
+def test_rows_form_energy_over_a_latent_falls_back_to_sequential_particles(rng):
     """The rows form (default) flattens x, so an energy closing over a particle-batched
-    latent cannot line up with it: a clear error naming ``batched=True``; sequential
-    particles work, and give the batched form's value."""
+    latent cannot line up with the vectorized particles: by default the loss warns once and
+    runs the particles one trace at a time (the value of sequential particles); asked for
+    explicitly, vectorization raises the clear error naming ``batched=True``."""
     x = t(data(rng))
-    rows = lambda x: unnormalized_model(x, batched=False)
+    rows = lambda x: unnormalized_model(x, batched=False)  # noqa: E731
     with pytest.raises(ValueError, match=r"batched=True"):
-        ScoreMatching("esm", beta=BETA, num_particles=4).loss(rows, normal_guide, x)
+        ScoreMatching("esm", beta=BETA, num_particles=4, vectorize_particles=True).loss(rows, normal_guide, x)
     sequential = ScoreMatching("esm", beta=BETA, num_particles=4, vectorize_particles=False)
     pyro.set_rng_seed(3)
     a = sequential.loss(rows, normal_guide, x)
+    auto = ScoreMatching("esm", beta=BETA, num_particles=4)
+    pyro.set_rng_seed(3)
+    with pytest.warns(RuntimeWarning, match="one trace at a time"):
+        b = auto.loss(rows, normal_guide, x)
+    assert auto.vectorize_particles is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # once
+        auto.loss(rows, normal_guide, x)
     pyro.set_rng_seed(3)
     assert sequential.loss(unnormalized_model, normal_guide, x) == pytest.approx(a, rel=1e-12)
     pyro.set_rng_seed(3)
     assert sequential.loss(model, normal_guide, x) == pytest.approx(a, rel=1e-12)  # the Normal site
+    assert np.isfinite(b)
 
 
 def test_bayesian_pyro_module_model_with_pyro_sample_prior(rng):

@@ -79,7 +79,9 @@ class ScoreMatching(ELBO):
     :param int num_particles: guide samples averaged per step.
     :param vectorize_particles: draw the ``num_particles`` samples in one vectorized trace
         (an outer ``pyro.plate``, so the model and guide must broadcast as with
-        ``Trace_ELBO(vectorize_particles=True)``); default: True when ``num_particles > 1``.
+        ``Trace_ELBO(vectorize_particles=True)``); default: vectorized when
+        ``num_particles > 1``, falling back (with a ``RuntimeWarning``, once) to one trace per
+        particle for a model that does not broadcast; ``False``: one trace per particle.
     :param max_plate_nesting, retain_graph, strict_enumeration_warning,
         ignore_jit_warnings, jit_options: as in :class:`~pyro.infer.ELBO`.
     :param options: the method's options (``n_projections``, ``projection``, ``sigma``,
@@ -93,8 +95,9 @@ class ScoreMatching(ELBO):
     def __init__(self, method: str = "ssm_vr", *, sites=None, beta: float = 1.0, num_particles: int = 1, **options):
         elbo_kwargs, options = frontend.split_elbo_kwargs(options, _ELBO_KWARGS)
         self.config = frontend.make_config(method, sites, beta, num_particles, options)
-        vectorize = frontend.check_vectorize_particles(elbo_kwargs.pop("vectorize_particles", None),
-                                                       self.config.num_particles)
+        vectorize = elbo_kwargs.pop("vectorize_particles", None)
+        self._auto_vectorize = vectorize is None
+        vectorize = frontend.check_vectorize_particles(vectorize, self.config.num_particles)
         super().__init__(num_particles=self.config.num_particles, vectorize_particles=vectorize, **elbo_kwargs)
         self.method = self.config.method
         self.sites = self.config.sites
@@ -131,16 +134,27 @@ class ScoreMatching(ELBO):
             check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)
         return model_trace, guide_trace, (model, args, kwargs, full)
 
-    def _all_traces(self, model, guide, args, kwargs):
-        """One vectorized trace of all particles, or one trace per particle (``ELBO._get_traces``)."""
+    def _particles(self, model, guide, args, kwargs):
+        """``(loss, matched site names)`` of one vectorized trace of all particles, or of one
+        trace per particle (as ``ELBO._get_traces``). With ``vectorize_particles`` left to its
+        default, a model that does not broadcast over the particles' plate falls back to one
+        trace per particle, with a warning (once)."""
         if self.vectorize_particles and self.num_particles > 1:
-            if self.max_plate_nesting == float("inf"):
-                self._guess_max_plate_nesting(model, guide, args, kwargs)
-            model, guide = self._vectorized_num_particles(model), self._vectorized_num_particles(guide)
-            yield self._traces_of(model, guide, args, kwargs)
-        else:
-            for _ in range(self.num_particles):
-                yield self._traces_of(model, guide, args, kwargs)
+            try:
+                if self.max_plate_nesting == float("inf"):
+                    self._guess_max_plate_nesting(model, guide, args, kwargs)
+                vmodel, vguide = self._vectorized_num_particles(model), self._vectorized_num_particles(guide)
+                out = self._particle_loss(*self._traces_of(vmodel, vguide, args, kwargs))
+            except (ValueError, RuntimeError, IndexError, TypeError) as err:
+                if not self._auto_vectorize:
+                    raise
+                self.vectorize_particles = False
+                warnings.warn(frontend.particles_fallback_message(err), RuntimeWarning, stacklevel=4)
+            else:
+                yield out
+                return
+        for _ in range(self.num_particles):
+            yield self._particle_loss(*self._traces_of(model, guide, args, kwargs))
 
     # ---- the loss of one particle --------------------------------------------------
 
@@ -234,8 +248,7 @@ class ScoreMatching(ELBO):
         loss, matched = None, []
         # derivatives in x are needed even under no_grad (svi.evaluate_loss)
         with torch.enable_grad():
-            for model_trace, guide_trace, context in self._all_traces(model, guide, args, kwargs):
-                particle, names = self._particle_loss(model_trace, guide_trace, context)
+            for particle, names in self._particles(model, guide, args, kwargs):
                 particle = self._average(particle)
                 matched.extend(names)
                 loss = particle if loss is None else loss + particle
@@ -259,8 +272,7 @@ class ScoreMatching(ELBO):
         self._check_grad_mode()
         loss, matched = 0.0, []
         with torch.enable_grad():
-            for model_trace, guide_trace, context in self._all_traces(model, guide, args, kwargs):
-                particle, names = self._particle_loss(model_trace, guide_trace, context)
+            for particle, names in self._particles(model, guide, args, kwargs):
                 particle = self._average(particle)
                 matched.extend(names)
                 loss += torch_item(particle)
