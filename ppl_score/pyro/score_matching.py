@@ -340,9 +340,12 @@ class _TrackObserved(Messenger):
 
 
 def _find_dependencies(model_trace, cls) -> dict:
-    """``{site: matched sites its distribution depends on}``: each sample site after the first
-    matched one whose log density (at its fixed value) has a gradient in a matched value
-    (an autograd query on the tracked leaves; nothing when no site runs after one)."""
+    """``{site: matched sites its distribution depends on}`` for each sample site after the
+    first matched one (nothing to do when no site runs after one). A distribution made of
+    tensors (and of distributions and transforms made of tensors) is searched through the
+    autograd graph of its tensors for the tracked leaves of the matched values, without
+    evaluating anything; one that holds code (an ``Unnormalized`` energy, a module) is asked
+    by an autograd query of its log density at its fixed value."""
     later = sites.sites_to_check(cls.order, cls.matched)
     if not later:
         return {}
@@ -353,19 +356,71 @@ def _find_dependencies(model_trace, cls) -> dict:
         before = [i for i in cls.matched if i in leaves and cls.order.index(i) < cls.order.index(j)]
         if not before:
             continue
-        site = nodes[j]
-        value = site["value"].detach() if isinstance(site["value"], torch.Tensor) else site["value"]
-        if site["is_observed"]:  # masked entries may hold anything (obs_mask allows NaN)
-            clean = sites.clean_observed(_OPS, site)
-            value = value if clean is None else clean
-        lp = _OPS.unmask(site["fn"])[0].log_prob(value).sum()
-        if not lp.requires_grad:
-            continue
-        grads = torch.autograd.grad(lp, [leaves[i] for i in before], allow_unused=True, retain_graph=True)
-        on = [i for i, g in zip(before, grads) if g is not None]
+        tensors = _distribution_tensors(nodes[j]["fn"])
+        if tensors is not None:
+            on = _reachable_leaves(tensors, {id(leaves[i]): i for i in before})
+        else:
+            on = _log_prob_query(nodes[j], [leaves[i] for i in before], before)
         if on:
-            found[j] = on
+            found[j] = [i for i in before if i in on]
     return found
+
+
+def _distribution_tensors(fn, depth: int = 0):
+    """The tensors a distribution is made of (through its base distributions, transforms
+    and lists of them), or None when it holds anything callable (code that may close over a
+    matched value)."""
+    if depth > 8:
+        return None
+    out = []
+    for value in vars(fn).values():
+        items = value if isinstance(value, (list, tuple)) else (value,)
+        for v in items:
+            if isinstance(v, torch.Tensor):
+                out.append(v)
+            elif isinstance(v, (torch.distributions.Distribution, torch.distributions.Transform)):
+                inner = _distribution_tensors(v, depth + 1)
+                if inner is None:
+                    return None
+                out.extend(inner)
+            elif callable(v) and not isinstance(v, (type, constraints.Constraint)):
+                return None
+    return out
+
+
+def _reachable_leaves(tensors, targets: dict) -> set:
+    """Names of the ``targets`` (``id(leaf) -> name``) reachable backwards from ``tensors``."""
+    found, seen = set(), set()
+    stack = []
+    for t in tensors:
+        if not t.requires_grad:
+            continue
+        if id(t) in targets:
+            found.add(targets[id(t)])
+        if t.grad_fn is not None:
+            stack.append(t.grad_fn)
+    while stack and len(found) < len(targets):
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None and id(variable) in targets:
+            found.add(targets[id(variable)])
+        stack.extend(n for n, _ in node.next_functions if n is not None)
+    return found
+
+
+def _log_prob_query(site, leaves, names) -> set:
+    value = site["value"].detach() if isinstance(site["value"], torch.Tensor) else site["value"]
+    if site["is_observed"]:  # masked entries may hold anything (obs_mask allows NaN)
+        clean = sites.clean_observed(_OPS, site)
+        value = value if clean is None else clean
+    lp = _OPS.unmask(site["fn"])[0].log_prob(value).sum()
+    if not lp.requires_grad:
+        return set()
+    grads = torch.autograd.grad(lp, leaves, allow_unused=True, retain_graph=True)
+    return {name for name, g in zip(names, grads) if g is not None}
 
 
 def _plate_depth(trace, max_plate_nesting) -> int:
