@@ -437,10 +437,10 @@ def deq_layer_apply(params: dict, x: jax.Array, config: DEQConfig = DEQConfig())
             option          cheaper                     costlier
             ==============  ==========================  =================================
             ``solver``      ``"iteration"`` (default)   ``"anderson"``: fewer iterations,
-                                                        2-4x the step on this cheap map
-            ``tol``         ``1e-3``: 10-20% cheaper,   ``1e-6``: 1.3-1.6x the step, no
-                            gradient error ~1%          better fit; default ``1e-4``
-                                                        (gradient error ~1e-3)
+                                                        1.4-2.7x the step on this map
+            ``tol``         ``1e-3``: 0-30% cheaper,    ``1e-6``: 1.15-1.45x the step,
+                            gradient error < 1%         fit within seed noise; default
+                                                        ``1e-4`` (gradient error < 1e-3)
             ``gamma``       ``0.5``: fewer iterations   ``0.9`` (default): more feedback;
                                                         fits the smooth mixture better
             ==============  ==========================  =================================
