@@ -283,7 +283,7 @@ class LearnedScoreEstimator:
 
     Defaults and tuning as the torch mirror (``ppl_score.torch.estimators.LearnedScoreEstimator``,
     whose docstring gives the objective, the signs of a collapsing guide and the remedies):
-    ``n_steps=5`` Adam steps at 3e-3 per ``update``, two hidden layers of 128.
+    ``n_steps=10`` Adam steps at 3e-3 per ``update``, two hidden layers of 128.
 
     Args:
         dim: ``D`` of the samples.
@@ -292,7 +292,7 @@ class LearnedScoreEstimator:
         method: ``"ssm_vr"`` (default), ``"fd_ssm"`` or ``"dsm"``.
         optimizer: an optax ``GradientTransformation`` or a factory returning one (default
             ``optax.adam(3e-3)``).
-        n_steps: optimizer steps per ``update`` (default 5).
+        n_steps: optimizer steps per ``update`` (default 10).
         **options: the method's options.
 
     Raises:
@@ -542,7 +542,7 @@ def learned_score_estimator(*args, **kwargs) -> LearnedScoreEstimator:
     ``LearnedScoreEstimator(*args, **kwargs)``, the Optax-style factory name.
 
     Mirrors ``ppl_score.torch.estimators.LearnedScoreEstimator``: ``update`` takes
-    ``n_steps`` (default 5) steps of ``optimizer`` (default ``optax.adam(3e-3)``; an optax
+    ``n_steps`` (default 10) steps of ``optimizer`` (default ``optax.adam(3e-3)``; an optax
     ``GradientTransformation`` or a factory returning one) on
     ``score_matching_loss(s_psi, stop_gradient(samples), method, kind="score", **options)``;
     a step whose loss or gradient is not finite is refused (see ``LearnedScoreEstimator.update``).

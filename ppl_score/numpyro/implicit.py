@@ -131,7 +131,7 @@ class ImplicitELBO(ELBO):
         TypeError, ValueError: as ``ppl_score.pyro.implicit.ImplicitELBO``; a learned
             estimator whose state the guide did not declare with ``score_state``.
 
-    Tuning a learned estimator (defaults: ``n_steps=5`` Adam steps at 3e-3 per SVI step;
+    Tuning a learned estimator (defaults: ``n_steps=10`` Adam steps at 3e-3 per SVI step;
     signs of a collapsing guide and the remedies): see ``ppl_score.pyro.implicit.ImplicitELBO``.
     """
 

@@ -13,7 +13,7 @@ surrogate loss gains ``stop_grad(s_hat(z))^T (z - stop_grad(z))``, with ``s_hat 
 from an estimator:
 
 * a ``ppl_score.torch.estimators.LearnedScoreEstimator``: a score network, optionally
-  conditioned on a context (amortized guides), updated by ``n_steps`` (default 5) score-matching steps
+  conditioned on a context (amortized guides), updated by ``n_steps`` (default 10) score-matching steps
   on the fresh, detached samples of every ``loss_and_grads`` / ``differentiable_loss`` call before
   it is evaluated (the SSM-VR implicit-encoder recipe);
 * ``"stein"`` or ``"spectral"``: the kernel estimators, across the ``num_particles`` samples
@@ -80,13 +80,13 @@ class ImplicitELBO(Trace_ELBO):
             ``num_particles >= 2``), ``context``, ``sites`` or ``num_particles``; at the first
             step, ``sites`` naming a site that is not implicit.
 
-    A learned estimator must keep up with the guide it scores. Its defaults (5 Adam steps at
-    lr 3e-3 per SVI step, two hidden layers of 128) recover the posterior sd of a Bayesian
-    logistic regression and of a conjugate Gaussian to within about 10%; the former
-    default, one step at 1e-3, shrank it to 0.52-0.98 and 0.26-0.39 of it (README,
-    "Tuning a learned estimator"). Signs of such a collapse: a
-    guide spread that keeps shrinking below a reference's (a short NUTS run, a Gaussian
-    guide), an ELBO that improves while it does. Remedies: more estimator steps per SVI step
+    A learned estimator must keep up with the guide it scores. Its defaults (10 Adam steps
+    at lr 3e-3 per SVI step, two hidden layers of 128) recover the posterior sd of Bayesian
+    logistic regressions and of a conjugate Gaussian to within about 10%; the former
+    default, one step at 1e-3, shrank it to as little as 0.09-0.39 of it (README, "Tuning a
+    learned estimator"). Signs of such a collapse: a guide spread that keeps shrinking
+    below a reference's (a short NUTS run, a Gaussian guide), an ELBO that improves while
+    it does. Remedies: more estimator steps per SVI step
     (``n_steps``), a higher ``lr`` (to about 1e-2), more ``num_particles`` (more samples per
     estimator update), a lower SVI learning rate; see ``LearnedScoreEstimator``.
 

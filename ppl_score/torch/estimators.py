@@ -268,7 +268,7 @@ class ScoreMLP(nn.Module):
 class LearnedScoreEstimator:
     """A score network ``s_psi`` fitted online to samples of a moving ``q`` by score matching.
 
-    ``update(samples, context)`` takes ``n_steps`` optimizer steps (default 5) of
+    ``update(samples, context)`` takes ``n_steps`` optimizer steps (default 10) of
 
         min_psi  score_matching_loss(s_psi, samples.detach(), method, kind="score", **options)
 
@@ -279,11 +279,11 @@ class LearnedScoreEstimator:
     ``WAE`` call ``update`` on the fresh samples of every loss evaluation, so the network
     tracks a ``q`` that moves with the guide (Song et al. 2019, section 4.2).
 
-    Tuning (the defaults, 5 Adam steps at lr 3e-3 per SVI step and two hidden layers of
-    128, track the guide on standard models: a fitted posterior sd within 10% of the exact
-    one for a Bayesian logistic regression and for a conjugate Gaussian, where one step at
-    1e-3 shrinks it to 0.52-0.98 and 0.26-0.39 of it; ``benchmarks/implicit_defaults.py``,
-    ``tests/test_implicit_defaults.py``):
+    Tuning (the defaults, 10 Adam steps at lr 3e-3 per SVI step and two hidden layers of
+    128, track the guide on standard models: a fitted posterior sd within about 10% of the
+    reference for Bayesian logistic regressions and a conjugate Gaussian, where one step at
+    1e-3 shrinks it to as little as 0.09-0.39 of it, and 5 steps at 3e-3 to 0.63 on the
+    narrowest posterior; README, "Tuning a learned estimator"):
 
     * Signs of collapse: the guide's spread shrinks steadily below the posterior's (compare
       with a short NUTS run or a Gaussian guide's ``Trace_ELBO`` fit), the ELBO keeps
@@ -305,7 +305,7 @@ class LearnedScoreEstimator:
         optimizer: a ``torch.optim`` class (default ``Adam``), built on the net's
             parameters with ``lr``.
         lr: the optimizer's learning rate (default 3e-3).
-        n_steps: optimizer steps per ``update`` (default 5).
+        n_steps: optimizer steps per ``update`` (default 10).
         generator: ``torch.Generator`` for the objective's random draws (on the estimator's
             device).
         dtype: the network's dtype (default: the net's own, float32 for ``ScoreMLP``).
