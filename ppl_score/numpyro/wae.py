@@ -38,6 +38,10 @@ class WAE(ispec.WAEOptions, ELBO):
     ``terms(rng_key, params, model, guide, *args)`` returns the reconstruction, the reported
     divergence and the MMD^2 of the codes to prior draws (with a learned estimator,
     ``params`` must include the mutable state: ``{**svi.get_params(s), **s.mutable_state}``).
+
+    Raises:
+        TypeError, ValueError: as the Pyro ``WAE`` (the same checks and messages, from
+            ``ppl_score.implicit_spec``).
     """
 
     mmd_backend = backend

@@ -64,6 +64,16 @@ class WAE(ispec.WAEOptions, ELBO):
         mmd_scales: the IMQ scales ``s``.
         update_estimator: update a learned estimator in ``loss_and_grads`` /
             ``differentiable_loss``.
+
+    Raises:
+        TypeError, ValueError: a bad argument, named (checked once for both PPLs by
+            ``ppl_score.implicit_spec.WAEOptions``); at a step, a code site that is not
+            reparameterizable, has no prior, or holds fewer than 2 codes, or code sites with
+            different numbers of codes.
+
+    References:
+        Tolstikhin, Bousquet, Gelly, Schoelkopf. Wasserstein auto-encoders. ICLR 2018.
+        Song, Garg, Shi, Ermon. Sliced score matching. UAI 2019 (section 4.2).
     """
 
     mmd_backend = backend
