@@ -107,8 +107,8 @@ def run_pyro(data, cfg, seed):
     # Langevin on the fitted site: model(x) with one data row, so each chain is one 2-D point
     init = torch.as_tensor(cfg["init"], dtype=torch.float32)[:, None, :]
     out = langevin(model, "x", torch.zeros(1, 2), num_chains=len(init), init=init,
-                   num_steps=cfg["langevin_steps"], step_size=cfg["step_size"], thin=cfg["langevin_steps"],
-                   generator=torch.Generator().manual_seed(seed))
+                   num_steps=cfg["langevin_steps"], num_warmup=0, step_size=cfg["step_size"],
+                   thin=cfg["langevin_steps"], generator=torch.Generator().manual_seed(seed))
 
     def log_f(points):
         with torch.no_grad():
@@ -150,7 +150,7 @@ def run_numpyro(data, cfg, seed):
 
     init = jnp.asarray(cfg["init"], jnp.float32)[:, None, :]
     out = langevin(model, "x", jnp.zeros((1, 2), jnp.float32), key=key_sample, params=params,
-                   num_chains=len(init), init=init, num_steps=cfg["langevin_steps"],
+                   num_chains=len(init), init=init, num_steps=cfg["langevin_steps"], num_warmup=0,
                    step_size=cfg["step_size"], thin=cfg["langevin_steps"])
 
     log_f = jax.jit(lambda p: energy_apply(params["energy"], p, quadratic=QUADRATIC))
