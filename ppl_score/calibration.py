@@ -83,6 +83,7 @@ __all__ = [
     "check_loss_kind",
     "check_latents",
     "check_latent_value",
+    "check_calibrate_args",
     "check_z_shape",
     "check_fn_output",
     "check_matrices",
@@ -214,6 +215,25 @@ def stochastic_method_warning(method: str) -> None:
         UserWarning,
         stacklevel=3,
     )
+
+
+def check_calibrate_args(loss: Any, cls: type, frontend: str, latents: Any, rule: Any) -> tuple[list, str, bool]:
+    """The checks both front ends' ``calibrate_beta`` open with: ``loss`` is the front end's
+    ``ScoreMatching`` (``cls``), ``latents`` a non-empty mapping from site names, ``rule`` one
+    of ``RULES``. A stochastic ``loss.method`` is only reported: the front end warns
+    (``stochastic_method_warning``) after its own checks of the method's randomness.
+
+    Returns:
+        ``(names, rule, stochastic)``: the site names of ``latents`` in order, the rule, and
+        whether the method draws projections or noise.
+
+    Raises:
+        TypeError, ValueError: as ``check_loss_kind``, ``check_latents`` and ``check_rule``.
+    """
+    check_loss_kind(loss, cls, frontend)
+    names = check_latents(latents)
+    rule = check_rule(rule)
+    return names, rule, is_stochastic(loss.method)
 
 
 def no_dependence_error() -> ValueError:

@@ -32,6 +32,9 @@ __all__ = [
     "check_vectorize_particles",
     "particles_fallback_message",
     "check_event_shape",
+    "check_unnormalized_args",
+    "unnormalized_lead",
+    "unnormalized_repr",
     "select_matched",
     "sites_after",
     "discrete_site_error",
@@ -158,6 +161,62 @@ def check_event_shape(event_shape: Any) -> tuple:
     if not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1 for n in shape):
         raise ValueError(f"argument 'event_shape' must hold positive ints, got {shape!r}")
     return tuple(int(n) for n in shape)
+
+
+def check_unnormalized_args(log_density_fn: Any, event_shape: Any, support: Any, batched: Any, batch_shape: Any,
+                            constraint_type: type) -> tuple[tuple, tuple, int]:
+    """The arguments of ``Unnormalized`` (either PPL's; ``constraint_type`` is its
+    ``constraints.Constraint``).
+
+    Returns:
+        ``(event_shape, batch_shape, extra)``: the shapes as tuples, and how many dims of
+        ``event_shape`` lie beyond ``support.event_dim`` (the front end wraps ``support`` in
+        ``constraints.independent(support, extra)`` when ``extra > 0``).
+
+    Raises:
+        TypeError: ``log_density_fn`` not callable, ``support`` not a constraint, ``batched``
+            not a bool.
+        ValueError: a discrete support, a bad ``event_shape`` / ``batch_shape``, or a support
+            whose ``event_dim`` exceeds ``len(event_shape)``.
+    """
+    from .langevin import check_batch_shape
+
+    if not callable(log_density_fn):
+        raise TypeError(f"argument 'log_density_fn' must be callable, got {type(log_density_fn).__name__}")
+    if not isinstance(support, constraint_type):
+        raise TypeError(f"argument 'support' must be a constraint, got {type(support).__name__}")
+    if support.is_discrete:
+        raise ValueError(f"argument 'support' must be a continuous constraint, got {support}")
+    if not isinstance(batched, bool):
+        raise TypeError(f"argument 'batched' must be a bool, got {type(batched).__name__}")
+    event_shape = check_event_shape(event_shape)
+    batch_shape = check_batch_shape(batch_shape)
+    extra = len(event_shape) - support.event_dim
+    if extra < 0:
+        raise ValueError(
+            f"argument 'support' has event_dim {support.event_dim} > len(event_shape) = {len(event_shape)}"
+        )
+    return event_shape, batch_shape, extra
+
+
+def unnormalized_lead(value_shape: Any, event_shape: Any) -> tuple:
+    """The leading (batch) dims of a value ``[*lead, *event_shape]`` of ``Unnormalized``.
+
+    Raises:
+        ValueError: the value does not end with ``event_shape`` (``unnormalized_shape_error``).
+    """
+    shape, event = tuple(value_shape), tuple(event_shape)
+    k = len(event)
+    if len(shape) < k or shape[len(shape) - k :] != event:
+        raise unnormalized_shape_error(shape, event)
+    return shape[: len(shape) - k]
+
+
+def unnormalized_repr(log_density_fn: Any, event_shape: Any, batch_shape: Any, batched: bool) -> str:
+    """``repr`` of ``Unnormalized`` (either PPL's)."""
+    extra = f", batch_shape={tuple(batch_shape)}" if tuple(batch_shape) else ""
+    extra += ", batched=True" if batched else ""
+    return f"Unnormalized(log_density_fn={log_density_fn!r}, event_shape={tuple(event_shape)}{extra})"
 
 
 def select_matched(observed: Sequence[str], latent: Collection[str], sites: tuple | None) -> tuple:

@@ -1,7 +1,9 @@
 """Langevin samplers: the math, and the argument checks shared by both backends and both
 front ends; the layout of a sampled site (``SiteLayout``) and the shape contract of
-``Unnormalized``'s two forms, shared by the Pyro and NumPyro front ends. Imports neither
-torch nor JAX.
+``Unnormalized``'s two forms, shared by the Pyro and NumPyro front ends, with what their
+sampling and ``Unnormalized`` do alike written once over an array namespace ``xp``
+(``SiteOps``, ``SiteDensity``, ``SiteSamples``, ``UnnormalizedOps``: each front end
+subclasses the ops with its library). Imports neither torch nor JAX.
 
 With ``l(x) = log p(x) + const`` and its score ``s(x) = grad_x l(x)``, one step of size
 ``h`` (the Euler-Maruyama discretization of ``dX = s(X) dt + sqrt(2) dW``) proposes
@@ -31,6 +33,8 @@ raise ``RuntimeError`` under ``torch.inference_mode()``, where grad cannot be sw
 
 from __future__ import annotations
 
+import contextlib
+import math
 import warnings
 from typing import Any, NamedTuple
 
@@ -69,6 +73,17 @@ __all__ = [
     "check_expand",
     "check_rows_output",
     "check_batched_output",
+    "UnnormalizedOps",
+    "SiteDensity",
+    "SiteSamples",
+    "SiteOps",
+    "check_site_args",
+    "check_rows",
+    "check_sample_site",
+    "missing_latents_error",
+    "unnormalized_base",
+    "strip_leading_ones",
+    "site_samples",
 ]
 
 KINDS = ("log_prob", "score")
@@ -402,3 +417,337 @@ def check_batched_output(out_shape, lead, expected) -> None:
             "Do not sum over points, and give the distribution a batch_shape (or plates) covering "
             "the parameters' batch dims"
         )
+
+
+class UnnormalizedOps:
+    """``Unnormalized``'s evaluation of ``log_density_fn`` in either form, written once over an
+    array namespace ``xp`` (``torch`` or ``jax.numpy``); a front end subclasses it with its
+    namespace, the errors a row-form ``log_density_fn`` raises when its parameters' batch dims
+    meet the ``n`` rows (``call_errors``: they get ``BATCHED_HINT`` as a note), and a check of
+    the batched form's output type (``check_output``)."""
+
+    xp: Any = None
+    call_errors: tuple = ()
+
+    def check_output(self, out: Any) -> None:
+        """The batched form's output is an array of the front end's library (default: any)."""
+
+    def evaluate(self, log_density_fn: Any, batched: bool, event_shape, value: Any, lead, expected) -> Any:
+        """``log_density_fn`` at ``value [*lead, *event_shape]``: shape ``expected`` (``lead``
+        broadcast with the batch shape, from ``unnormalized_log_prob_shape``), or, with
+        ``expected=None`` (new points), ``lead`` (row form) / ``lead`` broadcast with the
+        parameters' batch dims (batched form).
+
+        Raises:
+            ValueError: ``log_density_fn`` returns the wrong shape for its form
+                (``check_rows_output``, ``check_batched_output``).
+        """
+        if batched:
+            out = log_density_fn(value)
+            self.check_output(out)
+            out_shape = tuple(getattr(out, "shape", ()))
+            check_batched_output(out_shape, lead, out_shape if expected is None else expected)
+            if expected is None:
+                return out
+        else:
+            n = math.prod(lead)
+            try:
+                out = log_density_fn(self.xp.reshape(value, (n, *tuple(event_shape))))
+            except self.call_errors as err:  # e.g. parameters with batch dims meeting the n rows
+                err.add_note(f"(ppl_score) {BATCHED_HINT}")
+                raise
+            check_rows_output(getattr(out, "shape", ()), n)
+            out = out.reshape(lead)
+            if expected is None:
+                return out
+        return self.xp.broadcast_to(out, expected) if tuple(out.shape) != tuple(expected) else out
+
+
+# ---------------------------------------------------------------------------------------
+# The sampled site's density and draws (``ppl_score.{pyro,numpyro}.sampling``), written
+# once; each front end supplies a ``SiteOps`` for its array library
+# ---------------------------------------------------------------------------------------
+
+
+class SiteOps:
+    """The array operations of a sampled site's density, written once over an array namespace
+    ``xp`` (``torch`` or ``jax.numpy``); a front end subclasses it with its namespace and the
+    few operations the libraries spell differently (how ``init`` is checked, broadcast and
+    tested against the support)."""
+
+    xp: Any = None
+
+    # ---- spelled differently: each front end defines these ----
+
+    def check_init(self, init: Any) -> None:
+        """Raise ``TypeError`` (naming ``init``) when it is not an array of the library."""
+        raise NotImplementedError
+
+    def broadcast_init(self, init: Any, like: Any, target: tuple) -> Any:
+        """``init`` in ``like``'s dtype, broadcast to ``target`` (no gradient)."""
+        raise NotImplementedError
+
+    def in_support(self, transform: Any, init: Any, u: Any) -> bool:
+        """Whether ``init`` lies in ``transform``'s codomain and ``u = transform.inv(init)`` is finite."""
+        raise NotImplementedError
+
+    def fresh(self, u: Any) -> Any:
+        """``u`` as an array of its own (not a view of another)."""
+        return u
+
+    def zeros(self, like: Any, shape: tuple) -> Any:
+        """Zeros of ``shape`` in ``like``'s dtype (and device)."""
+        raise NotImplementedError
+
+    def no_grad(self) -> Any:
+        """A context without gradient tracking (where the library tracks it)."""
+        return contextlib.nullcontext()
+
+    def size(self, shape: tuple) -> Any:
+        """A shape as the library spells one (``torch.Size``, a tuple)."""
+        return tuple(shape)
+
+    # errors an observed value raises when it cannot be reshaped to the points it starts
+    shape_errors: tuple = ()
+
+    # ---- the same in both ----
+
+    def constrain(self, transform: Any, u: Any, c: int) -> tuple:
+        """Site mode: ``u [c, *unconstrained_shape]`` (one row per chain) -> ``(x, log |det J|
+        per chain [c])``, ``x = transform(u)``.
+
+        Raises:
+            ValueError: ``u`` does not hold ``c`` chains.
+        """
+        check_rows(u, c)
+        x = transform(u)
+        return x, self.sum_rows(transform.log_abs_det_jacobian(u, x), c)
+
+    def draws_density(self, density_type: type, base: Any, value: Any, transform: Any, c: int, k: int,
+                      depth: int) -> "SiteDensity":
+        """Draws mode: ``c * k`` rows, each one new point from the ``Unnormalized`` density
+        ``base``'s own density (``base.log_density``), as a ``density_type`` (the front end's
+        ``SiteDensity``); ``depth`` is the model's plate nesting, ``value`` the observed value."""
+        rows = c * k
+        event = tuple(base.event_shape)
+        uevent = tuple(transform.inv(value).shape[value.ndim - len(event) :])
+        if base.batched:  # the parameters' batch dims: probe at one point per row
+            with self.no_grad():
+                probe = transform(self.zeros(value, (rows, *(1,) * depth, *uevent)))
+                pb = draw_param_batch(tuple(base.log_density(probe).shape), depth)
+        else:
+            pb = (1,) * depth
+        layout = draws_layout(k, strip_leading_ones(pb), event)
+        log_prob = self.rows_log_prob(transform, base.log_density, (*pb, *uevent))
+        start = self.draws_start(value, depth, pb, event, rows, transform, uevent).reshape(c, *layout.shape)
+        return density_type(log_prob, transform, self.size(layout.draw_shape),
+                            self.size((*strip_leading_ones(pb), *uevent)), value, c, layout, start)
+
+    def draws_start(self, value: Any, depth: int, pb: tuple, event: tuple, rows: int, transform: Any,
+                    uevent: tuple) -> Any:
+        """Observed points as starts ``[rows, *pb, *event]``: cycled (one point per draw), or
+        the first point of each parameter group (batched density); where they do not fit,
+        ``transform(0)``."""
+        nb = value.ndim - len(event)
+        try:
+            if all(p == 1 for p in pb):
+                points = value.reshape(-1, *event)
+                return points[self.xp.arange(rows) % points.shape[0]].reshape(rows, *pb, *event)
+            v = value.reshape((1,) * (depth - nb) + tuple(value.shape))
+            v = v[tuple(slice(0, 1) if p == 1 else slice(None) for p in pb)]
+            return self.fresh(self.xp.broadcast_to(v, (rows, *pb, *event)))
+        except self.shape_errors:
+            return transform(self.zeros(value, (rows, *pb, *uevent)))
+
+    def sum_rows(self, x: Any, n: int) -> Any:
+        """Sum ``x [n, ...]`` over everything but the rows, ``-> [n]``; a scalar broadcasts."""
+        return x.reshape(n, -1).sum(-1) if x.ndim else self.xp.broadcast_to(x, (n,))
+
+    def rows_log_prob(self, transform: Any, log_density: Any, upoint_shape: tuple) -> Any:
+        """Draws mode: ``u [n, *]`` (one unconstrained point ``[*upoint_shape]`` per row) ``->
+        [n]``, each point's ``log_density`` at ``transform(u)`` plus its ``log |det J|``."""
+
+        def log_prob(u: Any) -> Any:
+            n = u.shape[0]
+            ur = u.reshape(n, *upoint_shape)
+            x = transform(ur)
+            total = self.sum_rows(transform.log_abs_det_jacobian(ur, x), n)
+            return total + log_density(x).reshape(n, -1).sum(-1)
+
+        return log_prob
+
+    def potential(self, dens: "SiteDensity", site: str) -> Any:
+        """``values -> -log p`` of one chain's state ``values[site]`` (unconstrained), a scalar:
+        the potential of a PPL's ``NUTS(potential_fn=...)``."""
+
+        def potential(values: dict) -> Any:
+            return -dens.log_prob(self.xp.reshape(values[site], (dens.num_rows, *dens.unconstrained_shape))).sum()
+
+        return potential
+
+
+class SiteDensity(NamedTuple):
+    """A site's log density in unconstrained coordinates, over a batch of independent rows.
+
+    ``log_prob(u[num_rows, *unconstrained_shape]) -> [num_rows]``: the log density (up to a
+    constant) at ``transform(u)``, plus ``log |det d transform / du|``. A row is one chain's
+    copy of the site (site mode, ``num_rows = num_chains``) or one new point (draws mode,
+    ``num_rows = num_chains * num_draws``); ``layout`` says how rows make up the chains.
+    Each front end's ``SiteDensity`` subclasses it with its ``SiteOps`` (``ops``).
+
+    Attributes:
+        log_prob: ``u [num_rows, *unconstrained_shape] -> [num_rows]``.
+        transform: the PPL's ``biject_to(support)``, unconstrained -> the site's support.
+        shape: one row's value shape (site mode: the site's value shape).
+        unconstrained_shape: one row's unconstrained shape.
+        value: the site's traced (observed) value.
+        num_chains: independent chains.
+        layout: what the dims of a chain's state mean (``SiteLayout``).
+        start: the default start, ``[num_chains, *layout.shape]``, in the support.
+    """
+
+    log_prob: Any
+    transform: Any
+    shape: tuple
+    unconstrained_shape: tuple
+    value: Any
+    num_chains: int
+    layout: SiteLayout
+    start: Any
+
+    ops = None  # the front end's SiteOps
+
+    @property
+    def num_rows(self) -> int:
+        return self.num_chains * (self.layout.num_draws or 1)
+
+    def init_unconstrained(self, init: Any, num_chains: int | None = None) -> Any:
+        """Chains' start ``[C, *layout.shape]`` mapped to unconstrained space (one chain's
+        rows: ``[C, *unconstrained_shape]`` in site mode, ``[C, num_draws,
+        *unconstrained_shape]`` in draws mode).
+
+        Args:
+            init: constrained values that broadcast to ``[C, *layout.shape]`` (one chain's
+                state, one point, or every chain's); ``None``: ``start`` (the observed value
+                in site mode, observed points cycled in draws mode).
+            num_chains: ``C`` (default: ``self.num_chains``).
+
+        Raises:
+            TypeError: ``init`` is not an array of the front end's library.
+            ValueError: it does not broadcast, or lies outside the site's support.
+        """
+        c = self.num_chains if num_chains is None else num_chains
+        target = (c, *self.layout.shape)
+        if init is None:
+            init = self.start[:1] if c != self.num_chains else self.start
+        self.ops.check_init(init)
+        check_init_shape(tuple(init.shape), target)
+        init = self.ops.broadcast_init(init, self.value, target)
+        u = self.transform.inv(init)
+        if not self.ops.in_support(self.transform, init, u):
+            raise ValueError("argument 'init' lies outside the site's support")
+        return self.ops.fresh(u)
+
+
+class SiteSamples(NamedTuple):
+    """The draws of ``langevin`` and ``nuts`` (``ppl_score.pyro``, ``ppl_score.numpyro``).
+
+    Attributes:
+        samples: ``[num_samples, num_chains, *layout.shape]``, in the site's support.
+        accept_rate: mean acceptance probability, ``[num_chains]``; Langevin in draws mode:
+            ``[num_chains, num_draws]`` (each point is its own Metropolis chain).
+        layout: what the dims of ``samples`` mean (``SiteLayout``).
+    """
+
+    samples: Any
+    accept_rate: Any
+    layout: SiteLayout
+
+
+def site_samples(dens: SiteDensity, u: Any, accept_rate: Any) -> SiteSamples:
+    """A Langevin run's rows ``u [S, num_rows, *]`` back to ``[S, C, *layout.shape]`` in the
+    support, with ``accept_rate`` per chain (site mode) or per point (draws mode)."""
+    c, layout = dens.num_chains, dens.layout
+    samples = dens.transform(u).reshape(u.shape[0], c, *layout.shape)
+    accept_rate = accept_rate.reshape(c, -1) if layout.mode == "draws" else accept_rate.reshape(c)
+    return SiteSamples(samples, accept_rate, layout)
+
+
+def check_site_args(model: Any, num_chains: Any, num_draws: Any) -> tuple[int, int | None]:
+    """``site_log_density``'s ``model`` (callable), ``num_chains`` and ``num_draws``
+    (``check_num_draws``); returns ``(num_chains, num_draws)``.
+
+    Raises:
+        TypeError, ValueError: naming the argument.
+    """
+    if not callable(model):
+        raise TypeError(f"argument 'model' must be callable, got {type(model).__name__}")
+    return check_num_chains(num_chains), check_num_draws(num_draws)
+
+
+def check_rows(u: Any, c: int) -> None:
+    """Site mode: the leading dim of ``u`` is the ``c`` chains.
+
+    Raises:
+        ValueError: another leading dim.
+    """
+    if u.shape[0] != c:
+        raise ValueError(f"expected {c} chains (the leading dim of u), got shape {tuple(u.shape)}")
+
+
+def check_sample_site(nodes: Any, site: Any, is_density_site: Any) -> dict:
+    """The node of the observed, continuous sample ``site`` in a trace's ``nodes`` (a mapping
+    from names to site dicts); ``is_density_site(node)`` says which nodes are sample sites
+    whose log density is a term of the joint.
+
+    Raises:
+        TypeError: ``site`` is not a str.
+        ValueError: not a sample site (naming the model's sample sites), not observed, or
+            discrete.
+    """
+    if not isinstance(site, str):
+        raise TypeError(f"argument 'site' must be a site name (str), got {type(site).__name__}")
+    names = [n for n, node in nodes.items() if is_density_site(node)]
+    if site not in nodes or not is_density_site(nodes[site]):
+        raise ValueError(f"site {site!r} is not a sample site of the model; its sample sites are {names}")
+    node = nodes[site]
+    if not node["is_observed"]:
+        raise ValueError(
+            f"site {site!r} is not observed with these arguments: pass its data (the observed "
+            "value fixes the site's shape and is where chains start by default)"
+        )
+    fn = node["fn"]
+    if fn.support.is_discrete:
+        raise ValueError(f"site {site!r} is discrete ({type(fn).__name__}); Langevin and NUTS need a continuous site")
+    return node
+
+
+def missing_latents_error(missing: list, guide_hint: str = "a fitted guide") -> ValueError:
+    """Latent sites that neither ``guide`` nor ``latents`` give a value."""
+    return ValueError(
+        f"latent site(s) {missing} of the model have no value: pass 'guide' ({guide_hint}) "
+        "or 'latents' (a dict of values)"
+    )
+
+
+def unnormalized_base(site: str, fn: Any, expanded_type: type, unnormalized_type: type, frontend: str) -> Any:
+    """The ``Unnormalized`` distribution under a draws-mode site's ``fn`` (plates wrap it in
+    the PPL's ``ExpandedDistribution``, ``expanded_type``).
+
+    Raises:
+        ValueError: ``fn`` is not an ``Unnormalized`` (``draws_site_error``).
+    """
+    base = fn
+    while isinstance(base, expanded_type):
+        base = base.base_dist
+    if not isinstance(base, unnormalized_type):
+        raise draws_site_error(site, fn, frontend)
+    return base
+
+
+def strip_leading_ones(shape) -> tuple:
+    """``shape`` without its leading dims of size 1."""
+    shape = tuple(shape)
+    while shape and shape[0] == 1:
+        shape = shape[1:]
+    return shape

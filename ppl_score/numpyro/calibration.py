@@ -25,25 +25,10 @@ def calibrate_beta(loss: ScoreMatching, model, latents: dict, *args, key=None, p
                    rule: str = "lyddon", **kwargs) -> float:
     r"""The weight ``beta`` that calibrates the generalized posterior of ``loss``.
 
-    ``ScoreMatching(method, beta=beta)`` targets
-    :math:`\pi_\beta(z) \propto p(z) \exp(-\beta \sum_i w_i \mathrm{SM}_i(z))`. With
-    :math:`H = \nabla_z^2 \sum_i w_i \mathrm{SM}_i(\hat z)` and
-    :math:`J = \sum_i w_i (g_i - \bar g)(g_i - \bar g)^\top`,
-    :math:`g_i = \nabla_z \mathrm{SM}_i(\hat z)`, :math:`\pi_\beta` is asymptotically
-    :math:`N(\hat z, (\beta H)^{-1})` while the estimator :math:`\hat z` has the sampling
-    covariance :math:`H^{-1} J H^{-1}`. The returned ``beta`` matches the two:
-
-    - ``rule="lyddon"`` (default): :math:`\beta = \mathrm{tr}(H J^{-1} H) / \mathrm{tr}(H)`
-      (the precisions' traces; Lyddon, Holmes & Walker 2019, as used for Hyvarinen-score
-      posteriors by Jewson & Rossell 2022);
-    - ``rule="magnitude"``: :math:`\beta = D / \mathrm{tr}(H^{-1} J)` (the mean eigenvalue of
-      the covariances' ratio; Ribatet, Cooley & Davison 2012), invariant to
-      reparametrizing :math:`z`.
-
-    Both are :math:`H / J` for one latent dimension, where the calibrated posterior's sd is
-    the estimator's sandwich sd. Use it as
-    ``ScoreMatching(loss.method, sites=loss.sites, beta=beta, ...)``. The derivation and full
-    references are in ``ppl_score.calibration``.
+    ``ScoreMatching(method, beta=beta)`` targets the generalized posterior
+    :math:`\pi_\beta(z) \propto p(z) \exp(-\beta \sum_i w_i \mathrm{SM}_i(z))`; ``beta``
+    matches its asymptotic covariance to the estimator's sandwich covariance by ``rule``
+    (the maths, both rules and their references: ``ppl_score.calibration``).
 
     The per-datum losses are ``loss.datum_losses(key, params, model, guide, *args,
     **kwargs)`` with a guide that puts a point mass (``Delta``) on ``latents``, differentiated
@@ -53,13 +38,11 @@ def calibrate_beta(loss: ScoreMatching, model, latents: dict, *args, key=None, p
 
     Args:
         loss: the :class:`~ppl_score.numpyro.ScoreMatching` loss (``method="esm"`` advised:
-            a stochastic method's own noise inflates :math:`J` and so shrinks ``beta``; such
-            a method warns).
+            a stochastic method warns, see ``ppl_score.calibration``).
         model: the NumPyro model; its latent sites must be global (outside data plates).
         latents: ``{site name: value}`` for every latent sample site of ``model``: the
-            point :math:`\hat z`, ideally the score-matching estimate (the minimizer of
-            :math:`\sum_i w_i \mathrm{SM}_i`), or the generalized posterior's mode or mean.
-            Floating arrays (or numbers), in the site's support.
+            point :math:`\hat z` (the score-matching estimate, or the generalized
+            posterior's mode or mean): floating arrays (or numbers), in the site's support.
         *args: the model's arguments (the data).
         key: a PRNG key for the model's and the method's randomness; required by a
             stochastic ``method`` (projections, noise), optional for ``"esm"``.
@@ -70,7 +53,8 @@ def calibrate_beta(loss: ScoreMatching, model, latents: dict, *args, key=None, p
             by this function).
 
     Returns:
-        ``beta``, a float ``> 0``.
+        ``beta``, a float ``> 0``: use it as
+        ``ScoreMatching(loss.method, sites=loss.sites, beta=beta, ...)``.
 
     Raises:
         TypeError: ``loss`` is not a ``ScoreMatching``; ``latents`` is not a dict of site
@@ -80,16 +64,9 @@ def calibrate_beta(loss: ScoreMatching, model, latents: dict, *args, key=None, p
             for a stochastic method, fewer than two data points, losses that do not depend on
             ``latents``, :math:`H` (or :math:`J` for ``"lyddon"``) not positive definite
             (``latents`` not at a minimum), a bad ``rule``.
-
-    References:
-        Lyddon, Holmes & Walker (2019), Biometrika 106(2), 465-478; Jewson & Rossell (2022),
-        JRSS-B 84(5); Ribatet, Cooley & Davison (2012), Statistica Sinica 22, 813-845;
-        Miller (2021), JMLR 22(168).
     """
-    shared.check_loss_kind(loss, ScoreMatching, "numpyro")
-    names = shared.check_latents(latents)
-    rule = shared.check_rule(rule)
-    if shared.is_stochastic(loss.method):
+    names, rule, stochastic = shared.check_calibrate_args(loss, ScoreMatching, "numpyro", latents, rule)
+    if stochastic:
         if key is None:
             raise ValueError(
                 f"argument 'key' is required (a jax.random key): ScoreMatching(method={loss.method!r}) "

@@ -3,8 +3,6 @@ model), to be fitted by :class:`~ppl_score.numpyro.ScoreMatching`."""
 
 from __future__ import annotations
 
-import math
-
 import jax.numpy as jnp
 from numpyro.distributions import Distribution, constraints
 
@@ -77,21 +75,9 @@ class Unnormalized(Distribution):
 
     def __init__(self, log_density_fn, event_shape, support=constraints.real, *, batch_shape=(),
                  batched: bool = False, validate_args=None):
-        if not callable(log_density_fn):
-            raise TypeError(f"argument 'log_density_fn' must be callable, got {type(log_density_fn).__name__}")
-        if not isinstance(support, constraints.Constraint):
-            raise TypeError(f"argument 'support' must be a constraint, got {type(support).__name__}")
-        if support.is_discrete:
-            raise ValueError(f"argument 'support' must be a continuous constraint, got {support}")
-        if not isinstance(batched, bool):
-            raise TypeError(f"argument 'batched' must be a bool, got {type(batched).__name__}")
-        event_shape = frontend.check_event_shape(event_shape)
-        batch_shape = shared.check_batch_shape(batch_shape)
-        extra = len(event_shape) - support.event_dim
-        if extra < 0:
-            raise ValueError(
-                f"argument 'support' has event_dim {support.event_dim} > len(event_shape) = {len(event_shape)}"
-            )
+        event_shape, batch_shape, extra = frontend.check_unnormalized_args(
+            log_density_fn, event_shape, support, batched, batch_shape, constraints.Constraint
+        )
         self.log_density_fn = log_density_fn
         self.batched = batched
         self._support = constraints.independent(support, extra) if extra else support
@@ -125,13 +111,9 @@ class Unnormalized(Distribution):
             ValueError: ``value`` does not end with ``event_shape`` or does not broadcast with
                 ``batch_shape``, or ``log_density_fn`` returns the wrong shape for its form.
         """
-        k = len(self.event_shape)
-        shape = tuple(jnp.shape(value))
-        if len(shape) < k or shape[len(shape) - k :] != tuple(self.event_shape):
-            raise frontend.unnormalized_shape_error(shape, self.event_shape)
+        lead = frontend.unnormalized_lead(jnp.shape(value), self.event_shape)
         if self._validate_args:
             self._validate_sample(value)
-        lead = shape[: len(shape) - k]
         expected = shared.unnormalized_log_prob_shape(lead, self.batch_shape, self.event_shape)
         return self._evaluate(value, lead, expected)
 
@@ -143,31 +125,10 @@ class Unnormalized(Distribution):
         Raises:
             ValueError: as ``log_prob``.
         """
-        k = len(self.event_shape)
-        shape = tuple(jnp.shape(value))
-        if len(shape) < k or shape[len(shape) - k :] != tuple(self.event_shape):
-            raise frontend.unnormalized_shape_error(shape, self.event_shape)
-        return self._evaluate(value, shape[: len(shape) - k], None)
+        return self._evaluate(value, frontend.unnormalized_lead(jnp.shape(value), self.event_shape), None)
 
     def _evaluate(self, value, lead, expected):
-        if self.batched:
-            out = self.log_density_fn(value)
-            out_shape = tuple(getattr(out, "shape", ()))
-            shared.check_batched_output(out_shape, lead, out_shape if expected is None else expected)
-            if expected is None:
-                return out
-        else:
-            n = math.prod(lead)
-            try:
-                out = self.log_density_fn(jnp.reshape(value, (n, *self.event_shape)))
-            except (TypeError, ValueError) as err:  # e.g. parameters with batch dims meeting the n rows
-                err.add_note(f"(ppl_score) {shared.BATCHED_HINT}")
-                raise
-            shared.check_rows_output(getattr(out, "shape", ()), n)
-            out = out.reshape(lead)
-            if expected is None:
-                return out
-        return jnp.broadcast_to(out, expected) if tuple(out.shape) != expected else out
+        return _OPS.evaluate(self.log_density_fn, self.batched, self.event_shape, value, lead, expected)
 
     def sample(self, key, sample_shape=()):
         raise frontend.sampling_error("numpyro")
@@ -176,6 +137,14 @@ class Unnormalized(Distribution):
         raise frontend.sampling_error("numpyro")
 
     def __repr__(self) -> str:
-        extra = f", batch_shape={tuple(self.batch_shape)}" if self.batch_shape else ""
-        extra += ", batched=True" if self.batched else ""
-        return f"Unnormalized(log_density_fn={self.log_density_fn!r}, event_shape={tuple(self.event_shape)}{extra})"
+        return frontend.unnormalized_repr(self.log_density_fn, self.event_shape, self.batch_shape, self.batched)
+
+
+class _JaxOps(shared.UnnormalizedOps):
+    """``ppl_score.langevin.UnnormalizedOps`` for JAX arrays."""
+
+    xp = jnp
+    call_errors = (TypeError, ValueError)
+
+
+_OPS = _JaxOps()

@@ -53,8 +53,6 @@ accept_rate, layout)``, has samples ``[num_samples, num_chains, *layout.shape]``
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,97 +66,47 @@ from ..jax import langevin as backend
 from ..jax.checks import check_key
 from .distributions import Unnormalized
 
+SiteSamples = shared.SiteSamples  # the draws of ``langevin`` and ``nuts``, written once
+
 __all__ = ["SiteDensity", "SiteSamples", "site_log_density", "langevin", "potential_fn", "nuts"]
 
 
-class SiteDensity(NamedTuple):
-    """A site's log density in unconstrained coordinates, over a batch of independent rows.
+class _JaxSiteOps(shared.SiteOps):
+    """``ppl_score.langevin.SiteOps`` for JAX arrays and NumPyro transforms."""
 
-    ``log_prob(u[num_rows, *unconstrained_shape]) -> [num_rows]``: the log density (up to a
-    constant) at ``transform(u)``, plus ``log |det d transform / du|``. A row is one chain's
-    copy of the site (site mode, ``num_rows = num_chains``) or one new point (draws mode,
-    ``num_rows = num_chains * num_draws``); ``layout`` says how rows make up the chains.
-    """
+    xp = jnp
 
-    log_prob: Callable[[jax.Array], jax.Array]
-    transform: Any  # numpyro Transform, unconstrained -> site support
-    shape: tuple  # one row's value shape (site mode: the site's value shape)
-    unconstrained_shape: tuple  # one row's unconstrained shape
-    value: jax.Array  # the site's traced (observed) value
-    num_chains: int
-    layout: shared.SiteLayout
-    start: jax.Array  # the default start, [num_chains, *layout.shape], in the support
-
-    @property
-    def num_rows(self) -> int:
-        return self.num_chains * (self.layout.num_draws or 1)
-
-    def init_unconstrained(self, init, num_chains: int | None = None) -> jax.Array:
-        """Chains' start ``[C, *layout.shape]`` mapped to unconstrained space (one chain's
-        rows: ``[C, *unconstrained_shape]`` in site mode, ``[C, num_draws,
-        *unconstrained_shape]`` in draws mode).
-
-        Args:
-            init: constrained values that broadcast to ``[C, *layout.shape]`` (one chain's
-                state, one point, or every chain's); ``None``: ``start`` (the observed value
-                in site mode, observed points cycled in draws mode).
-            num_chains: ``C`` (default: ``self.num_chains``).
-
-        Raises:
-            TypeError: ``init`` is not an array.
-            ValueError: it does not broadcast, or lies outside the site's support.
-        """
-        c = self.num_chains if num_chains is None else num_chains
-        target = (c, *self.layout.shape)
-        if init is None:
-            init = self.start[:1] if c != self.num_chains else self.start
+    def check_init(self, init) -> None:
         if not isinstance(init, (jax.Array, np.ndarray)):
             raise TypeError(f"argument 'init' must be a jax.Array or numpy array, got {type(init).__name__}")
-        shared.check_init_shape(tuple(init.shape), target)
-        init = jnp.broadcast_to(jnp.asarray(init, self.value.dtype), target)
-        u = self.transform.inv(init)
-        if not (bool(jnp.all(self.transform.codomain(init))) and bool(jnp.isfinite(u).all())):
-            raise ValueError("argument 'init' lies outside the site's support")
-        return u
+
+    def broadcast_init(self, init, like, target):
+        return jnp.broadcast_to(jnp.asarray(init, like.dtype), target)
+
+    def in_support(self, transform, init, u) -> bool:
+        return bool(jnp.all(transform.codomain(init))) and bool(jnp.isfinite(u).all())
+
+    def zeros(self, like, shape):
+        return jnp.zeros(shape, like.dtype)
+
+    shape_errors = (TypeError, ValueError)
 
 
-class SiteSamples(NamedTuple):
-    """The draws of ``langevin`` and ``nuts``.
+_OPS = _JaxSiteOps()
 
-    Attributes:
-        samples: ``[num_samples, num_chains, *layout.shape]``, in the site's support.
-        accept_rate: mean acceptance probability, ``[num_chains]``; Langevin in draws mode:
-            ``[num_chains, num_draws]`` (each point is its own Metropolis chain).
-        layout: what the dims of ``samples`` mean (``ppl_score.langevin.SiteLayout``).
-    """
 
-    samples: jax.Array
-    accept_rate: jax.Array
-    layout: shared.SiteLayout
+class SiteDensity(shared.SiteDensity):
+    """A site's log density in unconstrained coordinates, over a batch of independent rows
+    (JAX arrays; ``shape`` and ``unconstrained_shape`` are tuples): the fields, ``num_rows``
+    and ``init_unconstrained`` of ``ppl_score.langevin.SiteDensity``."""
+
+    __slots__ = ()
+    ops = _OPS
 
 
 def _is_density_site(node) -> bool:
     """A sample site whose log density is a term of the joint (``numpyro.factor`` included)."""
     return node["type"] == "sample"
-
-
-def _check_site(trace, site: Any):
-    if not isinstance(site, str):
-        raise TypeError(f"argument 'site' must be a site name (str), got {type(site).__name__}")
-    names = [n for n, node in trace.items() if _is_density_site(node)]
-    if site not in trace or not _is_density_site(trace[site]):
-        raise ValueError(f"site {site!r} is not a sample site of the model; its sample sites are {names}")
-    node = trace[site]
-    if not node["is_observed"]:
-        raise ValueError(
-            f"site {site!r} is not observed with these arguments: pass its data (the observed "
-            "value fixes the site's shape and is where chains start by default)"
-        )
-    if node["fn"].support.is_discrete:
-        raise ValueError(
-            f"site {site!r} is discrete ({type(node['fn']).__name__}); Langevin and NUTS need a continuous site"
-        )
-    return node
 
 
 def _bind(model, params, data):
@@ -225,11 +173,9 @@ def site_log_density(
     Args:
         model, site, *args, **kwargs: the model, its observed site, and its arguments.
         num_chains: independent chains.
-        num_draws: ``None`` (site mode): each chain is a copy of the site's value, sampled
-            from its conditional given every other site. An int (draws mode, an
-            ``Unnormalized`` site): each chain holds ``num_draws`` new points drawn i.i.d.
-            from the site's own density given its parents (children and factors of the
-            site, which condition on the observed points, are left out).
+        num_draws: ``None`` (site mode) or the new points each chain holds (draws mode, an
+            ``Unnormalized`` site); the module doc and ``ppl_score.langevin.SiteLayout`` say
+            what each mode samples.
         params: the fitted parameters (``svi_result.params``), substituted into model and guide.
         guide: draws each row's latent values once (with ``key``).
         latents: values of the model's latent sites, shared by all rows.
@@ -243,13 +189,11 @@ def site_log_density(
 
     Raises:
         TypeError, ValueError: a bad argument or site (named), a latent site given by
-            neither ``guide`` nor ``latents``, or ``num_draws`` on a site that is not
-            ``Unnormalized``.
+            neither ``guide`` nor ``latents``, a ``guide`` without ``key``, ``num_draws``
+            on a site that is not ``Unnormalized``, or ``num_draws`` with ``vectorize="vmap"``
+            and latents drawn from ``guide``.
     """
-    if not callable(model):
-        raise TypeError(f"argument 'model' must be callable, got {type(model).__name__}")
-    c = shared.check_num_chains(num_chains)
-    k = shared.check_num_draws(num_draws)
+    c, k = shared.check_site_args(model, num_chains, num_draws)
     vectorize = shared.check_vectorize(vectorize)
     rows = c * (k or 1)
     for name, value in (("params", params), ("latents", latents)):
@@ -260,7 +204,7 @@ def site_log_density(
     params = dict(params or {})
     fixed = dict(latents or {})
     trace = handlers.trace(_bind(model, params, fixed)).get_trace(*args, **kwargs)
-    node = _check_site(trace, site)
+    node = shared.check_sample_site(trace, site, _is_density_site)
     missing = [n for n, s in trace.items() if _is_density_site(s) and not s["is_observed"] and n != site]
     depth = _max_plate_nesting(trace)
     per_row = {}
@@ -276,10 +220,7 @@ def site_log_density(
         per_row = jax.vmap(draw)(jax.random.split(key, rows))
         missing = [n for n in missing if n not in per_row]
     if missing:
-        raise ValueError(
-            f"latent site(s) {missing} of the model have no value: pass 'guide' (a fitted guide, "
-            "with 'params' and 'key') or 'latents' (a dict of values)"
-        )
+        raise shared.missing_latents_error(missing, "a fitted guide, with 'params' and 'key'")
     value = jnp.asarray(node["value"])
     transform = biject_to(node["fn"].support)
     if vectorize == "plate" and per_row:  # each row's latents, with the row dim at the chain dim
@@ -301,7 +242,8 @@ def site_log_density(
             *args, **kwargs
         )
         node = tr[site]
-    return _draws_density(site, node, value, transform, c, k, depth)
+    base = shared.unnormalized_base(site, node["fn"], ExpandedDistribution, Unnormalized, "numpyro")
+    return _OPS.draws_density(SiteDensity, base, value, transform, c, k, depth)
 
 
 def _site_density_vmap(model, site, args, kwargs, params, fixed, per_row, value, node, transform, c) -> SiteDensity:
@@ -317,8 +259,7 @@ def _site_density_vmap(model, site, args, kwargs, params, fixed, per_row, value,
         return total
 
     def log_prob(u: jax.Array) -> jax.Array:
-        if u.shape[0] != c:
-            raise ValueError(f"expected {c} chains (the leading dim of u), got shape {tuple(u.shape)}")
+        shared.check_rows(u, c)
         return jax.vmap(one_chain, in_axes=(0, 0 if per_row else None))(u, per_row)
 
     return _site_result(log_prob, transform, value, node, c)
@@ -339,11 +280,7 @@ def _site_density(model, site, args, kwargs, params, fixed, value, node, transfo
     chained = _chained(model, c, -(depth + 1))
 
     def log_prob(u: jax.Array) -> jax.Array:
-        if u.shape[0] != c:
-            raise ValueError(f"expected {c} chains (the leading dim of u), got shape {tuple(u.shape)}")
-        x = transform(u)
-        logdet = transform.log_abs_det_jacobian(u, x)
-        total = logdet.reshape(c, -1).sum(-1) if logdet.ndim else jnp.broadcast_to(logdet, (c,))
+        x, total = _OPS.constrain(transform, u, c)
         data = {**fixed, site: x.reshape(chain_value_shape)}
         try:
             tr = handlers.trace(_bind(chained, params, data)).get_trace(*args, **kwargs)
@@ -356,63 +293,6 @@ def _site_density(model, site, args, kwargs, params, fixed, value, node, transfo
         return total
 
     return _site_result(log_prob, transform, value, node, c)
-
-
-def _unnormalized(site: str, fn) -> Unnormalized:
-    base = fn
-    while isinstance(base, ExpandedDistribution):
-        base = base.base_dist
-    if not isinstance(base, Unnormalized):
-        raise shared.draws_site_error(site, fn, "numpyro")
-    return base
-
-
-def _strip_ones(pb) -> tuple:
-    pb = tuple(pb)
-    while pb and pb[0] == 1:
-        pb = pb[1:]
-    return pb
-
-
-def _draws_density(site, node, value, transform, c, k, depth) -> SiteDensity:
-    """Draws mode: ``c * k`` rows, each one new point from the site's own density."""
-    base = _unnormalized(site, node["fn"])
-    rows = c * k
-    event = tuple(base.event_shape)
-    uevent = tuple(transform.inv(value).shape[value.ndim - len(event) :])
-    if base.batched:  # the parameters' batch dims: probe at one point per row
-        probe = transform(jnp.zeros((rows, *(1,) * depth, *uevent), value.dtype))
-        pb = shared.draw_param_batch(jnp.shape(base.log_density(probe)), depth)
-    else:
-        pb = (1,) * depth
-    upoint_shape = (*pb, *uevent)
-    layout = shared.draws_layout(k, _strip_ones(pb), event)
-
-    def log_prob(u: jax.Array) -> jax.Array:
-        n = u.shape[0]
-        ur = u.reshape(n, *upoint_shape)
-        x = transform(ur)
-        logdet = transform.log_abs_det_jacobian(ur, x)
-        total = logdet.reshape(n, -1).sum(-1) if logdet.ndim else jnp.broadcast_to(logdet, (n,))
-        return total + base.log_density(x).reshape(n, -1).sum(-1)
-
-    start = _draws_start(value, depth, pb, event, rows, transform, uevent).reshape(c, *layout.shape)
-    return SiteDensity(log_prob, transform, layout.draw_shape, (*_strip_ones(pb), *uevent), value, c, layout, start)
-
-
-def _draws_start(value, depth, pb, event, rows, transform, uevent) -> jax.Array:
-    """Observed points as starts: cycled (one point per draw), or the first point of each
-    parameter group (batched density); where they do not fit, ``transform(0)``."""
-    nb = value.ndim - len(event)
-    try:
-        if all(p == 1 for p in pb):
-            points = value.reshape(-1, *event)
-            return points[jnp.arange(rows) % points.shape[0]].reshape(rows, *pb, *event)
-        v = value.reshape((1,) * (depth - nb) + tuple(value.shape))
-        v = v[tuple(slice(0, 1) if p == 1 else slice(None) for p in pb)]
-        return jnp.broadcast_to(v, (rows, *pb, *event))
-    except (TypeError, ValueError):
-        return transform(jnp.zeros((rows, *pb, *uevent), value.dtype))
 
 
 def langevin(
@@ -447,10 +327,7 @@ def langevin(
             ``num_samples * thin`` steps after the warm-up.
         num_warmup: steps run first and discarded (default 500).
         num_chains: independent chains.
-        num_draws: ``None``: each chain is a copy of the site's value, sampled from its
-            conditional given every other site. An int (an ``Unnormalized`` site): each chain
-            holds ``num_draws`` new points, i.i.d. from the site's own density given its
-            parents (its children and factors are left out); each point is its own
+        num_draws: as in ``site_log_density``; in draws mode each point is its own
             Metropolis chain, so the cost is ``num_chains * num_draws`` points, not copies of
             the data.
         step_size: in unconstrained space.
@@ -486,15 +363,7 @@ def langevin(
     sampler = backend.mala if adjusted else backend.ula
     result = sampler(dens.log_prob, u0, plan.step_size, plan.num_steps, key=key_run, num_warmup=plan.num_warmup,
                      thin=plan.thin, progress_bar=progress_bar)
-    return _result(dens, result.samples, result.accept_rate)
-
-
-def _result(dens: SiteDensity, u: jax.Array, accept_rate: jax.Array) -> SiteSamples:
-    """Rows back to ``[S, C, *layout.shape]`` in the support."""
-    c, layout = dens.num_chains, dens.layout
-    samples = dens.transform(u).reshape(u.shape[0], c, *layout.shape)
-    accept_rate = accept_rate.reshape(c, -1) if layout.mode == "draws" else accept_rate.reshape(c)
-    return SiteSamples(samples, accept_rate, layout)
+    return shared.site_samples(dens, result.samples, result.accept_rate)
 
 
 def potential_fn(model, site: str, *args, num_draws: int | None = None, params: dict | None = None, guide=None,
@@ -507,14 +376,7 @@ def potential_fn(model, site: str, *args, num_draws: int | None = None, params: 
     unconstrained: map them with ``site_log_density(...).transform`` (``nuts`` does)."""
     dens = site_log_density(model, site, *args, num_chains=1, num_draws=num_draws, params=params, guide=guide,
                             latents=latents, key=key, vectorize=vectorize, **kwargs)
-    return _potential(dens, site)
-
-
-def _potential(dens: SiteDensity, site: str):
-    def potential(values: dict) -> jax.Array:
-        return -dens.log_prob(jnp.reshape(values[site], (dens.num_rows, *dens.unconstrained_shape))).sum()
-
-    return potential
+    return _OPS.potential(dens, site)
 
 
 def nuts(
@@ -566,7 +428,7 @@ def nuts(
     dens = site_log_density(model, site, *args, num_chains=1, num_draws=num_draws, params=params, guide=guide,
                             latents=latents, key=key_guide, vectorize=vectorize, **kwargs)
     u0 = dens.init_unconstrained(init, num_chains=c)
-    kernel = NUTS(potential_fn=_potential(dens, site), **(kernel_options or {}))
+    kernel = NUTS(potential_fn=_OPS.potential(dens, site), **(kernel_options or {}))
     mcmc = MCMC(kernel, num_warmup=num_warmup, num_samples=num_samples, num_chains=c,
                 chain_method="vectorized", progress_bar=progress_bar)
     mcmc.run(key_run, init_params={site: u0 if c > 1 else u0[0]}, extra_fields=("accept_prob",))

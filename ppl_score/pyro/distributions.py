@@ -73,21 +73,10 @@ class Unnormalized(TorchDistribution):
 
     def __init__(self, log_density_fn, event_shape, support=constraints.real, *, batch_shape=(),
                  batched: bool = False, validate_args=None):
-        if not callable(log_density_fn):
-            raise TypeError(f"argument 'log_density_fn' must be callable, got {type(log_density_fn).__name__}")
-        if not isinstance(support, constraints.Constraint):
-            raise TypeError(f"argument 'support' must be a constraint, got {type(support).__name__}")
-        if support.is_discrete:
-            raise ValueError(f"argument 'support' must be a continuous constraint, got {support}")
-        if not isinstance(batched, bool):
-            raise TypeError(f"argument 'batched' must be a bool, got {type(batched).__name__}")
-        event_shape = torch.Size(frontend.check_event_shape(event_shape))
-        batch_shape = torch.Size(shared.check_batch_shape(batch_shape))
-        extra = len(event_shape) - support.event_dim
-        if extra < 0:
-            raise ValueError(
-                f"argument 'support' has event_dim {support.event_dim} > len(event_shape) = {len(event_shape)}"
-            )
+        event_shape, batch_shape, extra = frontend.check_unnormalized_args(
+            log_density_fn, event_shape, support, batched, batch_shape, constraints.Constraint
+        )
+        event_shape, batch_shape = torch.Size(event_shape), torch.Size(batch_shape)
         self.log_density_fn = log_density_fn
         self.batched = batched
         self._support = constraints.independent(support, extra) if extra else support
@@ -120,12 +109,9 @@ class Unnormalized(TorchDistribution):
             ValueError: ``value`` does not end with ``event_shape`` or does not broadcast with
                 ``batch_shape``, or ``log_density_fn`` returns the wrong shape for its form.
         """
-        k = len(self.event_shape)
-        if value.dim() < k or value.shape[value.dim() - k :] != self.event_shape:
-            raise frontend.unnormalized_shape_error(value.shape, self.event_shape)
+        lead = frontend.unnormalized_lead(value.shape, self.event_shape)
         if self._validate_args:
             self._validate_sample(value)
-        lead = tuple(value.shape[: value.dim() - k])
         expected = shared.unnormalized_log_prob_shape(lead, self.batch_shape, self.event_shape)
         return self._evaluate(value, lead, expected)
 
@@ -137,31 +123,10 @@ class Unnormalized(TorchDistribution):
         Raises:
             ValueError: as ``log_prob``.
         """
-        k = len(self.event_shape)
-        if value.dim() < k or value.shape[value.dim() - k :] != self.event_shape:
-            raise frontend.unnormalized_shape_error(value.shape, self.event_shape)
-        return self._evaluate(value, tuple(value.shape[: value.dim() - k]), None)
+        return self._evaluate(value, frontend.unnormalized_lead(value.shape, self.event_shape), None)
 
     def _evaluate(self, value, lead, expected):
-        if self.batched:
-            out = self.log_density_fn(value)
-            if not isinstance(out, torch.Tensor):
-                raise TypeError(f"argument 'log_density_fn' must return a torch.Tensor, got {type(out).__name__}")
-            shared.check_batched_output(out.shape, lead, tuple(out.shape) if expected is None else expected)
-            if expected is None:
-                return out
-        else:
-            n = torch.Size(lead).numel()
-            try:
-                out = self.log_density_fn(value.reshape(n, *self.event_shape))
-            except RuntimeError as err:  # e.g. parameters with batch dims meeting the n rows
-                err.add_note(f"(ppl_score) {shared.BATCHED_HINT}")
-                raise
-            shared.check_rows_output(getattr(out, "shape", ()), n)
-            out = out.reshape(lead)
-            if expected is None:
-                return out
-        return out.expand(expected) if tuple(out.shape) != expected else out
+        return _OPS.evaluate(self.log_density_fn, self.batched, self.event_shape, value, lead, expected)
 
     def sample(self, sample_shape=torch.Size()):
         raise frontend.sampling_error("pyro")
@@ -170,7 +135,18 @@ class Unnormalized(TorchDistribution):
         raise frontend.sampling_error("pyro")
 
     def __repr__(self) -> str:
-        extra = f", batch_shape={tuple(self.batch_shape)}" if self.batch_shape else ""
-        extra += ", batched=True" if self.batched else ""
-        return f"Unnormalized(log_density_fn={self.log_density_fn!r}, event_shape={tuple(self.event_shape)}{extra})"
+        return frontend.unnormalized_repr(self.log_density_fn, self.event_shape, self.batch_shape, self.batched)
 
+
+class _TorchOps(shared.UnnormalizedOps):
+    """``ppl_score.langevin.UnnormalizedOps`` for torch tensors."""
+
+    xp = torch
+    call_errors = (RuntimeError,)
+
+    def check_output(self, out) -> None:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"argument 'log_density_fn' must return a torch.Tensor, got {type(out).__name__}")
+
+
+_OPS = _TorchOps()

@@ -55,8 +55,6 @@ says what the dims are.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
-
 import pyro
 import pyro.poutine as poutine
 import torch
@@ -71,75 +69,53 @@ from .distributions import Unnormalized
 from ..torch import langevin as backend
 from ..validation import inference_mode_error
 
+SiteSamples = shared.SiteSamples  # the draws of ``langevin`` and ``nuts``, written once
+
 __all__ = ["SiteDensity", "SiteSamples", "site_log_density", "langevin", "potential_fn", "nuts"]
 
 _CHAINS = "_ppl_score_chains"
 
 
-class SiteDensity(NamedTuple):
-    """A site's log density in unconstrained coordinates, over a batch of independent rows.
+class _TorchSiteOps(shared.SiteOps):
+    """``ppl_score.langevin.SiteOps`` for torch tensors and Pyro transforms."""
 
-    ``log_prob(u[num_rows, *unconstrained_shape]) -> [num_rows]``: the log density (up to a
-    constant) at ``transform(u)``, plus ``log |det d transform / du|``. A row is one chain's
-    copy of the site (site mode, ``num_rows = num_chains``) or one new point (draws mode,
-    ``num_rows = num_chains * num_draws``); ``layout`` says how rows make up the chains.
-    """
+    xp = torch
 
-    log_prob: Callable[[torch.Tensor], torch.Tensor]
-    transform: Any  # torch.distributions.Transform, unconstrained -> site support
-    shape: torch.Size  # one row's value shape (site mode: the site's value shape)
-    unconstrained_shape: torch.Size  # one row's unconstrained shape
-    value: torch.Tensor  # the site's traced (observed) value
-    num_chains: int
-    layout: shared.SiteLayout
-    start: torch.Tensor  # the default start, [num_chains, *layout.shape], in the support
-
-    @property
-    def num_rows(self) -> int:
-        return self.num_chains * (self.layout.num_draws or 1)
-
-    def init_unconstrained(self, init, num_chains: int | None = None) -> torch.Tensor:
-        """Chains' start ``[C, *layout.shape]`` mapped to unconstrained space (one chain's
-        rows: ``[C, *unconstrained_shape]`` in site mode, ``[C, num_draws,
-        *unconstrained_shape]`` in draws mode).
-
-        Args:
-            init: constrained values that broadcast to ``[C, *layout.shape]`` (one chain's
-                state, one point, or every chain's); ``None``: ``start`` (the observed value
-                in site mode, observed points cycled in draws mode).
-            num_chains: ``C`` (default: ``self.num_chains``).
-
-        Raises:
-            TypeError: ``init`` is not a tensor.
-            ValueError: it does not broadcast, or lies outside the site's support.
-        """
-        c = self.num_chains if num_chains is None else num_chains
-        target = (c, *self.layout.shape)
-        if init is None:
-            init = self.start[:1] if c != self.num_chains else self.start
+    def check_init(self, init) -> None:
         if not isinstance(init, torch.Tensor):
             raise TypeError(f"argument 'init' must be a torch.Tensor, got {type(init).__name__}")
-        shared.check_init_shape(tuple(init.shape), target)
-        init = init.detach().to(self.value.dtype).expand(target)
-        u = self.transform.inv(init)
-        if not (bool(self.transform.codomain.check(init).all()) and bool(torch.isfinite(u).all())):
-            raise ValueError("argument 'init' lies outside the site's support")
+
+    def broadcast_init(self, init, like, target):
+        return init.detach().to(like.dtype).expand(target)
+
+    def in_support(self, transform, init, u) -> bool:
+        return bool(transform.codomain.check(init).all()) and bool(torch.isfinite(u).all())
+
+    def fresh(self, u):
         return u.clone()
 
+    def zeros(self, like, shape):
+        return like.new_zeros(shape)
 
-class SiteSamples(NamedTuple):
-    """The draws of ``langevin`` and ``nuts``.
+    def no_grad(self):
+        return torch.no_grad()
 
-    Attributes:
-        samples: ``[num_samples, num_chains, *layout.shape]``, in the site's support.
-        accept_rate: mean acceptance probability, ``[num_chains]``; Langevin in draws mode:
-            ``[num_chains, num_draws]`` (each point is its own Metropolis chain).
-        layout: what the dims of ``samples`` mean (``ppl_score.langevin.SiteLayout``).
-    """
+    def size(self, shape):
+        return torch.Size(shape)
 
-    samples: torch.Tensor
-    accept_rate: torch.Tensor
-    layout: shared.SiteLayout
+    shape_errors = (RuntimeError,)
+
+
+_OPS = _TorchSiteOps()
+
+
+class SiteDensity(shared.SiteDensity):
+    """A site's log density in unconstrained coordinates, over a batch of independent rows
+    (torch tensors; ``shape`` and ``unconstrained_shape`` are ``torch.Size``): the fields,
+    ``num_rows`` and ``init_unconstrained`` of ``ppl_score.langevin.SiteDensity``."""
+
+    __slots__ = ()
+    ops = _OPS
 
 
 def _max_plate_nesting(trace) -> int:
@@ -157,24 +133,6 @@ def _max_plate_nesting(trace) -> int:
 def _is_density_site(node) -> bool:
     """A sample site whose log density is a term of the joint (``pyro.factor`` included)."""
     return node["type"] == "sample" and not site_is_subsample(node) and not node["infer"].get("_deterministic", False)
-
-
-def _check_site(trace, site: Any):
-    if not isinstance(site, str):
-        raise TypeError(f"argument 'site' must be a site name (str), got {type(site).__name__}")
-    names = [n for n, node in trace.nodes.items() if _is_density_site(node)]
-    if site not in trace.nodes or not _is_density_site(trace.nodes[site]):
-        raise ValueError(f"site {site!r} is not a sample site of the model; its sample sites are {names}")
-    node = trace.nodes[site]
-    if not node["is_observed"]:
-        raise ValueError(
-            f"site {site!r} is not observed with these arguments: pass its data (the observed "
-            "value fixes the site's shape and is where chains start by default)"
-        )
-    fn = node["fn"]
-    if fn.support.is_discrete:
-        raise ValueError(f"site {site!r} is discrete ({type(fn).__name__}); Langevin and NUTS need a continuous site")
-    return node
 
 
 def _to_chains(lp: torch.Tensor, c: int, depth: int) -> torch.Tensor:
@@ -199,11 +157,9 @@ def site_log_density(
     Args:
         model, site, *args, **kwargs: the model, its observed site, and its arguments.
         num_chains: independent chains.
-        num_draws: ``None`` (site mode): each chain is a copy of the site's value, sampled
-            from its conditional given every other site. An int (draws mode, an
-            ``Unnormalized`` site): each chain holds ``num_draws`` new points drawn i.i.d.
-            from the site's own density given its parents (children and factors of the
-            site, which condition on the observed points, are left out).
+        num_draws: ``None`` (site mode) or the new points each chain holds (draws mode, an
+            ``Unnormalized`` site); the module doc and ``ppl_score.langevin.SiteLayout`` say
+            what each mode samples.
         guide: draws each row's latent values once (under a plate over rows).
         latents: values of the model's latent sites, shared by all rows.
 
@@ -215,10 +171,7 @@ def site_log_density(
             neither ``guide`` nor ``latents``, or ``num_draws`` on a site that is not
             ``Unnormalized``.
     """
-    if not callable(model):
-        raise TypeError(f"argument 'model' must be callable, got {type(model).__name__}")
-    c = shared.check_num_chains(num_chains)
-    k = shared.check_num_draws(num_draws)
+    c, k = shared.check_site_args(model, num_chains, num_draws)
     rows = c * (k or 1)
     if latents is not None and not isinstance(latents, dict):
         raise TypeError(f"argument 'latents' must be a dict of site values, got {type(latents).__name__}")
@@ -227,7 +180,7 @@ def site_log_density(
     fixed = dict(latents or {})
     with torch.no_grad():
         trace = poutine.trace(poutine.condition(model, fixed)).get_trace(*args, **kwargs)
-    node = _check_site(trace, site)
+    node = shared.check_sample_site(trace.nodes, site, _is_density_site)
     missing = [
         n for n, s in trace.nodes.items() if _is_density_site(s) and not s["is_observed"] and n != site
     ]
@@ -250,10 +203,7 @@ def site_log_density(
         per_row = bool(drawn)
         missing = [n for n in missing if n not in drawn]
     if missing:
-        raise ValueError(
-            f"latent site(s) {missing} of the model have no value: pass 'guide' (a fitted guide) "
-            "or 'latents' (a dict of values)"
-        )
+        raise shared.missing_latents_error(missing)
     value = node["value"].detach()
     transform = biject_to(node["fn"].support)
     if k is None:
@@ -262,7 +212,8 @@ def site_log_density(
         with torch.no_grad(), pyro.plate(_CHAINS, rows, dim=chain_dim):
             trace = poutine.trace(poutine.condition(model, fixed)).get_trace(*args, **kwargs)
         node = trace.nodes[site]
-    return _draws_density(site, node, value, transform, c, k, depth)
+    base = shared.unnormalized_base(site, node["fn"], ExpandedDistribution, Unnormalized, "pyro")
+    return _OPS.draws_density(SiteDensity, base, value, transform, c, k, depth)
 
 
 def _site_density(model, site, args, kwargs, node, fixed, transform, c, depth) -> SiteDensity:
@@ -277,11 +228,7 @@ def _site_density(model, site, args, kwargs, node, fixed, transform, c, depth) -
     chain_value_shape = (c,) + (1,) * pad + tuple(shape)
 
     def log_prob(u: torch.Tensor) -> torch.Tensor:
-        if u.shape[0] != c:
-            raise ValueError(f"expected {c} chains (the leading dim of u), got shape {tuple(u.shape)}")
-        x = transform(u)
-        logdet = transform.log_abs_det_jacobian(u, x)
-        total = logdet.reshape(c, -1).sum(-1) if logdet.dim() else logdet.expand(c)
+        x, total = _OPS.constrain(transform, u, c)
         data = {**fixed, site: x.reshape(chain_value_shape)}
         try:
             with pyro.plate(_CHAINS, c, dim=chain_dim):
@@ -301,70 +248,6 @@ def _site_density(model, site, args, kwargs, node, fixed, transform, c, depth) -
 
     layout = shared.site_layout(shape, fn.event_shape)
     return SiteDensity(log_prob, transform, shape, unconstrained_shape, value, c, layout, value.expand(c, *shape))
-
-
-def _unnormalized(site: str, fn) -> Unnormalized:
-    base = fn
-    while isinstance(base, ExpandedDistribution):
-        base = base.base_dist
-    if not isinstance(base, Unnormalized):
-        raise shared.draws_site_error(site, fn, "pyro")
-    return base
-
-
-def _draws_density(site, node, value, transform, c, k, depth) -> SiteDensity:
-    """Draws mode: ``c * k`` rows, each one new point from the site's own density."""
-    base = _unnormalized(site, node["fn"])
-    rows = c * k
-    event = tuple(base.event_shape)
-    uevent = tuple(transform.inv(value).shape[value.dim() - len(event) :])
-    if base.batched:  # the parameters' batch dims: probe at one point per row
-        with torch.no_grad():
-            probe = transform(value.new_zeros((rows, *(1,) * depth, *uevent)))
-            pb = shared.draw_param_batch(base.log_density(probe).shape, depth)
-    else:
-        pb = (1,) * depth
-    point_shape = (*pb, *event)
-    upoint_shape = (*pb, *uevent)
-    layout = shared.draws_layout(k, _strip_ones(pb), event)
-
-    def log_prob(u: torch.Tensor) -> torch.Tensor:
-        n = u.shape[0]
-        ur = u.reshape(n, *upoint_shape)
-        x = transform(ur)
-        logdet = transform.log_abs_det_jacobian(ur, x)
-        total = logdet.reshape(n, -1).sum(-1) if logdet.dim() else logdet.expand(n)
-        lp = base.log_density(x)
-        return total + lp.reshape(n, -1).sum(-1)
-
-    start = _draws_start(value, depth, pb, event, rows, transform, uevent).reshape(c, *layout.shape)
-    return SiteDensity(log_prob, transform, torch.Size(layout.draw_shape),
-                       torch.Size((*_strip_ones(pb), *uevent)), value, c, layout, start)
-
-
-def _strip_ones(pb) -> tuple:
-    pb = tuple(pb)
-    while pb and pb[0] == 1:
-        pb = pb[1:]
-    return pb
-
-
-def _draws_start(value, depth, pb, event, rows, transform, uevent) -> torch.Tensor:
-    """Observed points as starts: cycled (one point per draw), or the first point of each
-    parameter group (batched density); where they do not fit, ``transform(0)``."""
-    nb = value.dim() - len(event)
-    try:
-        if all(p == 1 for p in pb):
-            points = value.reshape(-1, *event)
-            idx = torch.arange(rows) % points.shape[0]
-            return points[idx].reshape(rows, *pb, *event)
-        v = value.reshape((1,) * (depth - nb) + tuple(value.shape))
-        for i, p in enumerate(pb):
-            if p == 1:
-                v = v.narrow(i, 0, 1)
-        return v.expand(rows, *pb, *event).clone()
-    except RuntimeError:
-        return transform(value.new_zeros((rows, *pb, *uevent)))
 
 
 def langevin(
@@ -396,10 +279,7 @@ def langevin(
             ``num_samples * thin`` steps after the warm-up.
         num_warmup: steps run first and discarded (default 500).
         num_chains: independent chains.
-        num_draws: ``None``: each chain is a copy of the site's value, sampled from its
-            conditional given every other site. An int (an ``Unnormalized`` site): each chain
-            holds ``num_draws`` new points, i.i.d. from the site's own density given its
-            parents (its children and factors are left out); each point is its own
+        num_draws: as in ``site_log_density``; in draws mode each point is its own
             Metropolis chain, so the cost is ``num_chains * num_draws`` points, not copies of
             the data.
         step_size: in unconstrained space.
@@ -432,15 +312,7 @@ def langevin(
     sampler = backend.mala if adjusted else backend.ula
     result = sampler(dens.log_prob, u0, plan.step_size, plan.num_steps, num_warmup=plan.num_warmup,
                      thin=plan.thin, generator=generator, progress_bar=progress_bar)
-    return _result(dens, result.samples, result.accept_rate)
-
-
-def _result(dens: SiteDensity, u: torch.Tensor, accept_rate: torch.Tensor) -> SiteSamples:
-    """Rows back to ``[S, C, *layout.shape]`` in the support."""
-    c, layout = dens.num_chains, dens.layout
-    samples = dens.transform(u).reshape(u.shape[0], c, *layout.shape)
-    accept_rate = accept_rate.reshape(c, -1) if layout.mode == "draws" else accept_rate.reshape(c)
-    return SiteSamples(samples, accept_rate, layout)
+    return shared.site_samples(dens, result.samples, result.accept_rate)
 
 
 def potential_fn(model, site: str, *args, num_draws: int | None = None, guide=None, latents: dict | None = None,
@@ -453,14 +325,7 @@ def potential_fn(model, site: str, *args, num_draws: int | None = None, guide=No
     ``site_log_density(...).transform`` (``nuts`` does this for you)."""
     dens = site_log_density(model, site, *args, num_chains=1, num_draws=num_draws, guide=guide, latents=latents,
                             **kwargs)
-    return _potential(dens, site)
-
-
-def _potential(dens: SiteDensity, site: str):
-    def potential(params: dict) -> torch.Tensor:
-        return -dens.log_prob(params[site].reshape(dens.num_rows, *dens.unconstrained_shape)).sum()
-
-    return potential
+    return _OPS.potential(dens, site)
 
 
 def nuts(
@@ -517,7 +382,7 @@ def nuts(
     dens = site_log_density(model, site, *args, num_chains=1, num_draws=num_draws, guide=guide, latents=latents,
                             **kwargs)
     u0 = dens.init_unconstrained(init, num_chains=c)
-    pot = _potential(dens, site)
+    pot = _OPS.potential(dens, site)
     class Kernel(NUTS):
         """``NUTS`` keeping its last diagnostics (MCMC reads them before the kernel resets)."""
 
