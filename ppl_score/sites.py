@@ -55,6 +55,7 @@ __all__ = [
     "combine_masks",
     "site_block",
     "plan",
+    "prior_sites",
     "matched_density",
     "masked_log_prob",
     "reduce_to_batch",
@@ -200,6 +201,12 @@ def classify(nodes: Mapping[str, dict], sites: tuple | None) -> Classified:
             observed.append(name)
     matched = frontend.select_matched(observed, latent, sites)
     return Classified(tuple(order), tuple(observed), tuple(latent), tuple(prior), matched)
+
+
+def prior_sites(classified: Classified, dependent: Sequence[str]) -> tuple:
+    """The sites of ``log p(z)`` in the loss: latent sites and factors, except a factor that
+    depends on a matched value (it is part of the matched sites' joint density instead)."""
+    return tuple(name for name in classified.prior if name not in dependent)
 
 
 def check_latent_sites(nodes: Mapping[str, dict], guide_nodes: Mapping[str, dict]) -> None:

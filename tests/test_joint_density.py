@@ -431,3 +431,25 @@ def test_an_enumerated_discrete_latent_says_what_is_supported(rng):
 
     with pytest.raises(ValueError, match=r"'c' has a discrete support.*MixtureSameFamily"):
         snp.ScoreMatching("esm").loss(KEY, {}, nmodel, empty_guide, jnp.asarray(x))
+
+
+def test_a_factor_depending_on_a_matched_value_joins_the_joint_density(rng):
+    """``factor(-c x^2 / 2)`` per datum is part of the log joint density in ``x`` (not of
+    ``log p(z)``): the joint is ``N(0, 1 / (1 + c))``, ESM per datum ``(1+c)^2 x^2 / 2 - (1+c)``."""
+    x, c = rng.normal(size=N), 0.7
+    expected = (0.5 * (1 + c) ** 2 * x**2 - (1 + c)).sum()
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            xs = pyro.sample("x", pdist.Normal(t(0.0), t(1.0)), obs=x)
+            pyro.factor("penalty", -0.5 * c * xs**2)
+
+    assert spy.ScoreMatching("esm").loss(model, empty_guide, t(x)) == pytest.approx(expected, rel=1e-10)
+
+    def nmodel(x):
+        with numpyro.plate("data", x.shape[0]):
+            xs = numpyro.sample("x", ndist.Normal(0.0, 1.0), obs=x)
+            numpyro.factor("penalty", -0.5 * c * xs**2)
+
+    value = snp.ScoreMatching("esm").loss(KEY, {}, nmodel, empty_guide, jnp.asarray(x))
+    assert float(value) == pytest.approx(expected, rel=1e-10)

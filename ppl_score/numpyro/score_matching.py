@@ -202,7 +202,7 @@ class ScoreMatching(ELBO):
 
         # E_q[log q(z) - log p(z)]: every guide site (auxiliary ones included, as in
         # Trace_ELBO), the model's latent sites and factors, scaled
-        for name in cls.prior:
+        for name in sites.prior_sites(cls, dens.dependent):
             loss = loss - _log_prob_sum(model_trace[name])
         for site in guide_trace.values():
             if site["type"] == "sample":

@@ -187,10 +187,10 @@ class ScoreMatching(ELBO):
 
         # E_q[log q(z) - log p(z)]: every guide site (auxiliary ones included, as in
         # Trace_ELBO), the model's latent sites and factors, scaled and masked
-        prior_set = set(cls.prior)
-        model_trace.compute_log_prob(site_filter=lambda name, site: name in prior_set)
+        prior = sites.prior_sites(cls, dens.dependent)
+        model_trace.compute_log_prob(site_filter=lambda name, site: name in prior)
         guide_trace.compute_log_prob()
-        for name in cls.prior:
+        for name in prior:
             loss = loss - model_trace.nodes[name]["log_prob_sum"]
         for site in guide_trace.nodes.values():
             if site["type"] == "sample":
