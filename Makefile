@@ -6,7 +6,7 @@ PYTEST_ARGS ?=
 
 export MPLBACKEND := Agg
 
-.PHONY: install demo test bench bench-full clean
+.PHONY: install demo test lint bench bench-full clean
 
 install: $(STAMP)
 
@@ -21,6 +21,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 bench: install
 	@mkdir -p out/bench

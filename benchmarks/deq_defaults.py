@@ -42,7 +42,6 @@ reads the package as it is then.
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import sys

@@ -439,7 +439,6 @@ def test_torch_global_generator_used_without_generator(torch_backend, refs, rng)
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("method", METHODS)
 def test_torch_inputs_not_mutated(torch_backend, refs, rng, method, requires_grad):
-    torch = torch_backend.torch
     dens = refs.Gaussian.random(6, rng)
     x_np, proj_np, noise_np = _draw_case(rng, (2, 3))
     x = torch_backend.asarray(x_np).requires_grad_(requires_grad)

@@ -256,7 +256,7 @@ def main(argv=None) -> dict:
         print(f"  {name + ': SVI, calibrated beta = ' + format(r['beta'], '.4f'):44s} {r['cal'][0]:8.4f} "
               f"{r['cal'][1]:8.4f}")
         report[name] = dict(beta=r["beta"], sd_one=r["one"][1], sd_cal=r["cal"][1], sd_ratio=r["cal"][1] / sim.std())
-    print(f"  calibrated sd / sampling sd: " + ", ".join(f"{k} {v['sd_ratio']:.3f}" for k, v in report.items()))
+    print("  calibrated sd / sampling sd: " + ", ".join(f"{k} {v['sd_ratio']:.3f}" for k, v in report.items()))
     print(f"coverage of central credible intervals over {reps} data sets (Pyro calibrate_beta each; "
           f"beta mean {coverage['betas'].mean():.4f}, sd {coverage['betas'].std():.4f}):")
     print("  nominal     " + "  ".join(f"{v:6.2f}" for v in LEVELS))

@@ -23,7 +23,7 @@ update it once per step and return it as the new mutable state.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
