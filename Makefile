@@ -3,10 +3,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+DOCS_STAMP := $(VENV)/.installed-docs
+SPHINX_ARGS ?=
 
 export MPLBACKEND := Agg
 
-.PHONY: install demo test lint bench bench-full clean
+.PHONY: install demo test lint docs bench bench-full clean
 
 install: $(STAMP)
 
@@ -25,6 +27,16 @@ test: install
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+
+$(DOCS_STAMP): $(STAMP) pyproject.toml constraints.txt
+	$(PY) -m pip install -e ".[docs]" -c constraints.txt
+	touch $@
+
+# The HTML docs in out/docs/html, from scratch, warnings as errors, offline (no intersphinx).
+# Executes every tutorial in smoke mode (minutes); SPHINX_ARGS="-D plot_gallery=0" skips them.
+docs: $(DOCS_STAMP)
+	rm -rf out/docs docs/api/generated docs/tutorials
+	OMP_NUM_THREADS=1 $(PY) -m sphinx -b html -W --keep-going $(SPHINX_ARGS) docs out/docs/html
 
 bench: install
 	@mkdir -p out/bench

@@ -5,6 +5,7 @@ here; the training loop is ``ppl_score.torch.training`` or ``ppl_score.jax.train
 imported only when that backend is asked for.
 
 Metrics, on held-out data:
+
 - exact score-matching loss ``E[tr H(x) + 1/2 ||s(x)||^2]`` (``esm``); it equals the Fisher
   divergence minus ``1/2 E||s_true||^2``, so lower is better and, where the true density is
   known, the gap to the true density's own loss estimates the Fisher divergence;

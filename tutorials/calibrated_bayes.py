@@ -1,4 +1,7 @@
-"""Tutorial: calibrating the weight ``beta`` of a generalized (Hyvarinen-score) posterior.
+"""Calibrating the weight of a generalized posterior
+=================================================
+
+Tutorial: calibrating the weight ``beta`` of a generalized (Hyvarinen-score) posterior.
 
 ``ScoreMatching("esm", beta=beta)`` with a guide targets ``p(z) exp(-beta sum_i SM_i(z))``.
 The score-matching loss is not a log likelihood, its scale is arbitrary, and ``beta = 1``

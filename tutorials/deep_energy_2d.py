@@ -1,4 +1,7 @@
-"""Tutorial: a deep energy model on a 2-D mixture, fitted by sliced score matching and
+"""A deep energy model on a 2-D mixture
+====================================
+
+Tutorial: a deep energy model on a 2-D mixture, fitted by sliced score matching and
 sampled by Langevin dynamics, in Pyro and in NumPyro.
 
 The model is ``p(x) = exp(f_theta(x)) / Z(theta)`` with ``f_theta`` an MLP (softplus, plus a

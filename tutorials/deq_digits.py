@@ -1,4 +1,7 @@
-"""Tutorial: a deep equilibrium (DEQ) energy on the 8x8 digits, fitted by sliced score
+"""A deep equilibrium energy on the 8x8 digits
+===========================================
+
+Tutorial: a deep equilibrium (DEQ) energy on the 8x8 digits, fitted by sliced score
 matching through exact implicit differentiation, and sampled by Langevin dynamics.
 
 The energy is ``log p(x) = w^T z*(x) + c - quadratic/2 ||x||^2`` where ``z*`` is the fixed

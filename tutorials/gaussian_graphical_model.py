@@ -1,4 +1,7 @@
-"""Tutorial: a sparse Gaussian graphical model estimated by score matching.
+"""A sparse Gaussian graphical model
+=================================
+
+Tutorial: a sparse Gaussian graphical model estimated by score matching.
 
 Data ``x_i ~ N(0, P^{-1})`` in ``D = 10`` with a chain-graph precision ``P`` (tridiagonal:
 each coordinate talks only to its neighbours). The model writes the log density

@@ -1,4 +1,7 @@
-"""Tutorial: generalized Bayes with the Hyvarinen score for a model whose normalizer is
+"""Generalized Bayes with the Hyvarinen score
+==========================================
+
+Tutorial: generalized Bayes with the Hyvarinen score for a model whose normalizer is
 intractable, checked against NUTS and a closed form.
 
 Data: ``x_i`` from a Gaussian ``N(mu, Sigma)`` truncated to the positive orthant, in

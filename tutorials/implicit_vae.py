@@ -1,4 +1,7 @@
-"""Tutorial: a VAE with an implicit encoder on scikit-learn's 8x8 digits, scored by AIS.
+"""A VAE with an implicit encoder
+==============================
+
+Tutorial: a VAE with an implicit encoder on scikit-learn's 8x8 digits, scored by AIS.
 
 Binarized digits (pixel > 8/16), a Bernoulli decoder ``8 -> 128 -> 128 -> 64`` and four
 (encoder, loss) pairs, all NumPyro ``SVI`` in a jitted ``lax.scan`` with the same decoder,
@@ -8,6 +11,7 @@ optimizer (Adam 1e-3), batch (100) and number of steps:
 * implicit encoder ``z = f([x, eps])``, ``eps ~ N(0, I_8)`` (an MLP; no density), written
   ``numpyro.sample("z", Delta(f(x, eps), event_dim=1))``, trained with
   ``ppl_score.numpyro.implicit.ImplicitELBO`` and
+
   - a learned score network ``s_psi(z, x)`` of ``q(z|x)`` (context = the guide's input ``x``),
     one SSM-VR step per SVI step, one particle (Song et al. 2019);
   - the Stein estimator across 8 particles per digit (Li & Turner 2018);

@@ -1,4 +1,7 @@
-"""Tutorial: full-Jacobian flows trained by relative-gradient maximum likelihood (Gresele et
+"""Full-Jacobian flows by relative-gradient maximum likelihood
+===========================================================
+
+Tutorial: full-Jacobian flows trained by relative-gradient maximum likelihood (Gresele et
 al. 2020), in Pyro and NumPyro, and the same flow trained by score matching.
 
 A flow of dense ``D x D`` layers with a smooth leaky ReLU has the exact log-likelihood

@@ -1,4 +1,7 @@
-"""Tutorial: how well do score estimators recover grad log q from samples alone?
+"""Score estimators compared
+=========================
+
+Tutorial: how well do score estimators recover grad log q from samples alone?
 
 ``q`` is a Gaussian mixture (``K = 4`` unit-variance components, means on a sphere of radius
 2.5, so modes about 3.5 sd apart in every dimension) whose score is known in closed form.

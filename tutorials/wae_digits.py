@@ -1,4 +1,7 @@
-"""Tutorial: Wasserstein auto-encoders on scikit-learn's 8x8 digits, score vs MMD regularizer.
+"""Wasserstein auto-encoders on the 8x8 digits
+===========================================
+
+Tutorial: Wasserstein auto-encoders on scikit-learn's 8x8 digits, score vs MMD regularizer.
 
 A NumPyro (decoder model, deterministic encoder guide) pair, trained with plain ``SVI`` and
 ``ppl_score.numpyro.wae.WAE`` inside a jitted ``lax.scan``::

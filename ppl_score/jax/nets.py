@@ -13,7 +13,7 @@ from .checks import check_key
 
 
 def mlp_init(key, sizes, dtype=jnp.float32, zero_bias: bool = False):
-    """Layers ``sizes[0] -> ... -> sizes[-1]`` with torch's default ``nn.Linear`` init
+    """Layers of widths ``sizes`` (``sizes[0]`` in, ``sizes[-1]`` out) with torch's default ``nn.Linear`` init
     (uniform in +-1/sqrt(fan_in)); ``zero_bias``: biases start at zero (and each layer's key
     goes whole to its weights)."""
     key = check_key(key)

@@ -46,7 +46,7 @@ class InvertibleMLPTransform(Transform):
     ``log_abs_det_jacobian(z, x) = -log|det dg/dx|`` (exact, ``slogdet`` per layer).
 
     Args:
-        flow: the ``ppl_score.jax.flows.InvertibleMLP`` configuration.
+        flow (ppl_score.jax.flows.InvertibleMLP): the flow's configuration.
         params: its parameters ``(FlowLayer(W, b), ...)``.
     """
 

@@ -167,11 +167,11 @@ def site_log_density(
     vectorize: str = "plate",
     **kwargs,
 ) -> SiteDensity:
-    """The log density of the observed ``site`` of ``model(*args, **kwargs)`` in
+    r"""The log density of the observed ``site`` of ``model(*args, **kwargs)`` in
     unconstrained coordinates, vectorized over rows (see the module doc).
 
     Args:
-        model, site, *args, **kwargs: the model, its observed site, and its arguments.
+        model, site, \*args, \*\*kwargs: the model, its observed site, and its arguments.
         num_chains: independent chains.
         num_draws: ``None`` (site mode) or the new points each chain holds (draws mode, an
             ``Unnormalized`` site); the module doc and ``ppl_score.langevin.SiteLayout`` say
@@ -316,11 +316,11 @@ def langevin(
     progress_bar: bool = False,
     **kwargs,
 ) -> SiteSamples:
-    """Langevin chains (MALA, or ULA with ``adjusted=False``) on the observed ``site`` of a
+    r"""Langevin chains (MALA, or ULA with ``adjusted=False``) on the observed ``site`` of a
     fitted ``model(*args, **kwargs)`` (see the module doc).
 
     Args:
-        model, site, *args, **kwargs: the model, the observed site to sample, and the model's
+        model, site, \*args, \*\*kwargs: the model, the observed site to sample, and the model's
             arguments (they fix the site's shape and the other sites' values).
         key: a ``jax.random`` key (guide draws and the chains' noise).
         num_samples: states kept per chain (default 1000): every ``thin``-th of
@@ -397,12 +397,12 @@ def nuts(
     progress_bar: bool = False,
     **kwargs,
 ) -> SiteSamples:
-    """NumPyro's ``NUTS`` on the observed ``site`` through ``potential_fn``.
+    r"""NumPyro's ``NUTS`` on the observed ``site`` through ``potential_fn``.
 
     Args:
-        model, site, *args, **kwargs, key, num_chains, num_draws, init, params, guide,
-            latents, vectorize: as in ``langevin`` (in draws mode NUTS moves a chain's
-            ``num_draws`` points jointly, one trajectory on their product density).
+        model, site, \*args, \*\*kwargs, key, num_chains, num_draws, init, params, guide, latents, vectorize:
+            as in ``langevin`` (in draws mode NUTS moves a chain's ``num_draws`` points
+            jointly, one trajectory on their product density).
         num_samples: draws kept per chain (default 500).
         num_warmup: adaptation steps (default 500).
         kernel_options: keyword arguments of ``NUTS`` (e.g. ``target_accept_prob``).

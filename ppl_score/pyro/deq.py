@@ -1,4 +1,4 @@
-"""DEQ energies and score networks as ``PyroModule``s, for use inside Pyro models.
+"""DEQ energies and score networks as ``PyroModule`` instances, for use inside Pyro models.
 
 The math, options and backward modes are those of ``ppl_score.torch.deq``. Submodules are
 converted to ``PyroModule`` too, so every weight is a Pyro param (named after the module's

@@ -151,11 +151,11 @@ def site_log_density(
     latents: dict | None = None,
     **kwargs,
 ) -> SiteDensity:
-    """The log density of the observed ``site`` of ``model(*args, **kwargs)`` in
+    r"""The log density of the observed ``site`` of ``model(*args, **kwargs)`` in
     unconstrained coordinates, vectorized over rows (see the module doc).
 
     Args:
-        model, site, *args, **kwargs: the model, its observed site, and its arguments.
+        model, site, \*args, \*\*kwargs: the model, its observed site, and its arguments.
         num_chains: independent chains.
         num_draws: ``None`` (site mode) or the new points each chain holds (draws mode, an
             ``Unnormalized`` site); the module doc and ``ppl_score.langevin.SiteLayout`` say
@@ -269,11 +269,11 @@ def langevin(
     progress_bar: bool = False,
     **kwargs,
 ) -> SiteSamples:
-    """Langevin chains (MALA, or ULA with ``adjusted=False``) on the observed ``site`` of a
+    r"""Langevin chains (MALA, or ULA with ``adjusted=False``) on the observed ``site`` of a
     fitted ``model(*args, **kwargs)`` (see the module doc).
 
     Args:
-        model, site, *args, **kwargs: the model, the observed site to sample, and the model's
+        model, site, \*args, \*\*kwargs: the model, the observed site to sample, and the model's
             arguments (they fix the site's shape and the other sites' values).
         num_samples: states kept per chain (default 1000): every ``thin``-th of
             ``num_samples * thin`` steps after the warm-up.
@@ -344,10 +344,10 @@ def nuts(
     warmup_steps: int | None = None,
     **kwargs,
 ) -> SiteSamples:
-    """Pyro's ``NUTS`` on the observed ``site`` through ``potential_fn``.
+    r"""Pyro's ``NUTS`` on the observed ``site`` through ``potential_fn``.
 
     Args:
-        model, site, *args, **kwargs, num_chains, num_draws, init, guide, latents: as in
+        model, site, \*args, \*\*kwargs, num_chains, num_draws, init, guide, latents: as in
             ``langevin`` (in draws mode NUTS moves a chain's ``num_draws`` points jointly,
             one trajectory on their product density).
         num_samples: draws kept per chain (default 500).

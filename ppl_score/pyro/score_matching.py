@@ -82,8 +82,8 @@ class ScoreMatching(ELBO):
         ``Trace_ELBO(vectorize_particles=True)``); default: vectorized when
         ``num_particles > 1``, falling back (with a ``RuntimeWarning``, once) to one trace per
         particle for a model that does not broadcast; ``False``: one trace per particle.
-    :param max_plate_nesting, retain_graph, strict_enumeration_warning,
-        ignore_jit_warnings, jit_options: as in :class:`~pyro.infer.ELBO`.
+    :param max_plate_nesting, retain_graph, strict_enumeration_warning, ignore_jit_warnings, jit_options:
+        as in :class:`~pyro.infer.ELBO`.
     :param options: the method's options (``n_projections``, ``projection``, ``sigma``,
         ``eps``); unknown options or bad values raise here.
 
@@ -324,18 +324,24 @@ _OPS = _TorchOps()
 
 
 class _TrackObserved(Messenger):
-    """Hands the model a fresh leaf that requires grad for each observed floating value (one
-    that already requires grad is kept), so that a distribution built from it is visible to
-    autograd (``_find_dependencies``). The user's tensor is not modified."""
+    """Hands the model a fresh leaf that requires grad for each observed value of a continuous
+    site (integer data of a continuous site as a float leaf), so that a distribution built
+    from it is visible to autograd (``_find_dependencies``). The user's tensor is not
+    modified (and one that requires grad is detached: the loss does not differentiate in the
+    observed data)."""
 
     def _pyro_sample(self, msg):
         value = msg["value"]
         if (
             msg["is_observed"]
             and isinstance(value, torch.Tensor)
-            and value.is_floating_point()
-            and not value.requires_grad
+            and not msg["infer"].get("_deterministic", False)
+            and not msg["infer"].get("is_auxiliary", False)
         ):
+            if not value.is_floating_point():
+                if msg["fn"].support.is_discrete:
+                    return
+                value = value.to(torch.get_default_dtype())
             msg["value"] = value.detach().requires_grad_(True)
 
 
@@ -366,15 +372,19 @@ def _find_dependencies(model_trace, cls) -> dict:
     return found
 
 
+_PLAIN = (bool, int, float, str, type(None), torch.Size, torch.dtype, torch.device, constraints.Constraint)
+
+
 def _distribution_tensors(fn, depth: int = 0):
     """The tensors a distribution is made of (through its base distributions, transforms
-    and lists of them), or None when it holds anything callable (code that may close over a
-    matched value)."""
+    and lists of them), or None when it holds anything else (code that may close over a
+    matched value, or objects such as ``GaussianHMM``'s Gaussians): then the caller asks
+    autograd about its log density instead."""
     if depth > 8:
         return None
     out = []
     for value in vars(fn).values():
-        items = value if isinstance(value, (list, tuple)) else (value,)
+        items = value if isinstance(value, (list, tuple)) and not isinstance(value, torch.Size) else (value,)
         for v in items:
             if isinstance(v, torch.Tensor):
                 out.append(v)
@@ -383,7 +393,7 @@ def _distribution_tensors(fn, depth: int = 0):
                 if inner is None:
                     return None
                 out.extend(inner)
-            elif callable(v) and not isinstance(v, (type, constraints.Constraint)):
+            elif not isinstance(v, _PLAIN):
                 return None
     return out
 
@@ -448,10 +458,14 @@ def _make_rerun(model_trace, cls, deps, context, max_plate_nesting):
             if value is not None:
                 cleaned[j] = value
     involved = tuple(dict.fromkeys(cls.matched + deps.dependent))
+    # each site's log density must come back as [k, 1.., *its batch shape]: a model whose
+    # sites do not broadcast over the copies' plate (e.g. a sum over a plate's dim that drops
+    # it) would mix the copies, so it is re-executed one copy at a time instead
+    batch = {name: tuple(nodes[name]["fn"].batch_shape) for name in involved}
     replayed = poutine.replay(model, trace=full)
+    per_copy = []
 
-    def rerun(values):
-        k = next(iter(values.values())).shape[0]
+    def run(values, k):
         data = dict(cleaned)
         for name, v in values.items():
             pad = depth - (v.dim() - 1 - event_dim[name])
@@ -459,6 +473,23 @@ def _make_rerun(model_trace, cls, deps, context, max_plate_nesting):
         with poutine.block(hide_types=["sample"]), pyro.plate(_COPIES, k, dim=-(depth + 1)):
             tr = poutine.trace(poutine.condition(replayed, data=data)).get_trace(*args, **kwargs)
         return {name: sites.masked_log_prob(_OPS, tr.nodes[name]) for name in involved}
+
+    def aligned(lps, k):
+        for name, lp in lps.items():
+            expected = sites.broadcast_shapes((k,) + (1,) * depth, batch[name])
+            if expected is None or tuple(lp.shape) != expected:
+                return False
+        return True
+
+    def rerun(values):
+        k = next(iter(values.values())).shape[0]
+        if not per_copy:
+            lps = run(values, k)
+            if k == 1 or aligned(lps, k):
+                return lps
+            per_copy.append(True)
+        parts = [run({name: v[c : c + 1] for name, v in values.items()}, 1) for c in range(k)]
+        return {name: torch.cat([p[name] for p in parts]) for name in involved}
 
     return rerun
 

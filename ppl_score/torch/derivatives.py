@@ -112,7 +112,7 @@ def score(fn, kind: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def quadratic_form(s: torch.Tensor, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``v^T H v`` per example from the graph of ``s(x)``: ``v . grad_x (s . v)``."""
+    """``v^T H v`` per example from the graph of ``s(x)``: ``v^T grad_x (v^T s)``."""
     hv = _grad((s * v).sum(), x)
     return (hv * v).reshape(v.shape[0], -1).sum(-1)
 

@@ -268,7 +268,7 @@ class ScoreMLP(nn.Module):
 class LearnedScoreEstimator:
     """A score network ``s_psi`` fitted online to samples of a moving ``q`` by score matching.
 
-    ``update(samples, context)`` takes ``n_steps`` optimizer steps (default 10) of
+    ``update(samples, context)`` takes ``n_steps`` optimizer steps (default 10) of::
 
         min_psi  score_matching_loss(s_psi, samples.detach(), method, kind="score", **options)
 
