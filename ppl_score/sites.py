@@ -189,8 +189,8 @@ def classify(nodes: Mapping[str, dict], sites: tuple | None) -> Classified:
     ones (every observed site, or those named in ``sites``)."""
     order, observed, latent, prior = [], [], [], []
     for name, site in nodes.items():
-        if site["type"] != "sample":
-            continue
+        if site["type"] != "sample" or site["infer"].get("_deterministic", False):
+            continue  # a Pyro deterministic site is recorded as an observed point mass
         order.append(name)
         if not site["is_observed"]:
             latent.append(name)
@@ -287,8 +287,10 @@ def site_block(ops: ArrayOps, name: str, site: dict) -> Block:
     blk.mask = combine_masks(ops, name, batch, site.get("mask"), fn_mask)
     u = value if blk.transform is None else blk.transform.inv(value)
     if blk.mask is not None:
-        # masked entries may hold anything (obs_mask allows NaN): use a finite stand-in
-        u = ops.where(blk.mask.reshape(batch + (1,) * (u.ndim - len(batch))), u, 0.0)
+        # masked entries keep their data (a dependent site sees them as the model does); only
+        # non-finite ones (obs_mask allows NaN, or out of the support) get a finite stand-in
+        keep = blk.mask.reshape(batch + (1,) * (u.ndim - len(batch)))
+        u = ops.where(keep | ops.xp.isfinite(u), u, 0.0)
         value = ops.where(blk.mask.reshape(batch + (1,) * (value.ndim - len(batch))), value, 0.0)
     if is_validation_enabled() and ops.all_finite(u) is False:
         # one host sync in the common (finite) case; tell the two causes apart on failure
@@ -483,6 +485,10 @@ def matched_density(
         values = {}
         for blk in blocks:
             u = rows[:, blk.start : blk.stop].reshape((k,) + blk.batch + blk.uevent)
+            if joint and blk.mask is not None:
+                # a masked entry is not matched: dependent sites see its data, and its score is 0
+                keep = blk.mask.reshape(blk.batch + (1,) * len(blk.uevent))
+                u = ops.where(keep, u, blk.u)
             if not joint:
                 lp = unconstrained_log_prob(ops, blk, u)
             elif blk.transform is None:

@@ -453,3 +453,153 @@ def test_a_factor_depending_on_a_matched_value_joins_the_joint_density(rng):
 
     value = snp.ScoreMatching("esm").loss(KEY, {}, nmodel, empty_guide, jnp.asarray(x))
     assert float(value) == pytest.approx(expected, rel=1e-10)
+
+
+# ---------------------------------------------------------------------------------------
+# Regressions found in review: deterministic sites, integer and grad-carrying data,
+# distributions of non-tensor parts, models that do not broadcast over the copies, masks
+# ---------------------------------------------------------------------------------------
+
+
+def _esm(fn, x):
+    return storch.score_matching_loss(fn, x, "esm", reduction="sum").item()
+
+
+def test_deterministic_sites_are_recomputed_not_matched(rng):
+    x, y = t(rng.normal(size=N)), t(rng.normal(size=N))
+
+    def model(x, y):
+        with pyro.plate("d", N):
+            xs = pyro.sample("x", pdist.Normal(t(0.0), t(1.0)), obs=x)
+            h = pyro.deterministic("h", xs**2, event_dim=0)
+            pyro.sample("y", pdist.Normal(h, t(1.0)), obs=y)
+
+    only_x = _esm(lambda r: pdist.Normal(t(0.0), t(1.0)).log_prob(r[:, 0]) + pdist.Normal(r[:, 0] ** 2, t(1.0)).log_prob(y),
+                  x[:, None])
+    assert spy.ScoreMatching("esm", sites=["x"]).loss(model, empty_guide, x, y) == pytest.approx(only_x, rel=1e-10)
+
+    def joint(r):
+        return pdist.Normal(t(0.0), t(1.0)).log_prob(r[:, 0]) + pdist.Normal(r[:, 0] ** 2, t(1.0)).log_prob(r[:, 1])
+
+    both_sites = _esm(joint, torch.stack([x, y], -1))
+    assert spy.ScoreMatching("esm").loss(model, empty_guide, x, y) == pytest.approx(both_sites, rel=1e-10)
+
+
+def test_integer_data_and_data_that_requires_grad_keep_their_dependencies(rng):
+    y = t(rng.normal(size=N))
+
+    def model(x, y):
+        with pyro.plate("d", N):
+            xs = pyro.sample("x", pdist.Normal(t(0.0), t(1.0)), obs=x)
+            pyro.sample("y", pdist.Normal(xs**2, t(1.0)), obs=y)
+
+    elbo = spy.ScoreMatching("esm", sites=["x"])
+    # integer data are read in the default float dtype (float32 here): compare at its precision
+    for x, rel in ((torch.tensor([1, -2, 0, 3, 1, 2]), 1e-6),
+                   (t(rng.normal(size=N)) * torch.tensor(2.0, dtype=F64, requires_grad=True), 1e-10)):
+        xf = x.detach().to(F64)
+        expected = _esm(lambda r: pdist.Normal(t(0.0), t(1.0)).log_prob(r[:, 0])
+                        + pdist.Normal(r[:, 0] ** 2, t(1.0)).log_prob(y), xf[:, None])
+        assert elbo.loss(model, empty_guide, x, y) == pytest.approx(expected, rel=rel)
+
+
+def test_a_dependent_distribution_made_of_non_tensor_parts(rng):
+    """``GaussianHMM`` keeps its parameters in Gaussian objects: asked through autograd."""
+    x, y = t(rng.normal(size=1)), t(rng.normal(size=(3, 1)))
+
+    def hmm(loc):
+        init = pdist.Normal(loc.reshape(-1, 1), t(1.0)).to_event(1)
+        return pdist.GaussianHMM(init, torch.eye(1, dtype=F64), pdist.Normal(torch.zeros(1, dtype=F64), t(1.0)).to_event(1),
+                                 torch.eye(1, dtype=F64), pdist.Normal(torch.zeros(1, dtype=F64), t(0.5)).to_event(1),
+                                 duration=3)
+
+    def model(x, y):
+        xs = pyro.sample("x", pdist.Normal(t(0.0), t(1.0)).expand([1]).to_event(1), obs=x)
+        pyro.sample("y", hmm(xs), obs=y)
+
+    expected = _esm(lambda r: pdist.Normal(t(0.0), t(1.0)).log_prob(r).sum(-1) + hmm(r).log_prob(y), x[None])
+    assert spy.ScoreMatching("esm", sites=["x"]).loss(model, empty_guide, x, y) == pytest.approx(expected, rel=1e-10)
+
+
+def test_a_model_that_does_not_broadcast_over_the_copies_runs_one_copy_at_a_time(rng):
+    """``y ~ N(sum(x), 1)`` outside the plate: its loc drops the plate dim, so the perturbed
+    copies of ``fd_ssm`` would meet in one batch; they are re-executed one at a time."""
+    x, y = t(rng.normal(size=N)), t(rng.normal(size=1))
+
+    def model(x, y):
+        with pyro.plate("d", N):
+            xs = pyro.sample("x", pdist.Normal(t(0.0), t(1.0)), obs=x)
+        pyro.sample("y", pdist.Normal(xs.sum(-1), t(1.0)), obs=y[0])
+
+    def joint(r):  # r [k, N]
+        return pdist.Normal(t(0.0), t(1.0)).log_prob(r).sum(-1) + pdist.Normal(r.sum(-1), t(1.0)).log_prob(y[0])
+
+    for method in ("fd_ssm", "ssm_vr"):
+        opts = {"n_projections": 3} if method == "fd_ssm" else {}
+        pyro.set_rng_seed(4)
+        value = spy.ScoreMatching(method, sites=["x"], **opts).loss(model, empty_guide, x, y)
+        pyro.set_rng_seed(4)
+        direct = storch.score_matching_loss(joint, x[None], method, reduction="sum", **opts).item()
+        assert value == pytest.approx(direct, rel=1e-10)
+
+
+def test_masked_entries_are_held_at_their_data_in_dependent_densities(rng):
+    """A masked entry of a matched site is not matched (zero score) and a dependent site sees
+    its data, as ``Trace_ELBO``'s model would."""
+    x, y = rng.normal(size=N), rng.normal(size=1)
+    keep = np.array([True, False, True, True, False, True])
+    rest = x[~keep].sum()
+
+    def joint(r):  # the unmasked entries
+        return pdist.Normal(t(0.0), t(1.0)).log_prob(r).sum(-1) + pdist.Normal(r.sum(-1) + rest, t(1.0)).log_prob(t(y[0]))
+
+    expected = _esm(joint, t(x[keep])[None])
+
+    def model(x, y):
+        with pyro.plate("d", N), poutine.mask(mask=torch.as_tensor(keep)):
+            xs = pyro.sample("x", pdist.Normal(t(0.0), t(1.0)), obs=x)
+        pyro.sample("y", pdist.Normal(xs.sum(-1), t(1.0)), obs=y[0])
+
+    assert spy.ScoreMatching("esm", sites=["x"]).loss(model, empty_guide, t(x), t(y)) == pytest.approx(expected, rel=1e-10)
+
+    def nmodel(x, y):
+        with numpyro.plate("d", N), numpyro.handlers.mask(mask=keep):
+            xs = numpyro.sample("x", ndist.Normal(0.0, 1.0), obs=x)
+        numpyro.sample("y", ndist.Normal(xs.sum(-1), 1.0), obs=y[0])
+
+    value = snp.ScoreMatching("esm", sites=["x"]).loss(KEY, {}, nmodel, empty_guide, jnp.asarray(x), jnp.asarray(y))
+    assert float(value) == pytest.approx(expected, rel=1e-10)
+
+
+def test_obs_mask_with_a_dependent_site(rng):
+    """``obs_mask`` (Pyro: a deterministic ``where`` of ``x_observed`` and the latent
+    ``x_unobserved``): the dependent ``y`` sees the observed entries through the matched
+    ``x_observed`` and the missing ones through the guide's values."""
+    x, y, fill = rng.normal(size=N), rng.normal(size=N), rng.normal(size=N)
+    keep = np.array([True, False, True, True, False, True])
+    x_bad = np.where(keep, x, np.nan)
+    expected = ((0.5 * (y - 2 * x) ** 2 - 2) * keep).sum() + 0.5 * (fill[~keep] ** 2).sum() + 0.5 * np.log(2 * np.pi) * (~keep).sum()
+
+    def model(x, y):
+        with pyro.plate("d", N):
+            xs = pyro.sample("x", pdist.Normal(t(0.0), t(1.0)), obs=x, obs_mask=torch.as_tensor(keep))
+            pyro.sample("y", pdist.Normal(xs, t(1.0)), obs=y)
+
+    def guide(x, y):
+        with pyro.plate("d", N):
+            pyro.sample("x_unobserved", pdist.Delta(t(fill)))
+
+    value = spy.ScoreMatching("esm", sites=["x_observed"]).loss(model, guide, t(x_bad), t(y))
+    assert value == pytest.approx(expected, rel=1e-10)
+
+    def nmodel(x, y):
+        with numpyro.plate("d", N):
+            xs = numpyro.sample("x", ndist.Normal(0.0, 1.0), obs=x, obs_mask=keep)
+            numpyro.sample("y", ndist.Normal(xs, 1.0), obs=y)
+
+    def nguide(x, y):
+        with numpyro.plate("d", N):
+            numpyro.sample("x_unobserved", ndist.Delta(jnp.asarray(fill)))
+
+    nvalue = snp.ScoreMatching("esm", sites=["x_observed"]).loss(KEY, {}, nmodel, nguide, jnp.asarray(x_bad), jnp.asarray(y))
+    assert float(nvalue) == pytest.approx(expected, rel=1e-10)
