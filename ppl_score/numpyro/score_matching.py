@@ -75,16 +75,17 @@ class ScoreMatching(ELBO):
     Randomness: each particle's key is split into ``(model, guide, objective)`` keys; the
     objective's key draws the projections / noise of ``method``.
 
-    :param str method: one of ``ppl_score.spec.OBJECTIVES``: ``"esm"``, ``"ssm"``,
-        ``"ssm_vr"`` (default), ``"dsm"``, ``"fd_ssm"``, ``"fd_dsm"``.
-    :param sites: names of the observed sites to match (default: all of them).
-    :param float beta: weight of the score-matching term (the generalized Bayes
-        temperature); default 1. ``ppl_score.numpyro.calibrate_beta`` chooses a calibrated one.
-    :param int num_particles: guide samples averaged per step.
-    :param vectorize_particles: as in :class:`~numpyro.infer.ELBO`: ``vmap`` over particles
-        (default, True), ``jax.lax.map`` (False), or a map function.
-    :param options: the method's options (``n_projections``, ``projection``, ``sigma``,
-        ``eps``); unknown options or bad values raise here.
+    Args:
+        method (str): one of ``ppl_score.spec.OBJECTIVES``: ``"esm"``, ``"ssm"``,
+            ``"ssm_vr"`` (default), ``"dsm"``, ``"fd_ssm"``, ``"fd_dsm"``.
+        sites: names of the observed sites to match (default: all of them).
+        beta (float): weight of the score-matching term (the generalized Bayes
+            temperature); default 1. ``ppl_score.numpyro.calibrate_beta`` chooses a calibrated one.
+        num_particles (int): guide samples averaged per step.
+        vectorize_particles: as in :class:`~numpyro.infer.ELBO`: ``vmap`` over particles
+            (default, True), ``jax.lax.map`` (False), or a map function.
+        **options: the method's options (``n_projections``, ``projection``, ``sigma``,
+            ``eps``); unknown options or bad values raise here.
 
     References: Hyvarinen (2005) JMLR 6; Song, Garg, Shi, Ermon (2019) UAI; Vincent
     (2011) Neural Computation 23; Pang et al. (2020) NeurIPS; generalized Bayes with the

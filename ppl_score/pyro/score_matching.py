@@ -71,21 +71,22 @@ class ScoreMatching(ELBO):
       and reparameterized in the guide; a latent site whose distribution depends on a
       matched value is a ``ValueError``.
 
-    :param str method: one of ``ppl_score.spec.OBJECTIVES``: ``"esm"``, ``"ssm"``,
-        ``"ssm_vr"`` (default), ``"dsm"``, ``"fd_ssm"``, ``"fd_dsm"``.
-    :param sites: names of the observed sites to match (default: all of them).
-    :param float beta: weight of the score-matching term (the generalized Bayes
-        temperature); default 1. ``ppl_score.pyro.calibrate_beta`` chooses a calibrated one.
-    :param int num_particles: guide samples averaged per step.
-    :param vectorize_particles: draw the ``num_particles`` samples in one vectorized trace
-        (an outer ``pyro.plate``, so the model and guide must broadcast as with
-        ``Trace_ELBO(vectorize_particles=True)``); default: vectorized when
-        ``num_particles > 1``, falling back (with a ``RuntimeWarning``, once) to one trace per
-        particle for a model that does not broadcast; ``False``: one trace per particle.
-    :param max_plate_nesting, retain_graph, strict_enumeration_warning, ignore_jit_warnings, jit_options:
-        as in :class:`~pyro.infer.ELBO`.
-    :param options: the method's options (``n_projections``, ``projection``, ``sigma``,
-        ``eps``); unknown options or bad values raise here.
+    Args:
+        method (str): one of ``ppl_score.spec.OBJECTIVES``: ``"esm"``, ``"ssm"``,
+            ``"ssm_vr"`` (default), ``"dsm"``, ``"fd_ssm"``, ``"fd_dsm"``.
+        sites: names of the observed sites to match (default: all of them).
+        beta (float): weight of the score-matching term (the generalized Bayes
+            temperature); default 1. ``ppl_score.pyro.calibrate_beta`` chooses a calibrated one.
+        num_particles (int): guide samples averaged per step.
+        vectorize_particles: draw the ``num_particles`` samples in one vectorized trace
+            (an outer ``pyro.plate``, so the model and guide must broadcast as with
+            ``Trace_ELBO(vectorize_particles=True)``); default: vectorized when
+            ``num_particles > 1``, falling back (with a ``RuntimeWarning``, once) to one trace per
+            particle for a model that does not broadcast; ``False``: one trace per particle.
+        max_plate_nesting, retain_graph, strict_enumeration_warning, ignore_jit_warnings, jit_options:
+            as in :class:`~pyro.infer.ELBO`.
+        **options: the method's options (``n_projections``, ``projection``, ``sigma``,
+            ``eps``); unknown options or bad values raise here.
 
     References: Hyvarinen (2005) JMLR 6; Song, Garg, Shi, Ermon (2019) UAI; Vincent
     (2011) Neural Computation 23; Pang et al. (2020) NeurIPS; generalized Bayes with the
