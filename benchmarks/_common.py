@@ -171,7 +171,9 @@ def torch_peak_bytes(fn: Callable[[], object]) -> int:
     finally:
         with _quiet_stderr():
             prof.stop()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
+    events = [
+        e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
+    ]
     events.sort(key=lambda e: e.start_ns())
     live = peak = 0
     for e in events:

@@ -71,9 +71,30 @@ GAMMAS = (0.5, 0.9)
 DEQ_OPTIONS = dict(tol=1e-4, max_iter=50, phantom_steps=2, on_nonconvergence="ignore")
 EVAL_SOLVER = dict(tol=1e-5, max_iter=500, on_nonconvergence="warn")  # see eval_config
 
-FULL = dict(lr=LR, seeds=(0, 1, 2), gammas=GAMMAS, width=128, steps=500, n_eval=1000, depths=DEPTHS, tasks=TASKS, backwards=DEQ_BACKWARDS, solvers=DEQ_SOLVERS)
-QUICK = dict(lr=LR, seeds=(0,), gammas=(0.9,), width=32, steps=30, n_eval=128, depths=(2, 5, 40), tasks=("mixture16",), backwards=("implicit",),
-             solvers=DEQ_SOLVERS)
+FULL = dict(
+    lr=LR,
+    seeds=(0, 1, 2),
+    gammas=GAMMAS,
+    width=128,
+    steps=500,
+    n_eval=1000,
+    depths=DEPTHS,
+    tasks=TASKS,
+    backwards=DEQ_BACKWARDS,
+    solvers=DEQ_SOLVERS,
+)
+QUICK = dict(
+    lr=LR,
+    seeds=(0,),
+    gammas=(0.9,),
+    width=32,
+    steps=30,
+    n_eval=128,
+    depths=(2, 5, 40),
+    tasks=("mixture16",),
+    backwards=("implicit",),
+    solvers=DEQ_SOLVERS,
+)
 
 
 # --------------------------------------------------------------------------------- data
@@ -103,7 +124,11 @@ def load_task(task: str, seed: int):
         return train.astype(np.float32), test.astype(np.float32), lambda x: datasets.mixture_score(x, mix)
     if task == "digits":
         ds = datasets.load_digits(scaling="unit", seed=seed)
-        return ds.train.reshape(len(ds.train), -1).astype(np.float32), ds.test.reshape(len(ds.test), -1).astype(np.float32), None
+        return (
+            ds.train.reshape(len(ds.train), -1).astype(np.float32),
+            ds.test.reshape(len(ds.test), -1).astype(np.float32),
+            None,
+        )
     raise ValueError(f"unknown task {task!r}")
 
 
@@ -130,7 +155,9 @@ def torch_model(model: str, depth: int, backward: str, solver: str, gamma, dim: 
 
     torch.manual_seed(seed)
     if model == "deq":
-        return deq.DEQEnergy(dim, width, quadratic=QUADRATIC, backward=backward, solver=solver, gamma=gamma, **DEQ_OPTIONS)
+        return deq.DEQEnergy(
+            dim, width, quadratic=QUADRATIC, backward=backward, solver=solver, gamma=gamma, **DEQ_OPTIONS
+        )
     return nets.MLPEnergy(dim, (width,) * depth, quadratic=QUADRATIC)
 
 
@@ -198,13 +225,22 @@ def torch_row(task, objective, model, depth, backward, solver, gamma, cfg, data,
     iters = None
     if model == "deq":
         with torch.no_grad():
-            iters = float(np.mean([module(xb) is not None and module.last_info.iterations
-                                   for xb in torch.as_tensor(test[: cfg["n_eval"]]).split(BATCH)]))
+            iters = float(
+                np.mean(
+                    [
+                        module(xb) is not None and module.last_info.iterations
+                        for xb in torch.as_tensor(test[: cfg["n_eval"]]).split(BATCH)
+                    ]
+                )
+            )
         module.deq.config = eval_config(module.deq.config)
     sm, fisher = torch_evaluate(module, test, score_true, cfg["n_eval"])
     return {
-        "peak_mem_mb": torch_peak_mb(task, objective, model, depth, backward, solver, gamma, cfg["width"], cfg["lr"], data, seed)
-        if measure_memory else None,
+        "peak_mem_mb": torch_peak_mb(
+            task, objective, model, depth, backward, solver, gamma, cfg["width"], cfg["lr"], data, seed
+        )
+        if measure_memory
+        else None,
         "step_ms": 1e3 * float(np.median(times[1:] if len(times) > 1 else times)),
         "test_sm_loss": sm,
         "fisher": fisher,
@@ -225,7 +261,9 @@ def jax_model(model: str, depth: int, backward: str, solver: str, gamma, dim: in
     key = jax.random.PRNGKey(seed)
     if model == "deq":
         config = deq.deq_config(backward=backward, solver=solver, gamma=gamma, **DEQ_OPTIONS)
-        energies = (lambda p, x, c=c: deq.deq_energy_apply(p, x, c, quadratic=QUADRATIC) for c in (config, eval_config(config)))
+        energies = (
+            lambda p, x, c=c: deq.deq_energy_apply(p, x, c, quadratic=QUADRATIC) for c in (config, eval_config(config))
+        )
         return deq.deq_energy_init(key, dim, width), *energies
     energy = lambda p, x: nets.energy_apply(p, x, quadratic=QUADRATIC)  # noqa: E731
     return nets.energy_init(key, dim, (width,) * depth), energy, energy
@@ -244,7 +282,9 @@ def jax_row(task, objective, model, depth, backward, solver, gamma, cfg, data, s
     state = opt.init(params)
 
     def train_step(params, state, x, key):
-        loss, grads = jax.value_and_grad(lambda p: score_matching_loss(lambda y: energy(p, y), x, objective, key=key))(params)
+        loss, grads = jax.value_and_grad(lambda p: score_matching_loss(lambda y: energy(p, y), x, objective, key=key))(
+            params
+        )
         updates, state = opt.update(grads, state, params)
         return optax.apply_updates(params, updates), state, loss
 
@@ -332,7 +372,9 @@ def check_targets(rows):
                     se = diff.std(ddof=1) / math.sqrt(len(diff))
                     part += f" (DEQ - depth-5: {diff.mean():+.3f} +- {se:.3f} over {len(diff)} seeds)"
                 parts.append(part)
-            lines.append(f"{'/'.join(g)} deq[{d['backward']}, {d['solver']}, gamma={d['gamma']:g}]: " + "; ".join(parts))
+            lines.append(
+                f"{'/'.join(g)} deq[{d['backward']}, {d['solver']}, gamma={d['gamma']:g}]: " + "; ".join(parts)
+            )
     return lines
 
 
@@ -347,8 +389,13 @@ def main(argv=None) -> None:
     p.add_argument("--solvers", nargs="+", choices=DEQ_SOLVERS, default=None, help="DEQ forward/adjoint solvers")
     p.add_argument("--gammas", nargs="+", type=float, default=None, help="DEQ contraction bounds (one row each)")
     p.add_argument("--lr", type=float, default=None, help=f"Adam learning rate, every model (default {LR:g})")
-    p.add_argument("--seeds", nargs="+", type=int, default=None,
-                   help="training seeds (initialization, batches, projections); the data use --seed")
+    p.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=None,
+        help="training seeds (initialization, batches, projections); the data use --seed",
+    )
     args = p.parse_args(argv)
     if args.lr is not None and not args.lr > 0:
         p.error(f"--lr must be > 0, got {args.lr}")
@@ -372,15 +419,28 @@ def main(argv=None) -> None:
                 models += [("deq", 0, b, s, g) for g in cfg["gammas"] for b in cfg["backwards"] for s in cfg["solvers"]]
                 for model, depth, backward, solver, gamma in models:
                     t0 = time.perf_counter()
-                    runs = [run_row(task, objective, model, depth, backward, solver, gamma, cfg, data, seed, i == 0)
-                            for i, seed in enumerate(cfg["seeds"])]
-                    row = {"backend": backend, "task": task, "objective": objective, "model": model,
-                           "depth": float(np.mean([r["solver_iters"] for r in runs])) if model == "deq" else depth,
-                           "backward": backward, "solver": solver, "gamma": gamma, "width": cfg["width"], "steps": cfg["steps"],
-                           "lr": cfg["lr"], "seeds": list(cfg["seeds"]), "peak_mem_mb": runs[0]["peak_mem_mb"],
-                           "step_ms": float(np.median([r["step_ms"] for r in runs])),
-                           **seed_summary("test_sm_loss", [r["test_sm_loss"] for r in runs]),
-                           **seed_summary("fisher", [r["fisher"] for r in runs])}
+                    runs = [
+                        run_row(task, objective, model, depth, backward, solver, gamma, cfg, data, seed, i == 0)
+                        for i, seed in enumerate(cfg["seeds"])
+                    ]
+                    row = {
+                        "backend": backend,
+                        "task": task,
+                        "objective": objective,
+                        "model": model,
+                        "depth": float(np.mean([r["solver_iters"] for r in runs])) if model == "deq" else depth,
+                        "backward": backward,
+                        "solver": solver,
+                        "gamma": gamma,
+                        "width": cfg["width"],
+                        "steps": cfg["steps"],
+                        "lr": cfg["lr"],
+                        "seeds": list(cfg["seeds"]),
+                        "peak_mem_mb": runs[0]["peak_mem_mb"],
+                        "step_ms": float(np.median([r["step_ms"] for r in runs])),
+                        **seed_summary("test_sm_loss", [r["test_sm_loss"] for r in runs]),
+                        **seed_summary("fisher", [r["fisher"] for r in runs]),
+                    }
                     rows.append(row)
                     print(
                         f"{backend:5s} {task:9s} {objective:6s} {model:8s} depth={C.fmt(float(row['depth']), '.1f'):>5s} "
@@ -389,16 +449,39 @@ def main(argv=None) -> None:
                         f"fisher={C.fmt(row['fisher'], '.3f')} ({time.perf_counter() - t0:.0f} s)",
                         flush=True,
                     )
-    headers = ["backend", "task", "objective", "model", "depth", "backward", "solver", "gamma", "peak MB", "step ms",
-               "test SM (± se)", "Fisher (± se)"]
+    headers = [
+        "backend",
+        "task",
+        "objective",
+        "model",
+        "depth",
+        "backward",
+        "solver",
+        "gamma",
+        "peak MB",
+        "step ms",
+        "test SM (± se)",
+        "Fisher (± se)",
+    ]
 
     def pm(r, name):
         return C.fmt(r[name], ".3f") + ("" if r[f"{name}_se"] is None else f" ± {r[f'{name}_se']:.3f}")
 
     table = [
-        [r["backend"], r["task"], r["objective"], r["model"], C.fmt(r["depth"], ".1f" if r["model"] == "deq" else "d"),
-         r["backward"], r["solver"], C.fmt(r["gamma"], ".1f"), C.fmt(r["peak_mem_mb"], ".2f"), C.fmt(r["step_ms"], ".1f"), pm(r, "test_sm_loss"),
-         pm(r, "fisher")]
+        [
+            r["backend"],
+            r["task"],
+            r["objective"],
+            r["model"],
+            C.fmt(r["depth"], ".1f" if r["model"] == "deq" else "d"),
+            r["backward"],
+            r["solver"],
+            C.fmt(r["gamma"], ".1f"),
+            C.fmt(r["peak_mem_mb"], ".2f"),
+            C.fmt(r["step_ms"], ".1f"),
+            pm(r, "test_sm_loss"),
+            pm(r, "fisher"),
+        ]
         for r in rows
     ]
     print()
@@ -406,11 +489,19 @@ def main(argv=None) -> None:
     print()
     for line in check_targets(rows):
         print(line)
-    meta = {**C.environment_meta(), "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
-            "batch": BATCH, "quadratic": QUADRATIC, "deq_options": DEQ_OPTIONS, "eval_solver": EVAL_SOLVER,
-            "memory_method": {"torch": "profiler allocation events: peak allocator bytes of a training step over its start",
-                              "jax": "compiled memory_analysis(): temp + output - alias"},
-            "targets": check_targets(rows)}
+    meta = {
+        **C.environment_meta(),
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+        "batch": BATCH,
+        "quadratic": QUADRATIC,
+        "deq_options": DEQ_OPTIONS,
+        "eval_solver": EVAL_SOLVER,
+        "memory_method": {
+            "torch": "profiler allocation events: peak allocator bytes of a training step over its start",
+            "jax": "compiled memory_analysis(): temp + output - alias",
+        },
+        "targets": check_targets(rows),
+    }
     C.write_json(args.json, rows, meta)
 
 

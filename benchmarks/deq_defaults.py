@@ -95,8 +95,9 @@ def torch_models(dim, width, seed):
         models[("mlp", d)] = nets.MLPEnergy(dim, (width,) * d, quadratic=B.QUADRATIC)
     for s, t, g in configs():
         torch.manual_seed(seed)  # the same initial weights for every DEQ
-        models[(s, t, g)] = deq.DEQEnergy(dim, width, quadratic=B.QUADRATIC, solver=s, tol=t, gamma=g,
-                                          max_iter=MAX_ITER, on_nonconvergence="ignore")
+        models[(s, t, g)] = deq.DEQEnergy(
+            dim, width, quadratic=B.QUADRATIC, solver=s, tol=t, gamma=g, max_iter=MAX_ITER, on_nonconvergence="ignore"
+        )
     return models
 
 
@@ -193,7 +194,9 @@ def jax_run(cfg_run, data, seed):
         energy = energy_fn(config)
 
         def train_step(params, ostate, x, key, energy=energy):
-            loss, grads = jax.value_and_grad(lambda p: score_matching_loss(lambda y: energy(p, y), x, OBJECTIVE, key=key))(params)
+            loss, grads = jax.value_and_grad(
+                lambda p: score_matching_loss(lambda y: energy(p, y), x, OBJECTIVE, key=key)
+            )(params)
             updates, ostate = opt.update(grads, ostate, params)
             return optax.apply_updates(params, updates), ostate, loss
 
@@ -270,12 +273,23 @@ def summarize(backend, times, rows, cfg_run):
     out = []
     for k in times:
         t = np.asarray(times[k][1:])
-        row = {"backend": backend, "model": "mlp" if k[0] == "mlp" else "deq", "name": name_of(k),
-               "solver": None if k[0] == "mlp" else k[0], "tol": None if k[0] == "mlp" else k[1],
-               "gamma": None if k[0] == "mlp" else k[2], "depth": k[1] if k[0] == "mlp" else None,
-               "width": cfg_run["width"], "steps": cfg_run["steps"],
-               "step_ms": 1e3 * float(np.median(t)), "x_mlp2": float(np.median(t / ref)),
-               "iters": None, "converged": None, "grad_err": None, **rows[k]}
+        row = {
+            "backend": backend,
+            "model": "mlp" if k[0] == "mlp" else "deq",
+            "name": name_of(k),
+            "solver": None if k[0] == "mlp" else k[0],
+            "tol": None if k[0] == "mlp" else k[1],
+            "gamma": None if k[0] == "mlp" else k[2],
+            "depth": k[1] if k[0] == "mlp" else None,
+            "width": cfg_run["width"],
+            "steps": cfg_run["steps"],
+            "step_ms": 1e3 * float(np.median(t)),
+            "x_mlp2": float(np.median(t / ref)),
+            "iters": None,
+            "converged": None,
+            "grad_err": None,
+            **rows[k],
+        }
         out.append(row)
     tightest = {(r["solver"], r["gamma"]): r["test_sm"] for r in out if r["model"] == "deq" and r["tol"] == min(TOLS)}
     for r in out:
@@ -307,14 +321,37 @@ def main(argv=None) -> None:
         rows += summarize(backend, times, res, cfg_run)
         print(f"{backend}: {time.perf_counter() - t0:.0f} s", flush=True)
     headers = ["backend", "model", "step ms", "x MLP-2", "iters", "conv", "grad err", "test SM", "d SM", "Fisher"]
-    table = [[r["backend"], r["name"], C.fmt(r["step_ms"], ".1f"), C.fmt(r["x_mlp2"], ".1f"), C.fmt(r["iters"], ".1f"),
-              C.fmt(r["converged"], ".2f"), C.fmt(r["grad_err"], ".1e"), C.fmt(r["test_sm"], ".3f"),
-              C.fmt(r["d_sm"], "+.3f"), C.fmt(r["fisher"], ".3f")] for r in rows]
+    table = [
+        [
+            r["backend"],
+            r["name"],
+            C.fmt(r["step_ms"], ".1f"),
+            C.fmt(r["x_mlp2"], ".1f"),
+            C.fmt(r["iters"], ".1f"),
+            C.fmt(r["converged"], ".2f"),
+            C.fmt(r["grad_err"], ".1e"),
+            C.fmt(r["test_sm"], ".3f"),
+            C.fmt(r["d_sm"], "+.3f"),
+            C.fmt(r["fisher"], ".3f"),
+        ]
+        for r in rows
+    ]
     print()
     print(C.markdown_table(headers, table))
-    meta = {**C.environment_meta(), "task": TASK, "objective": OBJECTIVE, "config": cfg_run, "batch": B.BATCH, "lr": B.LR,
-            "quadratic": B.QUADRATIC, "max_iter": MAX_ITER, "tight": TIGHT, "eval_solver": B.EVAL_SOLVER,
-            "seed": args.seed, "threads": "torch 1 thread; XLA as set by XLA_FLAGS"}
+    meta = {
+        **C.environment_meta(),
+        "task": TASK,
+        "objective": OBJECTIVE,
+        "config": cfg_run,
+        "batch": B.BATCH,
+        "lr": B.LR,
+        "quadratic": B.QUADRATIC,
+        "max_iter": MAX_ITER,
+        "tight": TIGHT,
+        "eval_solver": B.EVAL_SOLVER,
+        "seed": args.seed,
+        "threads": "torch 1 thread; XLA as set by XLA_FLAGS",
+    }
     C.write_json(args.json, rows, meta)
 
 

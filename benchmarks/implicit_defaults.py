@@ -63,8 +63,12 @@ def nuts_sd(x, y, seed: int) -> np.ndarray:
         numpyro.sample("y", dist.Bernoulli(logits=x @ w), obs=y)
 
     mcmc = numpyro.infer.MCMC(
-        numpyro.infer.NUTS(model), num_warmup=1000, num_samples=2000, num_chains=4,
-        chain_method="sequential", progress_bar=False,
+        numpyro.infer.NUTS(model),
+        num_warmup=1000,
+        num_samples=2000,
+        num_chains=4,
+        chain_method="sequential",
+        progress_bar=False,
     )
     mcmc.run(jax.random.PRNGKey(seed), jnp.asarray(x), jnp.asarray(y))
     return np.asarray(mcmc.get_samples()["w"]).std(0)
@@ -150,8 +154,13 @@ def main(argv=None) -> None:
     p.add_argument("--particles", type=int, default=32)
     p.add_argument("--seeds", type=int, default=None)
     p.add_argument("--ppl", choices=("pyro", "numpyro", "both"), default="both")
-    p.add_argument("--also", nargs="*", default=[], metavar="STEPS:LR",
-                   help="more estimator settings to compare, e.g. 10:3e-3 5:1e-2")
+    p.add_argument(
+        "--also",
+        nargs="*",
+        default=[],
+        metavar="STEPS:LR",
+        help="more estimator settings to compare, e.g. 10:3e-3 5:1e-2",
+    )
     p.add_argument("--only-also", action="store_true", help="compare only the --also settings")
     args = p.parse_args(argv)
     settings_all = {} if args.only_also else dict(SETTINGS)
@@ -176,18 +185,45 @@ def main(argv=None) -> None:
                 t0 = time.perf_counter()
                 sd = fit(x, y, settings, steps, args.particles, args.seed + s)
                 ratio = sd / ref
-                rows.append(dict(ppl=ppl, settings=label, seed=args.seed + s, steps=steps, particles=args.particles,
-                                 ratio_min=float(ratio.min()), ratio_max=float(ratio.max()),
-                                 ratios=[float(r) for r in ratio], seconds=time.perf_counter() - t0))
-                print(ppl, label, "seed", args.seed + s, "sd ratio", np.round(ratio, 3), f"{rows[-1]['seconds']:.1f}s",
-                      flush=True)
-    print(C.markdown_table(
-        ["PPL", "estimator settings", "seed", "sd / NUTS sd (min - max over coordinates)"],
-        [[r["ppl"], r["settings"], str(r["seed"]), f"{r['ratio_min']:.2f} - {r['ratio_max']:.2f}"] for r in rows],
-    ))
+                rows.append(
+                    dict(
+                        ppl=ppl,
+                        settings=label,
+                        seed=args.seed + s,
+                        steps=steps,
+                        particles=args.particles,
+                        ratio_min=float(ratio.min()),
+                        ratio_max=float(ratio.max()),
+                        ratios=[float(r) for r in ratio],
+                        seconds=time.perf_counter() - t0,
+                    )
+                )
+                print(
+                    ppl,
+                    label,
+                    "seed",
+                    args.seed + s,
+                    "sd ratio",
+                    np.round(ratio, 3),
+                    f"{rows[-1]['seconds']:.1f}s",
+                    flush=True,
+                )
+    print(
+        C.markdown_table(
+            ["PPL", "estimator settings", "seed", "sd / NUTS sd (min - max over coordinates)"],
+            [[r["ppl"], r["settings"], str(r["seed"]), f"{r['ratio_min']:.2f} - {r['ratio_max']:.2f}"] for r in rows],
+        )
+    )
     meta = C.environment_meta()
-    meta.update(n=args.n, dim=args.dim, steps=steps, particles=args.particles, nuts_sd=[float(v) for v in ref],
-                svi_optimizer="Adam lr 1e-2", guide="w = mu + tril(L) eps")
+    meta.update(
+        n=args.n,
+        dim=args.dim,
+        steps=steps,
+        particles=args.particles,
+        nuts_sd=[float(v) for v in ref],
+        svi_optimizer="Adam lr 1e-2",
+        guide="w = mu + tril(L) eps",
+    )
     C.write_json(args.json, rows, meta)
 
 

@@ -79,15 +79,20 @@ def load_old(rev: str) -> tuple[str, str]:
     import tarfile
     import tempfile
 
-    sha = subprocess.run(["git", "-C", _ROOT, "rev-parse", rev], capture_output=True, text=True, check=True).stdout.strip()
+    sha = subprocess.run(
+        ["git", "-C", _ROOT, "rev-parse", rev], capture_output=True, text=True, check=True
+    ).stdout.strip()
     folder = tempfile.mkdtemp(prefix="ppl_score_old_")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     archive = subprocess.run(["git", "-C", _ROOT, "archive", sha, "ppl_score"], capture_output=True, check=True).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(folder, filter="data")
     os.rename(os.path.join(folder, "ppl_score"), os.path.join(folder, "ppl_score_old"))
-    absolute = [path for path in glob.glob(os.path.join(folder, "ppl_score_old", "**", "*.py"), recursive=True)
-                if _imports_ppl_score(path)]
+    absolute = [
+        path
+        for path in glob.glob(os.path.join(folder, "ppl_score_old", "**", "*.py"), recursive=True)
+        if _imports_ppl_score(path)
+    ]
     if absolute:  # an absolute import would load the new package inside the old one
         raise RuntimeError(f"the old package imports ppl_score absolutely: {absolute}")
     sys.path.insert(0, folder)
@@ -112,11 +117,18 @@ def checkout_state() -> dict:
     """HEAD and whether the files of the change differ from it (the new library is the checkout)."""
     import subprocess
 
-    files = ["ppl_score/sites.py", "ppl_score/pyro/score_matching.py", "ppl_score/numpyro/score_matching.py",
-             "ppl_score/frontend.py", "ppl_score/torch/objectives.py", "ppl_score/jax/objectives.py"]
+    files = [
+        "ppl_score/sites.py",
+        "ppl_score/pyro/score_matching.py",
+        "ppl_score/numpyro/score_matching.py",
+        "ppl_score/frontend.py",
+        "ppl_score/torch/objectives.py",
+        "ppl_score/jax/objectives.py",
+    ]
     head = subprocess.run(["git", "-C", _ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", _ROOT, "status", "--porcelain", "--", *files], capture_output=True,
-                           text=True).stdout.split("\n")
+    dirty = subprocess.run(
+        ["git", "-C", _ROOT, "status", "--porcelain", "--", *files], capture_output=True, text=True
+    ).stdout.split("\n")
     return {"head": head, "modified_hot_files": [ln[3:] for ln in dirty if ln.strip()]}
 
 
@@ -160,8 +172,11 @@ def _hlo_digest(compiled) -> str:
     import hashlib
     import re
 
-    lines = [ln for ln in compiled.as_text().splitlines()
-             if " = " in ln or ln.strip().startswith(("ROOT", "ENTRY", "%", "}"))]
+    lines = [
+        ln
+        for ln in compiled.as_text().splitlines()
+        if " = " in ln or ln.strip().startswith(("ROOT", "ENTRY", "%", "}"))
+    ]
     text = re.sub(r", metadata=\{[^}]*\}|, stack_frame_id=\d+", "", "\n".join(lines))
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -171,8 +186,9 @@ def _close(a: float, b: float, what: str, rtol: float = 1e-5) -> None:
         raise AssertionError(f"{what}: {a!r} vs {b!r}")
 
 
-def measure(fns: dict, pairs: list, repeats: int, seed: int, costs: dict, section: str, extra: dict,
-            min_sample_s: float = 0.02) -> list:
+def measure(
+    fns: dict, pairs: list, repeats: int, seed: int, costs: dict, section: str, extra: dict, min_sample_s: float = 0.02
+) -> list:
     """Time ``fns`` (pairs adjacent) and return a row per ``(numerator, denominator)`` pair."""
     import statistics
 
@@ -221,6 +237,7 @@ def measure(fns: dict, pairs: list, repeats: int, seed: int, costs: dict, sectio
 
 
 def _pyro_fast(seed: int, method: str) -> tuple[dict, list, dict]:
+    import ppl_score_old.pyro as old
     import pyro
     import pyro.distributions as dist
     import torch
@@ -228,7 +245,6 @@ def _pyro_fast(seed: int, method: str) -> tuple[dict, list, dict]:
     from pyro.nn import PyroModule
 
     import ppl_score.pyro as new
-    import ppl_score_old.pyro as old
     from ppl_score.torch.nets import MLPEnergy
 
     torch.manual_seed(seed)
@@ -273,8 +289,13 @@ def _pyro_fast(seed: int, method: str) -> tuple[dict, list, dict]:
         for fe in ("pyro", "pyro-noval"):
             pair = (f"{fe} {label} new", f"{fe} {label} old")
             pairs.append(pair)
-            extra[pair] = {"frontend": fe, "model": label, "method": method, "loss_new": losses["new"],
-                           "loss_old": losses["old"]}
+            extra[pair] = {
+                "frontend": fe,
+                "model": label,
+                "method": method,
+                "loss_new": losses["new"],
+                "loss_old": losses["old"],
+            }
     return fns, pairs, extra
 
 
@@ -287,10 +308,10 @@ def _numpyro_fast(seed: int, method: str, costs: dict) -> tuple[dict, list, dict
     import numpyro
     import numpyro.distributions as dist
     import optax
+    import ppl_score_old.numpyro as old
     from numpyro.infer import SVI
 
     import ppl_score.numpyro as new
-    import ppl_score_old.numpyro as old
     from ppl_score.jax.nets import energy_apply, energy_init
 
     key_init, key_x, key_y, key_run = jax.random.split(jax.random.PRNGKey(seed), 4)
@@ -334,8 +355,13 @@ def _numpyro_fast(seed: int, method: str, costs: dict) -> tuple[dict, list, dict
         _close(losses["new"], losses["old"], f"numpyro fast path {label}: new and old losses differ")
         pair = (f"numpyro {label} new", f"numpyro {label} old")
         pairs.append(pair)
-        extra[pair] = {"frontend": "numpyro", "model": label, "method": method, "loss_new": losses["new"],
-                       "loss_old": losses["old"]}
+        extra[pair] = {
+            "frontend": "numpyro",
+            "model": label,
+            "method": method,
+            "loss_new": losses["new"],
+            "loss_old": losses["old"],
+        }
     return fns, pairs, extra
 
 
@@ -405,11 +431,22 @@ def _torch_joint(seed: int, method: str) -> tuple[dict, list, dict]:
         score_matching_loss(joint_log_density, x, method, reduction="sum").backward()
         opt.step()
 
-    fns = {f"pyro joint {method}": pyro_step, f"pyro-noval joint {method}": pyro_noval_step,
-           f"torch joint {method}": torch_step}
+    fns = {
+        f"pyro joint {method}": pyro_step,
+        f"pyro-noval joint {method}": pyro_noval_step,
+        f"torch joint {method}": torch_step,
+    }
     pairs = [(f"pyro joint {method}", f"torch joint {method}"), (f"pyro-noval joint {method}", f"torch joint {method}")]
-    extra = {p: {"frontend": p[0].split()[0], "model": "y|x", "method": method, "loss_front": loss_front,
-                 "loss_direct": loss_direct} for p in pairs}
+    extra = {
+        p: {
+            "frontend": p[0].split()[0],
+            "model": "y|x",
+            "method": method,
+            "loss_front": loss_front,
+            "loss_direct": loss_direct,
+        }
+        for p in pairs
+    }
     return fns, pairs, extra
 
 
@@ -431,8 +468,11 @@ def _jax_joint(seed: int, method: str, costs: dict) -> tuple[dict, list, dict]:
     key_init, key_w, key_x, key_y, key_run = jax.random.split(jax.random.PRNGKey(seed), 5)
     x = jax.random.normal(key_x, (BATCH, D))
     y = 0.5 * x + jax.random.normal(key_y, (BATCH, D))
-    init = {"energy": energy_init(key_init, D, hidden=HIDDEN),
-            "W": 0.1 * jax.random.normal(key_w, (D, D)), "b": jnp.zeros(D)}
+    init = {
+        "energy": energy_init(key_init, D, hidden=HIDDEN),
+        "W": 0.1 * jax.random.normal(key_w, (D, D)),
+        "b": jnp.zeros(D),
+    }
 
     def model(x, y):
         p = numpyro.param("joint", init)
@@ -487,8 +527,15 @@ def _jax_joint(seed: int, method: str, costs: dict) -> tuple[dict, list, dict]:
         loss.block_until_ready()
 
     pair = (front_name, direct_name)
-    extra = {pair: {"frontend": "numpyro", "model": "y|x", "method": method, "loss_front": loss_front,
-                    "loss_direct": loss_direct}}
+    extra = {
+        pair: {
+            "frontend": "numpyro",
+            "model": "y|x",
+            "method": method,
+            "loss_front": loss_front,
+            "loss_direct": loss_direct,
+        }
+    }
     return {front_name: numpyro_step, direct_name: jax_step}, [pair], extra
 
 
@@ -500,6 +547,7 @@ PARTICLES = 8
 
 
 def _pyro_particles(seed: int, method: str) -> tuple[dict, list, dict]:
+    import ppl_score_old.pyro as old
     import pyro
     import pyro.distributions as dist
     import torch
@@ -507,7 +555,6 @@ def _pyro_particles(seed: int, method: str) -> tuple[dict, list, dict]:
     from pyro.infer.autoguide import AutoNormal
 
     import ppl_score.pyro as new
-    import ppl_score_old.pyro as old
 
     torch.manual_seed(seed)
     pyro.clear_param_store()
@@ -534,8 +581,12 @@ def _pyro_particles(seed: int, method: str) -> tuple[dict, list, dict]:
         elbo.loss(model, guide, x)  # sets max_plate_nesting up
         svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-4}), loss=elbo)
         fns[name] = lambda svi=svi: svi.step(x)
-    pairs = [("pyro 8 vectorized", "pyro 1"), ("pyro 8 loop", "pyro 1"), ("pyro-old 8 loop", "pyro-old 1"),
-             ("pyro 1", "pyro-old 1")]
+    pairs = [
+        ("pyro 8 vectorized", "pyro 1"),
+        ("pyro 8 loop", "pyro 1"),
+        ("pyro-old 8 loop", "pyro-old 1"),
+        ("pyro 1", "pyro-old 1"),
+    ]
     extra = {p: {"frontend": p[0].split()[0], "model": "gb", "method": method} for p in pairs}
     return fns, pairs, extra
 
@@ -601,12 +652,21 @@ def _run(section, builders, repeats, seed, min_sample_s):
 def main(argv=None) -> None:
     p = C.make_parser(__doc__.splitlines()[0])
     p.add_argument("--old-rev", default=OLD_REV, help=f"the library before the change (default {OLD_REV})")
-    p.add_argument("--sections", nargs="+", default=["fast", "joint", "particles"],
-                   choices=["fast", "joint", "particles"])
-    p.add_argument("--min-sample-s", type=float, default=None,
-                   help="shortest timed sample, calls repeated to fill it (default 0.02 quick, 0.04 full)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads and single-threaded XLA (default 1; 0 keeps the defaults)")
+    p.add_argument(
+        "--sections", nargs="+", default=["fast", "joint", "particles"], choices=["fast", "joint", "particles"]
+    )
+    p.add_argument(
+        "--min-sample-s",
+        type=float,
+        default=None,
+        help="shortest timed sample, calls repeated to fill it (default 0.02 quick, 0.04 full)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads and single-threaded XLA (default 1; 0 keeps the defaults)",
+    )
     args = p.parse_args(argv)
     if args.threads:
         os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
@@ -631,12 +691,26 @@ def main(argv=None) -> None:
         rows += _run("particles", builders, repeats, s, min_s)
 
     headers = ["section", "variant", "vs", "ms", "vs ms", "ratio", "paired", "ratio (CPU)", "FLOPs ratio", "same HLO"]
-    print(C.markdown_table(headers, (
-        [r["section"], r["variant"], r["vs"], C.fmt(r["ms"]), C.fmt(r["vs_ms"]), C.fmt(r["ratio"]),
-         C.fmt(r["ratio_paired"]), C.fmt(r["ratio_cpu"]), C.fmt(r.get("flops_ratio"), ".4f"),
-         {True: "yes", False: "no"}.get(r.get("hlo_identical"), "-")]
-        for r in rows
-    )))
+    print(
+        C.markdown_table(
+            headers,
+            (
+                [
+                    r["section"],
+                    r["variant"],
+                    r["vs"],
+                    C.fmt(r["ms"]),
+                    C.fmt(r["vs_ms"]),
+                    C.fmt(r["ratio"]),
+                    C.fmt(r["ratio_paired"]),
+                    C.fmt(r["ratio_cpu"]),
+                    C.fmt(r.get("flops_ratio"), ".4f"),
+                    {True: "yes", False: "no"}.get(r.get("hlo_identical"), "-"),
+                ]
+                for r in rows
+            ),
+        )
+    )
     meta = {
         **C.environment_meta(),
         "quick": args.quick,
@@ -651,10 +725,12 @@ def main(argv=None) -> None:
         "hidden": list(HIDDEN),
         "fast_target": FAST_TARGET,
         "issue_sequential_8": ISSUE_SEQUENTIAL_8,
-        "note": ("medians of interleaved samples; ratio = variant / vs wall time (ratio_paired: median of the "
-                 "per-repeat ratios, the pair timed back to back), ratio_cpu the same with process CPU time; "
-                 "flops_ratio from XLA cost_analysis; hlo_identical: same optimized HLO instructions; "
-                 "compile_s: one lower+compile, not interleaved"),
+        "note": (
+            "medians of interleaved samples; ratio = variant / vs wall time (ratio_paired: median of the "
+            "per-repeat ratios, the pair timed back to back), ratio_cpu the same with process CPU time; "
+            "flops_ratio from XLA cost_analysis; hlo_identical: same optimized HLO instructions; "
+            "compile_s: one lower+compile, not interleaved"
+        ),
     }
     C.write_json(args.json, rows, meta)
 

@@ -511,6 +511,7 @@ def iqr(values) -> float:
 def build_rows(results, torch_mem) -> list[dict]:
     rows = []
     for d, (timings, info, skipped) in results.items():
+
         def ms(v):
             t = timings.get(v)
             return None if t is None or t.skipped else 1e3 * t.median
@@ -522,14 +523,17 @@ def build_rows(results, torch_mem) -> list[dict]:
         def mem(v):
             return info.get(v, {}).get("mb") if v[0] == "jax" else torch_mem.get(v[1:] + (d,))
 
-        keys = sorted({(b, m) for (b, m, _) in list(timings) + list(skipped)}, key=lambda k: (
-            ["base", *METHODS].index(k[1]), BACKENDS.index(k[0])))
+        keys = sorted(
+            {(b, m) for (b, m, _) in list(timings) + list(skipped)},
+            key=lambda k: (["base", *METHODS].index(k[1]), BACKENDS.index(k[0])),
+        )
         for backend, method in keys:
             base_v = (backend, "base", "lib")
             base = ms(base_v)
             order = ["lib", "plain", "naive", *ALTERNATIVES.get((backend, method), ()), UNVALIDATED]
-            impls = sorted({i for (b, m, i) in list(timings) + list(skipped) if (b, m) == (backend, method)},
-                           key=order.index)
+            impls = sorted(
+                {i for (b, m, i) in list(timings) + list(skipped) if (b, m) == (backend, method)}, key=order.index
+            )
             naive_v = (backend, method, "naive")
             plain_v = (backend, method, "plain")
             for impl in impls:
@@ -544,34 +548,38 @@ def build_rows(results, torch_mem) -> list[dict]:
                 notes = [skipped[v]] if v in skipped else []
                 if impl == "lib" and naive_v in skipped and skipped[naive_v] != skipped.get(v):
                     notes.append("naive: " + skipped[naive_v])
-                rows.append({
-                    "method": method,
-                    "variant": "library" if impl == "lib" else impl,
-                    "D": d,
-                    "backend": backend,
-                    "step_ms": t_ms,
-                    "iqr_over_median": None if t is None or t.skipped else t.spread,
-                    "samples": None if t is None else len(t.samples),
-                    "ratio_to_base": None if t_ms is None or base is None else t_ms / base,
-                    "naive_step_ms": n_ms if impl == "lib" else None,
-                    "naive_ratio_to_base": None if impl != "lib" or n_ms is None or base is None else n_ms / base,
-                    "speedup_vs_naive": None if impl != "lib" or n_ms is None or t_ms is None else n_ms / t_ms,
-                    "plain_step_ms": p_ms,
-                    "plain_iqr_over_median": None if p_ms is None else timings[plain_v].spread,
-                    "lib_over_plain": None if p_ms is None or t_ms is None else t_ms / p_ms,
-                    "lib_over_plain_paired_median": None if not paired else statistics.median(paired),
-                    "lib_over_plain_paired_iqr": None if not paired else iqr(paired),
-                    "gflops": flops(v),
-                    "flops_ratio_to_base": None if flops(v) is None or flops(base_v) is None else flops(v) / flops(base_v),
-                    "peak_mb": mem(v),
-                    "naive_peak_mb": mem(naive_v) if impl == "lib" and method in NAIVE else None,
-                    "plain_peak_mb": mem(plain_v) if impl == "lib" and method != "base" else None,
-                    "plain_gflops": flops(plain_v) if impl == "lib" and method != "base" else None,
-                    "jax_over_torch": None if backend != "jax" or t_ms is None or other is None else t_ms / other,
-                    "compile_s": info.get(v, {}).get("compile_s"),
-                    "naive_compile_s": info.get(naive_v, {}).get("compile_s") if impl == "lib" else None,
-                    "note": "; ".join(notes),
-                })
+                rows.append(
+                    {
+                        "method": method,
+                        "variant": "library" if impl == "lib" else impl,
+                        "D": d,
+                        "backend": backend,
+                        "step_ms": t_ms,
+                        "iqr_over_median": None if t is None or t.skipped else t.spread,
+                        "samples": None if t is None else len(t.samples),
+                        "ratio_to_base": None if t_ms is None or base is None else t_ms / base,
+                        "naive_step_ms": n_ms if impl == "lib" else None,
+                        "naive_ratio_to_base": None if impl != "lib" or n_ms is None or base is None else n_ms / base,
+                        "speedup_vs_naive": None if impl != "lib" or n_ms is None or t_ms is None else n_ms / t_ms,
+                        "plain_step_ms": p_ms,
+                        "plain_iqr_over_median": None if p_ms is None else timings[plain_v].spread,
+                        "lib_over_plain": None if p_ms is None or t_ms is None else t_ms / p_ms,
+                        "lib_over_plain_paired_median": None if not paired else statistics.median(paired),
+                        "lib_over_plain_paired_iqr": None if not paired else iqr(paired),
+                        "gflops": flops(v),
+                        "flops_ratio_to_base": None
+                        if flops(v) is None or flops(base_v) is None
+                        else flops(v) / flops(base_v),
+                        "peak_mb": mem(v),
+                        "naive_peak_mb": mem(naive_v) if impl == "lib" and method in NAIVE else None,
+                        "plain_peak_mb": mem(plain_v) if impl == "lib" and method != "base" else None,
+                        "plain_gflops": flops(plain_v) if impl == "lib" and method != "base" else None,
+                        "jax_over_torch": None if backend != "jax" or t_ms is None or other is None else t_ms / other,
+                        "compile_s": info.get(v, {}).get("compile_s"),
+                        "naive_compile_s": info.get(naive_v, {}).get("compile_s") if impl == "lib" else None,
+                        "note": "; ".join(notes),
+                    }
+                )
     return rows
 
 
@@ -581,8 +589,18 @@ def check_targets(rows) -> list[dict]:
 
     def add(name, row, value, limit, at_most=True):
         met = None if value is None else (value <= limit if at_most else value >= limit)
-        out.append({"target": name, "method": row["method"], "D": row["D"], "backend": row["backend"],
-                    "value": value, "limit": limit, "met": met, "flops_ratio_to_base": row["flops_ratio_to_base"]})
+        out.append(
+            {
+                "target": name,
+                "method": row["method"],
+                "D": row["D"],
+                "backend": row["backend"],
+                "value": value,
+                "limit": limit,
+                "met": met,
+                "flops_ratio_to_base": row["flops_ratio_to_base"],
+            }
+        )
 
     lib = [r for r in rows if r["variant"] == "library"]
     for r in lib:
@@ -600,20 +618,54 @@ def check_targets(rows) -> list[dict]:
 
 
 def print_report(rows, targets, meta) -> None:
-    headers = ["method", "D", "backend", "step ms", "x base", "matmul FLOPs x base", "x plain",
-               "x plain paired (IQR)", "IQR/med lib, plain", "naive x base", "speedup vs naive", "peak MB",
-               "plain peak MB", "naive peak MB", "JAX/torch", "note"]
+    headers = [
+        "method",
+        "D",
+        "backend",
+        "step ms",
+        "x base",
+        "matmul FLOPs x base",
+        "x plain",
+        "x plain paired (IQR)",
+        "IQR/med lib, plain",
+        "naive x base",
+        "speedup vs naive",
+        "peak MB",
+        "plain peak MB",
+        "naive peak MB",
+        "JAX/torch",
+        "note",
+    ]
 
     def cells(r):
-        paired = "-" if r["lib_over_plain_paired_median"] is None else (
-            f"{r['lib_over_plain_paired_median']:.2f} ({r['lib_over_plain_paired_iqr']:.2f})")
-        spread = "-" if r["plain_iqr_over_median"] is None else (
-            f"{r['iqr_over_median']:.2f}, {r['plain_iqr_over_median']:.2f}")
-        return [r["method"], str(r["D"]), r["backend"], C.fmt(r["step_ms"], ".1f"), C.fmt(r["ratio_to_base"]),
-                C.fmt(r["flops_ratio_to_base"]), C.fmt(r["lib_over_plain"]), paired, spread,
-                C.fmt(r["naive_ratio_to_base"]), C.fmt(r["speedup_vs_naive"], ".1f"), C.fmt(r["peak_mb"], ".1f"),
-                C.fmt(r["plain_peak_mb"], ".1f"), C.fmt(r["naive_peak_mb"], ".1f"), C.fmt(r["jax_over_torch"]),
-                r["note"]]
+        paired = (
+            "-"
+            if r["lib_over_plain_paired_median"] is None
+            else (f"{r['lib_over_plain_paired_median']:.2f} ({r['lib_over_plain_paired_iqr']:.2f})")
+        )
+        spread = (
+            "-"
+            if r["plain_iqr_over_median"] is None
+            else (f"{r['iqr_over_median']:.2f}, {r['plain_iqr_over_median']:.2f}")
+        )
+        return [
+            r["method"],
+            str(r["D"]),
+            r["backend"],
+            C.fmt(r["step_ms"], ".1f"),
+            C.fmt(r["ratio_to_base"]),
+            C.fmt(r["flops_ratio_to_base"]),
+            C.fmt(r["lib_over_plain"]),
+            paired,
+            spread,
+            C.fmt(r["naive_ratio_to_base"]),
+            C.fmt(r["speedup_vs_naive"], ".1f"),
+            C.fmt(r["peak_mb"], ".1f"),
+            C.fmt(r["plain_peak_mb"], ".1f"),
+            C.fmt(r["naive_peak_mb"], ".1f"),
+            C.fmt(r["jax_over_torch"]),
+            r["note"],
+        ]
 
     main = [r for r in rows if r["variant"] == "library"]
     print(C.markdown_table(headers, map(cells, main)))
@@ -621,13 +673,30 @@ def print_report(rows, targets, meta) -> None:
     if alts:
         print("\nAlternative formulations (--explore):\n")
         headers = ["method", "variant", "D", "backend", "step ms", "x base", "matmul FLOPs x base", "peak MB", "note"]
-        print(C.markdown_table(headers, (
-            [r["method"], r["variant"], str(r["D"]), r["backend"], C.fmt(r["step_ms"], ".1f"),
-             C.fmt(r["ratio_to_base"]), C.fmt(r["flops_ratio_to_base"]), C.fmt(r["peak_mb"], ".1f"), r["note"]]
-            for r in alts)))
-    print(f"\nbatch {BATCH}, MLP energy {'x'.join(map(str, HIDDEN))} softplus, float32; "
-          f"{meta['repeats']} interleaved repeats, medians; load average {meta['loadavg_start']} -> "
-          f"{meta['loadavg_end']}.")
+        print(
+            C.markdown_table(
+                headers,
+                (
+                    [
+                        r["method"],
+                        r["variant"],
+                        str(r["D"]),
+                        r["backend"],
+                        C.fmt(r["step_ms"], ".1f"),
+                        C.fmt(r["ratio_to_base"]),
+                        C.fmt(r["flops_ratio_to_base"]),
+                        C.fmt(r["peak_mb"], ".1f"),
+                        r["note"],
+                    ]
+                    for r in alts
+                ),
+            )
+        )
+    print(
+        f"\nbatch {BATCH}, MLP energy {'x'.join(map(str, HIDDEN))} softplus, float32; "
+        f"{meta['repeats']} interleaved repeats, medians; load average {meta['loadavg_start']} -> "
+        f"{meta['loadavg_end']}."
+    )
     print(f"peak MB: {meta['memory_method']['torch']}; {meta['memory_method']['jax']}.")
     print(f"FLOPs: {meta['flops_method']}.")
     print("naive: " + meta["naive"]["torch"] + "; " + meta["naive"]["jax"] + ".")
@@ -636,8 +705,10 @@ def print_report(rows, targets, meta) -> None:
     for t in targets:
         status = "not measured" if t["met"] is None else ("met" if t["met"] else "MISSED")
         flops = "" if "base" not in t["target"] else f"  (FLOPs x base {C.fmt(t['flops_ratio_to_base'])})"
-        print(f"  {t['target']:<32} {t['method']:<7} D={t['D']:<4} {t['backend']:<6} "
-              f"{C.fmt(t['value'])} -> {status}{flops}")
+        print(
+            f"  {t['target']:<32} {t['method']:<7} D={t['D']:<4} {t['backend']:<6} "
+            f"{C.fmt(t['value'])} -> {status}{flops}"
+        )
 
 
 def backend_meta(backends) -> dict:
@@ -689,9 +760,12 @@ def main(argv=None) -> None:
     torch_mem = {}
     if "torch" in args.backends and not args.no_memory:
         t0 = time.perf_counter()
-        todo = [(m, i, d) for d, (timings, _, _) in results.items()
-                for (b, m, i), t in timings.items() if b == "torch" and not t.skipped
-                and not (args.quick and i == "plain")]  # --quick: keep it a couple of minutes
+        todo = [
+            (m, i, d)
+            for d, (timings, _, _) in results.items()
+            for (b, m, i), t in timings.items()
+            if b == "torch" and not t.skipped and not (args.quick and i == "plain")
+        ]  # --quick: keep it a couple of minutes
         torch_mem = torch_memory_mb(todo, args.seed, args.memory_workers)
         print(f"torch memory: {len(todo)} subprocesses in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     rows = build_rows(results, torch_mem)
@@ -714,29 +788,29 @@ def main(argv=None) -> None:
         "step": "loss + gradient in the network parameters; JAX: jit(value_and_grad), compiled before timing",
         "base": "-mean log p(x) forward + parameter gradient, same batch and backend",
         "timing": "one process, round-robin over all variants of one D (both backends) in a fresh "
-                  "random order per repeat, each library step back to back with its plain counterpart "
-                  "(random order within the pair); median per-call time",
+        "random order per repeat, each library step back to back with its plain counterpart "
+        "(random order within the pair); median per-call time",
         "memory_method": {
             "torch": "torch: fresh subprocess per variant, peak RSS after 2 steps minus peak RSS after "
-                     "import, model/batch setup, a no-grad forward and a tiny backward",
+            "import, model/batch setup, a no-grad forward and a tiny backward",
             "jax": "JAX: compiled step memory_analysis(), temp + output - alias bytes",
         },
         "flops_method": "matmul FLOPs; torch: torch.utils.flop_counter formulas counted by a dispatch mode; "
-                        "JAX: dot_general equations of the step's jaxpr (scan bodies times their length)",
+        "JAX: dot_general equations of the step's jaxpr (scan bodies times their length)",
         "naive": {
             "torch": "torch ssm/ssm_vr by double backward with create_graph, esm by a loop of D backward passes",
             "jax": "JAX ssm/ssm_vr by reverse-over-reverse (grad of s.v), esm by the diagonal of vmapped jax.hessian",
         },
         "plain": {
             "torch": "torch plain: ssm/ssm_vr by double backward with create_graph (rademacher v), dsm by one "
-                     "create_graph backward at x~, esm by torch.func.vmap(jacrev(grad)) diagonal (score as aux), "
-                     "fd_* by the formulas in one batched call; library's default draws, no input checks",
+            "create_graph backward at x~, esm by torch.func.vmap(jacrev(grad)) diagonal (score as aux), "
+            "fd_* by the formulas in one batched call; library's default draws, no input checks",
             "jax": "JAX plain: ssm/ssm_vr by jvp of grad (rademacher v), dsm by jax.grad at x~, esm by the "
-                   "diagonal of vmap(jacrev(grad)) (score as aux), fd_* by the formulas; inside the same "
-                   "jit(value_and_grad) step",
+            "diagonal of vmap(jacrev(grad)) (score as aux), fd_* by the formulas; inside the same "
+            "jit(value_and_grad) step",
             "ratio": "x plain = library median / plain median (same interleaved repeats); paired = median "
-                     "and IQR of the per-repeat ratios lib_i / plain_i; IQR/med = each variant's spread. "
-                     f"Target: x plain <= {PLAIN_NOISE} (1.0 within noise).",
+            "and IQR of the per-repeat ratios lib_i / plain_i; IQR/med = each variant's spread. "
+            f"Target: x plain <= {PLAIN_NOISE} (1.0 within noise).",
         },
         "targets_text": TARGETS_TEXT,
         "targets": targets,

@@ -143,8 +143,9 @@ def fit_slope(dims, ms) -> float:
     return float(np.polyfit(np.log([d for d, _ in pts]), np.log([t for _, t in pts]), 1)[0])
 
 
-def scaling(backends, dims, *, n_layers=SCALING_LAYERS, batch=BATCH, repeats=5, max_call_s=60.0, seed=0,
-            log=print) -> list[dict]:
+def scaling(
+    backends, dims, *, n_layers=SCALING_LAYERS, batch=BATCH, repeats=5, max_call_s=60.0, seed=0, log=print
+) -> list[dict]:
     """Rows ``{"backend", "D", "relgrad_ms", "autograd_ms", "speedup"}`` (medians)."""
     makers = {"torch": torch_steps, "jax": jax_steps}
     rows = []
@@ -154,10 +155,19 @@ def scaling(backends, dims, *, n_layers=SCALING_LAYERS, batch=BATCH, repeats=5, 
             timings = C.interleaved_timings(fns, repeats, max_call_s=max_call_s, seed=seed)
             ms = {k: (None if t.skipped else 1e3 * t.median) for k, t in timings.items()}
             speedup = ms["autograd"] / ms["relgrad"] if None not in ms.values() else None
-            rows.append({"backend": backend, "D": dim, "relgrad_ms": ms["relgrad"], "autograd_ms": ms["autograd"],
-                         "speedup": speedup})
-            log(f"  {backend:5s} D={dim:5d}  relgrad {C.fmt(ms['relgrad'], '.2f')} ms  "
-                f"autograd {C.fmt(ms['autograd'], '.2f')} ms  ({C.fmt(speedup, '.1f')}x)")
+            rows.append(
+                {
+                    "backend": backend,
+                    "D": dim,
+                    "relgrad_ms": ms["relgrad"],
+                    "autograd_ms": ms["autograd"],
+                    "speedup": speedup,
+                }
+            )
+            log(
+                f"  {backend:5s} D={dim:5d}  relgrad {C.fmt(ms['relgrad'], '.2f')} ms  "
+                f"autograd {C.fmt(ms['autograd'], '.2f')} ms  ({C.fmt(speedup, '.1f')}x)"
+            )
     return rows
 
 
@@ -209,20 +219,32 @@ def digits_data(seed: int = 0, test_fraction: float = 0.2) -> DensityData:
     y_train, _ = logit(x_train)
     y_test, jac_test = logit(x_test)
     mean, std = y_train.mean(0), y_train.std(0)
-    return DensityData("digits", (y_train - mean) / std, (y_test - mean) / std, jac_test - np.log(std).sum(),
-                       space="nats per image, dequantized data in [0,1]^64")
+    return DensityData(
+        "digits",
+        (y_train - mean) / std,
+        (y_test - mean) / std,
+        jac_test - np.log(std).sum(),
+        space="nats per image, dequantized data in [0,1]^64",
+    )
 
 
 def mixture_data(seed: int = 0) -> DensityData:
     from ppl_score.datasets import mixture_dataset
 
     ds = mixture_dataset(seed=seed)
-    return DensityData("mixture2d", ds.train, ds.test, np.zeros(len(ds.test)),
-                       reference=float(ds.log_prob(ds.test).mean()), space="nats per point")
+    return DensityData(
+        "mixture2d",
+        ds.train,
+        ds.test,
+        np.zeros(len(ds.test)),
+        reference=float(ds.log_prob(ds.test).mean()),
+        space="nats per point",
+    )
 
 
-def train_flow(data: DensityData, method: str, *, steps: int, n_layers: int, lr: float, batch: int = BATCH,
-               seed: int = 0):
+def train_flow(
+    data: DensityData, method: str, *, steps: int, n_layers: int, lr: float, batch: int = BATCH, seed: int = 0
+):
     """Train ``InvertibleMLP`` by ``method`` (float64, Adam with a cosine decay of the learning
     rate to zero over ``steps``); return ``(flow, seconds)``. The initialisation and the
     minibatches depend on ``seed`` only, so every method sees the same ones."""
@@ -232,8 +254,9 @@ def train_flow(data: DensityData, method: str, *, steps: int, n_layers: int, lr:
     from ppl_score.torch.flows import InvertibleMLP
 
     train = torch.as_tensor(data.train)
-    flow = InvertibleMLP(train.shape[1], n_layers, ALPHA, dtype=torch.float64,
-                         generator=torch.Generator().manual_seed(seed))
+    flow = InvertibleMLP(
+        train.shape[1], n_layers, ALPHA, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)
+    )
     opt = torch.optim.Adam(flow.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     batches = torch.Generator().manual_seed(seed + 1)
@@ -273,16 +296,36 @@ def density(datasets, methods=METHODS, *, steps: int, seeds: int = 1, seed: int 
                 lls.append(float((ll_model + data.test_log_jac).mean()))
                 lls_model.append(float(ll_model.mean()))
                 secs += t
-            row = {"data": data.name, "method": method, "test_loglik": float(np.mean(lls)),
-                   "test_loglik_std": float(np.std(lls, ddof=1)) if seeds > 1 else 0.0, "test_loglik_model_space": float(np.mean(lls_model)),
-                   "train_s": secs / seeds, "steps": steps, "seeds": seeds, "space": data.space}
+            row = {
+                "data": data.name,
+                "method": method,
+                "test_loglik": float(np.mean(lls)),
+                "test_loglik_std": float(np.std(lls, ddof=1)) if seeds > 1 else 0.0,
+                "test_loglik_model_space": float(np.mean(lls_model)),
+                "train_s": secs / seeds,
+                "steps": steps,
+                "seeds": seeds,
+                "space": data.space,
+            }
             rows.append(row)
-            log(f"  {data.name:9s} {method:12s} test log-lik {row['test_loglik']:10.3f} "
-                f"+- {row['test_loglik_std']:.3f}  ({row['train_s']:.1f} s per run)")
+            log(
+                f"  {data.name:9s} {method:12s} test log-lik {row['test_loglik']:10.3f} "
+                f"+- {row['test_loglik_std']:.3f}  ({row['train_s']:.1f} s per run)"
+            )
         if data.reference is not None:
-            rows.append({"data": data.name, "method": "true density", "test_loglik": data.reference,
-                         "test_loglik_std": 0.0, "test_loglik_model_space": data.reference, "train_s": None,
-                         "steps": None, "seeds": None, "space": data.space})
+            rows.append(
+                {
+                    "data": data.name,
+                    "method": "true density",
+                    "test_loglik": data.reference,
+                    "test_loglik_std": 0.0,
+                    "test_loglik_model_space": data.reference,
+                    "train_s": None,
+                    "steps": None,
+                    "seeds": None,
+                    "space": data.space,
+                }
+            )
     return rows
 
 
@@ -314,32 +357,71 @@ def targets(scaling_rows, slope, density_rows) -> dict:
 def report(result: dict) -> str:
     lines = []
     if result["scaling"]:
-        lines.append(C.markdown_table(
-            ["backend", "D", "relgrad ms", "autograd ms", "speedup"],
-            [[r["backend"], str(r["D"]), C.fmt(r["relgrad_ms"]), C.fmt(r["autograd_ms"]), C.fmt(r["speedup"], ".1f")]
-             for r in result["scaling"]],
-        ))
+        lines.append(
+            C.markdown_table(
+                ["backend", "D", "relgrad ms", "autograd ms", "speedup"],
+                [
+                    [
+                        r["backend"],
+                        str(r["D"]),
+                        C.fmt(r["relgrad_ms"]),
+                        C.fmt(r["autograd_ms"]),
+                        C.fmt(r["speedup"], ".1f"),
+                    ]
+                    for r in result["scaling"]
+                ],
+            )
+        )
         lines.append("")
-        lines.append(C.markdown_table(
-            ["backend", "slope relgrad", "slope autograd", "fit over D"],
-            [[b, C.fmt(s["relgrad"]), C.fmt(s["autograd"]), ",".join(map(str, s["fit_dims"]))]
-             for b, s in result["slopes"].items()],
-        ))
+        lines.append(
+            C.markdown_table(
+                ["backend", "slope relgrad", "slope autograd", "fit over D"],
+                [
+                    [b, C.fmt(s["relgrad"]), C.fmt(s["autograd"]), ",".join(map(str, s["fit_dims"]))]
+                    for b, s in result["slopes"].items()
+                ],
+            )
+        )
         lines.append("")
     if result["density"]:
-        lines.append(C.markdown_table(
-            ["data", "method", "test log-lik", "std over seeds", "space"],
-            [[r["data"], r["method"], C.fmt(r["test_loglik"], ".3f"), C.fmt(r["test_loglik_std"], ".3f"), r["space"]]
-             for r in result["density"]],
-        ))
+        lines.append(
+            C.markdown_table(
+                ["data", "method", "test log-lik", "std over seeds", "space"],
+                [
+                    [
+                        r["data"],
+                        r["method"],
+                        C.fmt(r["test_loglik"], ".3f"),
+                        C.fmt(r["test_loglik_std"], ".3f"),
+                        r["space"],
+                    ]
+                    for r in result["density"]
+                ],
+            )
+        )
         lines.append("")
-    lines.append("targets: " + ", ".join(f"{k}={C.fmt(v, '.4f') if isinstance(v, float) else v}"
-                                         for k, v in result["targets"].items()))
+    lines.append(
+        "targets: "
+        + ", ".join(f"{k}={C.fmt(v, '.4f') if isinstance(v, float) else v}" for k, v in result["targets"].items())
+    )
     return "\n".join(lines)
 
 
-def run(*, quick: bool, backends=("torch", "jax"), dims=None, repeats=None, density_steps=None, seeds=None,
-        methods=METHODS, seed=0, skip_scaling=False, skip_density=False, max_call_s=120.0, log=print) -> dict:
+def run(
+    *,
+    quick: bool,
+    backends=("torch", "jax"),
+    dims=None,
+    repeats=None,
+    density_steps=None,
+    seeds=None,
+    methods=METHODS,
+    seed=0,
+    skip_scaling=False,
+    skip_density=False,
+    max_call_s=120.0,
+    log=print,
+) -> dict:
     """Both experiments; returns the JSON-ready result."""
     dims = tuple(dims or (DIMS_QUICK if quick else DIMS_FULL))
     repeats = repeats or (3 if quick else 7)
@@ -362,9 +444,18 @@ def run(*, quick: bool, backends=("torch", "jax"), dims=None, repeats=None, dens
         "slopes": slope,
         "density": dens,
         "targets": targets(rows, slope, dens),
-        "config": {"batch": BATCH, "scaling_layers": SCALING_LAYERS, "alpha": ALPHA, "dims": list(dims),
-                   "repeats": repeats, "density_steps": steps, "density_seeds": seeds, "density": DENSITY_CONFIG,
-                   "logit_lambda": LOGIT_LAMBDA, "targets": TARGETS_TEXT},
+        "config": {
+            "batch": BATCH,
+            "scaling_layers": SCALING_LAYERS,
+            "alpha": ALPHA,
+            "dims": list(dims),
+            "repeats": repeats,
+            "density_steps": steps,
+            "density_seeds": seeds,
+            "density": DENSITY_CONFIG,
+            "logit_lambda": LOGIT_LAMBDA,
+            "targets": TARGETS_TEXT,
+        },
     }
 
 
@@ -373,7 +464,9 @@ def main(argv=None) -> dict:
     p.add_argument("--backends", default="torch,jax", help="comma-separated subset of torch,jax (scaling)")
     p.add_argument("--dims", default=None, help="comma-separated D values (default: by mode)")
     p.add_argument("--density-steps", type=int, default=None, help="training steps per method (default: by mode)")
-    p.add_argument("--density-seeds", type=int, default=None, help="training runs per method (default: 1 quick, 3 full)")
+    p.add_argument(
+        "--density-seeds", type=int, default=None, help="training runs per method (default: 1 quick, 3 full)"
+    )
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--threads", type=int, default=1, help="torch / XLA threads; 0 = library defaults")
     p.add_argument("--max-call-s", type=float, default=120.0, help="skip a variant whose first step is slower")
@@ -390,9 +483,19 @@ def main(argv=None) -> dict:
     for m in methods:
         if m not in METHODS:
             p.error(f"--methods: unknown method {m!r}")
-    result = run(quick=args.quick, backends=backends, dims=dims, repeats=args.repeats,
-                 density_steps=args.density_steps, seeds=args.density_seeds, methods=methods, seed=args.seed,
-                 skip_scaling=args.skip_scaling, skip_density=args.skip_density, max_call_s=args.max_call_s)
+    result = run(
+        quick=args.quick,
+        backends=backends,
+        dims=dims,
+        repeats=args.repeats,
+        density_steps=args.density_steps,
+        seeds=args.density_seeds,
+        methods=methods,
+        seed=args.seed,
+        skip_scaling=args.skip_scaling,
+        skip_density=args.skip_density,
+        max_call_s=args.max_call_s,
+    )
     result["meta"] = {**C.environment_meta(), "threads": args.threads, "quick": args.quick}
     print()
     print(report(result))

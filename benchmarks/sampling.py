@@ -132,26 +132,45 @@ def main(argv=None) -> None:
     readme = (64, 128) if args.quick else (500, 128)
     steps = 20 if args.quick else 50
     repeats = args.repeats or (5 if args.quick else 15)
-    fns = {**_numpyro_variants(n_chains, n_points, readme, steps, args.seed),
-           **_pyro_variants(n_chains, n_points, readme, steps, args.seed)}
+    fns = {
+        **_numpyro_variants(n_chains, n_points, readme, steps, args.seed),
+        **_pyro_variants(n_chains, n_points, readme, steps, args.seed),
+    }
     timings = C.interleaved_timings(
-        fns, repeats, warmup=2, seed=args.seed,
+        fns,
+        repeats,
+        warmup=2,
+        seed=args.seed,
         adjacent=[[a, b] for a, b, _ in RATIOS],
     )
     rows = []
     for name, t in timings.items():
-        rows.append({"variant": name, "ms_per_step": 1e3 * t.median / steps, "spread": t.spread,
-                     "samples": len(t.samples)})
+        rows.append(
+            {"variant": name, "ms_per_step": 1e3 * t.median / steps, "spread": t.spread, "samples": len(t.samples)}
+        )
     ratios = []
     for a, b, label in RATIOS:
-        ratios.append({"ratio": label, "numerator": a, "denominator": b,
-                       "value": timings[a].median / timings[b].median})
-    print(C.markdown_table(["variant", "ms / step", "spread"],
-                           [[r["variant"], C.fmt(r["ms_per_step"], ".3f"), C.fmt(r["spread"])] for r in rows]))
+        ratios.append(
+            {"ratio": label, "numerator": a, "denominator": b, "value": timings[a].median / timings[b].median}
+        )
+    print(
+        C.markdown_table(
+            ["variant", "ms / step", "spread"],
+            [[r["variant"], C.fmt(r["ms_per_step"], ".3f"), C.fmt(r["spread"])] for r in rows],
+        )
+    )
     print()
     print(C.markdown_table(["ratio", "value"], [[r["ratio"], C.fmt(r["value"], ".1f")] for r in ratios]))
-    meta = {**C.environment_meta(), "chains": n_chains, "points": n_points, "readme": list(readme),
-            "steps_per_sample": steps, "repeats": repeats, "hidden": list(HIDDEN), "D": D}
+    meta = {
+        **C.environment_meta(),
+        "chains": n_chains,
+        "points": n_points,
+        "readme": list(readme),
+        "steps_per_sample": steps,
+        "repeats": repeats,
+        "hidden": list(HIDDEN),
+        "D": D,
+    }
     C.write_json_object(args.json, {"rows": rows, "ratios": ratios, "meta": meta})
 
 

@@ -120,8 +120,9 @@ def singular_tolerance(dim: int, dtype_eps: float) -> float:
     return dim * dtype_eps
 
 
-def check_layer(k: int, finite_weight: bool, finite_bias: bool, s_max: float, s_min: float, dim: int,
-                dtype_eps: float) -> None:
+def check_layer(
+    k: int, finite_weight: bool, finite_bias: bool, s_max: float, s_min: float, dim: int, dtype_eps: float
+) -> None:
     """Refuse to invert layer ``k`` whose weight or bias holds NaN / inf, or whose weight is
     singular to working precision (``s_min <= D eps s_max``, with its singular values
     ``s_max >= s_min``): its inverse would be NaN, inf or round-off noise.

@@ -121,9 +121,7 @@ def check_loss_kind(loss: Any, cls: type, frontend: str) -> None:
         TypeError: naming ``loss``.
     """
     if not isinstance(loss, cls):
-        raise TypeError(
-            f"argument 'loss' must be a ppl_score.{frontend}.ScoreMatching, got {type(loss).__name__}"
-        )
+        raise TypeError(f"argument 'loss' must be a ppl_score.{frontend}.ScoreMatching, got {type(loss).__name__}")
 
 
 def check_latents(latents: Any) -> list:
@@ -174,9 +172,7 @@ def check_fn_output(losses_shape: tuple, weights_shape: tuple | None) -> int:
         ValueError: naming ``fn``.
     """
     if len(losses_shape) != 1:
-        raise ValueError(
-            f"argument 'fn' must return per-datum losses of shape [n], got shape {tuple(losses_shape)}"
-        )
+        raise ValueError(f"argument 'fn' must return per-datum losses of shape [n], got shape {tuple(losses_shape)}")
     if weights_shape is not None and tuple(weights_shape) != tuple(losses_shape):
         raise ValueError(
             f"argument 'fn' returned weights of shape {tuple(weights_shape)} for losses of shape "

@@ -162,8 +162,9 @@ def mixture_sample(rng: np.random.Generator, n: int, mixture: GaussianMixture = 
     return mixture.means[k] + np.einsum("nij,nj->ni", chol[k], z)
 
 
-def mixture_dataset(n_train: int = 10_000, n_test: int = 5_000, seed: int = 0,
-                    mixture: GaussianMixture = DEFAULT_MIXTURE) -> Dataset:
+def mixture_dataset(
+    n_train: int = 10_000, n_test: int = 5_000, seed: int = 0, mixture: GaussianMixture = DEFAULT_MIXTURE
+) -> Dataset:
     """Train and held-out draws from ``mixture`` with its exact log density and score."""
     rng = np.random.default_rng([seed, 1])
     return Dataset(
@@ -227,8 +228,9 @@ def load_digits(scaling: str = "unit", test_fraction: float = 0.2, seed: int = 0
     except ImportError as err:  # pragma: no cover - dev extra
         raise ImportError("--data digits needs scikit-learn (pip install scikit-learn)") from err
     images = _sk_load_digits().data  # [1797, 64], integers 0..16
-    return _finish("digits", images, levels=17, scaling=scaling, test_fraction=test_fraction, seed=seed,
-                   image_shape=(8, 8))
+    return _finish(
+        "digits", images, levels=17, scaling=scaling, test_fraction=test_fraction, seed=seed, image_shape=(8, 8)
+    )
 
 
 def _image_shape(event_shape: tuple) -> Optional[tuple]:
@@ -247,8 +249,15 @@ def _image_shape(event_shape: tuple) -> Optional[tuple]:
     return None
 
 
-def load_array(path, key: Optional[str] = None, *, scaling: str = "unit", test_fraction: float = 0.2,
-               seed: int = 0, max_examples: Optional[int] = None) -> Dataset:
+def load_array(
+    path,
+    key: Optional[str] = None,
+    *,
+    scaling: str = "unit",
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    max_examples: Optional[int] = None,
+) -> Dataset:
     """A user's data set from ``path``: a ``.npy`` array or a ``.npz`` archive.
 
     The array has shape ``[N, *event]`` (e.g. MNIST ``[70000, 28, 28]`` or ``[N, 784]``,
@@ -297,12 +306,20 @@ def load_array(path, key: Optional[str] = None, *, scaling: str = "unit", test_f
     if x.dtype.kind == "u":
         levels = float(np.iinfo(x.dtype).max) + 1.0 if x.dtype.itemsize == 1 else float(x.max()) + 1.0
     name = os.path.splitext(os.path.basename(path))[0]
-    return _finish(name, x, levels=levels, scaling=scaling, test_fraction=test_fraction, seed=seed,
-                   image_shape=_image_shape(tuple(x.shape[1:])))
+    return _finish(
+        name,
+        x,
+        levels=levels,
+        scaling=scaling,
+        test_fraction=test_fraction,
+        seed=seed,
+        image_shape=_image_shape(tuple(x.shape[1:])),
+    )
 
 
-def get_dataset(data: str, *, seed: int = 0, scaling: str = "unit", key: Optional[str] = None,
-                max_examples: Optional[int] = None) -> Dataset:
+def get_dataset(
+    data: str, *, seed: int = 0, scaling: str = "unit", key: Optional[str] = None, max_examples: Optional[int] = None
+) -> Dataset:
     """``"mixture"``, ``"digits"``, or a path to a ``.npy`` / ``.npz`` file."""
     if data == "mixture":
         return mixture_dataset(seed=seed)

@@ -71,33 +71,71 @@ def _hidden(text: str) -> tuple:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``demo`` subcommand's options."""
     parser.add_argument("--backend", choices=BACKENDS, default="torch", help="array framework (default: torch)")
-    parser.add_argument("--method", choices=tuple(OBJECTIVES), default="ssm_vr",
-                        help="score-matching objective (default: ssm_vr)")
-    parser.add_argument("--data", default="mixture",
-                        help="'mixture' (built-in 2-D Gaussian mixture, known score), 'digits' (scikit-learn's "
-                             "8x8 digits), or a path to a .npy/.npz array [N, *event] (default: mixture)")
+    parser.add_argument(
+        "--method", choices=tuple(OBJECTIVES), default="ssm_vr", help="score-matching objective (default: ssm_vr)"
+    )
+    parser.add_argument(
+        "--data",
+        default="mixture",
+        help="'mixture' (built-in 2-D Gaussian mixture, known score), 'digits' (scikit-learn's "
+        "8x8 digits), or a path to a .npy/.npz array [N, *event] (default: mixture)",
+    )
     parser.add_argument("--steps", type=_positive_int, default=2000, help="training steps (default: 2000)")
     parser.add_argument("--batch-size", type=_positive_int, default=256, help="minibatch size (default: 256)")
-    parser.add_argument("--lr", type=_positive_float, default=5e-3,
-                        help="Adam learning rate, decayed along a cosine to 5%% of it (default: 5e-3)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the weights, minibatches, projections and noise "
-                             "(the data and its train / held-out split are fixed)")
+    parser.add_argument(
+        "--lr",
+        type=_positive_float,
+        default=5e-3,
+        help="Adam learning rate, decayed along a cosine to 5%% of it (default: 5e-3)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed for the weights, minibatches, projections and noise "
+        "(the data and its train / held-out split are fixed)",
+    )
     parser.add_argument("--out", default="out/demo", help="output folder for demo.png and metrics.json")
-    parser.add_argument("--hidden", type=_hidden, default=None,
-                        help="hidden layer widths of the MLP energy (default: 128,128 for 2-D data, else 256,256)")
-    parser.add_argument("--sigma", type=_positive_float, default=None,
-                        help="noise scale of dsm / fd_dsm (default: 0.1 x the data's RMS coordinate std)")
-    parser.add_argument("--eps", type=_positive_float, default=None,
-                        help="finite-difference step of fd_ssm / fd_dsm (default: 0.1 x the data's RMS coordinate std)")
-    parser.add_argument("--n-projections", type=_positive_int, default=None,
-                        help="projections per example for ssm, ssm_vr, fd_ssm, fd_dsm (default: 1)")
-    parser.add_argument("--scaling", choices=("unit", "standardize"), default="unit",
-                        help="array data: dequantized to [0, 1] ('unit') or standardized per coordinate")
+    parser.add_argument(
+        "--hidden",
+        type=_hidden,
+        default=None,
+        help="hidden layer widths of the MLP energy (default: 128,128 for 2-D data, else 256,256)",
+    )
+    parser.add_argument(
+        "--sigma",
+        type=_positive_float,
+        default=None,
+        help="noise scale of dsm / fd_dsm (default: 0.1 x the data's RMS coordinate std)",
+    )
+    parser.add_argument(
+        "--eps",
+        type=_positive_float,
+        default=None,
+        help="finite-difference step of fd_ssm / fd_dsm (default: 0.1 x the data's RMS coordinate std)",
+    )
+    parser.add_argument(
+        "--n-projections",
+        type=_positive_int,
+        default=None,
+        help="projections per example for ssm, ssm_vr, fd_ssm, fd_dsm (default: 1)",
+    )
+    parser.add_argument(
+        "--scaling",
+        choices=("unit", "standardize"),
+        default="unit",
+        help="array data: dequantized to [0, 1] ('unit') or standardized per coordinate",
+    )
     parser.add_argument("--key", default=None, help="name of the array inside a .npz file")
-    parser.add_argument("--eval-size", type=_positive_int, default=2000,
-                        help="held-out examples used for the metrics (default: 2000)")
-    parser.add_argument("--threads", type=_positive_int, default=1,
-                        help="torch intra-op threads (default: 1; the demo's models are too small to split)")
+    parser.add_argument(
+        "--eval-size", type=_positive_int, default=2000, help="held-out examples used for the metrics (default: 2000)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=1,
+        help="torch intra-op threads (default: 1; the demo's models are too small to split)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -107,8 +145,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     for option in _PASSED_OPTIONS:
         if getattr(args, option) is not None and option not in takes:
             users = [name for name, obj in OBJECTIVES.items() if option in obj.defaults]
-            parser.error(f"--{option.replace('_', '-')} is not used by method {args.method!r} "
-                         f"(only by {', '.join(users)})")
+            parser.error(
+                f"--{option.replace('_', '-')} is not used by method {args.method!r} (only by {', '.join(users)})"
+            )
     if args.data not in ("mixture", "digits"):
         if not os.path.isfile(args.data):
             parser.error(f"--data must be 'mixture', 'digits' or an existing .npy/.npz file, got {args.data!r}")
@@ -137,8 +176,14 @@ def _objective_options(args, scale: float) -> dict:
 
 
 def _fit(args, data: datasets.Dataset, hidden: tuple, quadratic: float, options: dict):
-    common = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                  progress=not args.no_progress, **options)
+    common = dict(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        progress=not args.no_progress,
+        **options,
+    )
     if args.backend == "torch":
         import torch
 
@@ -236,12 +281,26 @@ def _figure_2d(data, fit, grid, true_lp_grid, model_lp_grid, title, path):
     vmax = max(np.exp(model_lp_grid).max(), np.exp(true_lp_grid).max() if true_lp_grid is not None else 0)
     if true_lp_grid is not None:
         a = next(ax)
-        a.imshow(np.exp(true_lp_grid).reshape(n, n), origin="lower", extent=extent, cmap="viridis",
-                 vmin=0, vmax=vmax, aspect="auto")
+        a.imshow(
+            np.exp(true_lp_grid).reshape(n, n),
+            origin="lower",
+            extent=extent,
+            cmap="viridis",
+            vmin=0,
+            vmax=vmax,
+            aspect="auto",
+        )
         a.set(title="true density")
     a = next(ax)
-    a.imshow(np.exp(model_lp_grid).reshape(n, n), origin="lower", extent=extent, cmap="viridis",
-             vmin=0, vmax=vmax, aspect="auto")
+    a.imshow(
+        np.exp(model_lp_grid).reshape(n, n),
+        origin="lower",
+        extent=extent,
+        cmap="viridis",
+        vmin=0,
+        vmax=vmax,
+        aspect="auto",
+    )
     a.set(title="learned density exp(-E), normalized on grid")
 
     a = next(ax)
@@ -326,8 +385,11 @@ def _figure_images(data, fit, samples, lp_test, lp_samples, lp_noise, title, pat
     a = next(ax)
     everything = np.concatenate([lp_test, lp_samples, lp_noise])
     bins = np.linspace(np.quantile(everything, 0.005), np.quantile(everything, 0.995), 50)
-    for name, lp, color in (("held-out data", lp_test, "tab:blue"), ("Langevin samples", lp_samples, "tab:green"),
-                            ("uniform noise", lp_noise, "tab:red")):
+    for name, lp, color in (
+        ("held-out data", lp_test, "tab:blue"),
+        ("Langevin samples", lp_samples, "tab:green"),
+        ("uniform noise", lp_noise, "tab:red"),
+    ):
         a.hist(np.clip(lp, bins[0], bins[-1]), bins=bins, alpha=0.5, color=color, label=name, density=True)
     a.set(title="model log density -E(x) (unnormalized)", xlabel="-E(x)")
     a.legend(fontsize=8)
@@ -367,16 +429,22 @@ def run(args: argparse.Namespace, stream=None) -> dict:
     opts_text = _options_text(options)
 
     say(f"ppl_score demo: {args.backend} backend, method {args.method}" + (f" ({opts_text})" if opts_text else ""))
-    say(f"data: {data.name}, event shape {data.event_shape} (D={data.dim}), {len(data.train)} train / "
-        f"{min(len(data.test), args.eval_size)} held-out examples, RMS coordinate std {scale:.3g}")
-    say(f"model: MLP energy {'-'.join(map(str, (data.dim, *hidden, 1)))}, softplus, "
-        f"quadratic term {quadratic:g}/2 ||x||^2")
+    say(
+        f"data: {data.name}, event shape {data.event_shape} (D={data.dim}), {len(data.train)} train / "
+        f"{min(len(data.test), args.eval_size)} held-out examples, RMS coordinate std {scale:.3g}"
+    )
+    say(
+        f"model: MLP energy {'-'.join(map(str, (data.dim, *hidden, 1)))}, softplus, "
+        f"quadratic term {quadratic:g}/2 ||x||^2"
+    )
     say(f"training: {args.steps} steps, batch {args.batch_size}, Adam lr {args.lr:g}, seed {args.seed}")
     os.makedirs(args.out, exist_ok=True)  # fail before training, not after
     with _torch_threads(args.backend, args.threads):
         fit = _fit(args, data, hidden, quadratic, options)
-        say(f"training time: {fit.seconds:.2f} s ({1e3 * fit.seconds / args.steps:.2f} ms/step"
-            + (", including jit compilation)" if args.backend == "jax" else ")"))
+        say(
+            f"training time: {fit.seconds:.2f} s ({1e3 * fit.seconds / args.steps:.2f} ms/step"
+            + (", including jit compilation)" if args.backend == "jax" else ")")
+        )
         return _evaluate_and_report(args, data, fit, hidden, quadratic, options, scale, say)
 
 
@@ -386,10 +454,20 @@ def _evaluate_and_report(args, data, fit, hidden, quadratic, options, scale, say
     opts_text = _options_text(options)
     tail = fit.losses[-max(1, len(fit.losses) // 10) :]
     metrics = {
-        "backend": args.backend, "method": args.method, "options": options, "data": data.name,
-        "event_shape": list(data.event_shape), "n_train": len(data.train), "n_eval": len(test),
-        "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-        "hidden": list(hidden), "quadratic": quadratic, "train_seconds": fit.seconds,
+        "backend": args.backend,
+        "method": args.method,
+        "options": options,
+        "data": data.name,
+        "event_shape": list(data.event_shape),
+        "n_train": len(data.train),
+        "n_eval": len(test),
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "seed": args.seed,
+        "hidden": list(hidden),
+        "quadratic": quadratic,
+        "train_seconds": fit.seconds,
         "final_train_loss": float(np.mean(tail)),
     }
 
@@ -406,14 +484,20 @@ def _evaluate_and_report(args, data, fit, hidden, quadratic, options, scale, say
         s_true = data.score(test)
         diff = (fit.score(test) - s_true).reshape(len(test), -1)
         fisher, fisher_se = _mean_and_stderr(0.5 * (diff**2).sum(-1))
-        metrics.update(fisher_divergence=fisher, fisher_divergence_stderr=fisher_se,
-                       half_mean_sq_true_score=float(np.mean(0.5 * (s_true.reshape(len(test), -1) ** 2).sum(-1))))
-        say(f"Fisher divergence 1/2 E||s_model - s_true||^2 (held-out): {fisher:.4f} +- {fisher_se:.4f}   "
-            f"[1/2 E||s_true||^2 = {metrics['half_mean_sq_true_score']:.4f}]")
+        metrics.update(
+            fisher_divergence=fisher,
+            fisher_divergence_stderr=fisher_se,
+            half_mean_sq_true_score=float(np.mean(0.5 * (s_true.reshape(len(test), -1) ** 2).sum(-1))),
+        )
+        say(
+            f"Fisher divergence 1/2 E||s_model - s_true||^2 (held-out): {fisher:.4f} +- {fisher_se:.4f}   "
+            f"[1/2 E||s_true||^2 = {metrics['half_mean_sq_true_score']:.4f}]"
+        )
 
     fig_path = os.path.join(args.out, "demo.png")
-    title = (f"{data.name}: {args.method} on {args.backend}, {args.steps} steps"
-             + (f" ({opts_text})" if opts_text else ""))
+    title = f"{data.name}: {args.method} on {args.backend}, {args.steps} steps" + (
+        f" ({opts_text})" if opts_text else ""
+    )
     if data.dim == 2 and len(data.event_shape) == 1:
         grid = _grid(data, GRID)
         model_lp, log_z = _grid_log_density(fit.log_prob, *grid)
@@ -431,15 +515,21 @@ def _evaluate_and_report(args, data, fit, hidden, quadratic, options, scale, say
         rng = np.random.default_rng(args.seed)
         lo, hi = data.train.min(axis=0), data.train.max(axis=0)
         noise = rng.uniform(lo, hi, size=(64, *data.event_shape))
-        samples, step = _langevin(fit.score, noise, (0.25 * scale) ** 2, LANGEVIN_STEPS, args.seed,
-                                  bound=2.0 * float((hi - lo).max()))
+        samples, step = _langevin(
+            fit.score, noise, (0.25 * scale) ** 2, LANGEVIN_STEPS, args.seed, bound=2.0 * float((hi - lo).max())
+        )
         metrics["langevin_step"] = step
         lp_test, lp_samples, lp_noise = fit.log_prob(test), fit.log_prob(samples), fit.log_prob(noise)
-        metrics.update(mean_logp_heldout=float(lp_test.mean()), mean_logp_langevin=float(lp_samples.mean()),
-                       mean_logp_noise=float(lp_noise.mean()))
-        say(f"mean unnormalized log density -E(x): held-out data {lp_test.mean():.2f}, "
+        metrics.update(
+            mean_logp_heldout=float(lp_test.mean()),
+            mean_logp_langevin=float(lp_samples.mean()),
+            mean_logp_noise=float(lp_noise.mean()),
+        )
+        say(
+            f"mean unnormalized log density -E(x): held-out data {lp_test.mean():.2f}, "
             f"Langevin samples {lp_samples.mean():.2f} ({LANGEVIN_STEPS} steps of {step:.2g} from uniform noise), "
-            f"uniform noise {lp_noise.mean():.2f}")
+            f"uniform noise {lp_noise.mean():.2f}"
+        )
         _figure_images(data, fit, samples, lp_test, lp_samples, lp_noise, title, fig_path)
 
     metrics_path = os.path.join(args.out, "metrics.json")

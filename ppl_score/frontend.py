@@ -163,8 +163,9 @@ def check_event_shape(event_shape: Any) -> tuple:
     return tuple(int(n) for n in shape)
 
 
-def check_unnormalized_args(log_density_fn: Any, event_shape: Any, support: Any, batched: Any, batch_shape: Any,
-                            constraint_type: type) -> tuple[tuple, tuple, int]:
+def check_unnormalized_args(
+    log_density_fn: Any, event_shape: Any, support: Any, batched: Any, batch_shape: Any, constraint_type: type
+) -> tuple[tuple, tuple, int]:
     """The arguments of ``Unnormalized`` (either PPL's; ``constraint_type`` is its
     ``constraints.Constraint``).
 

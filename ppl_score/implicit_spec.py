@@ -231,7 +231,9 @@ def check_sites(sites: Any) -> tuple | None:
     try:
         sites = tuple(sites)
     except TypeError:
-        raise TypeError(f"argument 'sites' must be None, a site name or a list of names, got {type(sites).__name__}") from None
+        raise TypeError(
+            f"argument 'sites' must be None, a site name or a list of names, got {type(sites).__name__}"
+        ) from None
     if not sites or not all(isinstance(s, str) for s in sites):
         raise ValueError(f"argument 'sites' must be a non-empty list of site names, got {sites!r}")
     return sites
@@ -286,7 +288,9 @@ def implicit_site_names(nodes: Mapping, sites: tuple | None, delta_type: type, p
     found = [
         name
         for name, site in nodes.items()
-        if site["type"] == "sample" and not site["is_observed"] and isinstance(base_distribution(site["fn"]), delta_type)
+        if site["type"] == "sample"
+        and not site["is_observed"]
+        and isinstance(base_distribution(site["fn"]), delta_type)
     ]
     if sites is None:
         return found
@@ -321,7 +325,9 @@ def estimator_kind(estimator: Any, learned_type: type) -> str:
     )
 
 
-def check_estimators(estimator: Any, learned_type: type, num_particles: int | None = None, *, code_sites: bool = False) -> None:
+def check_estimators(
+    estimator: Any, learned_type: type, num_particles: int | None = None, *, code_sites: bool = False
+) -> None:
     """Check ``estimator`` (one, or a dict per site) when a loss is built.
 
     Args:

@@ -129,9 +129,7 @@ def check_plan(step_size: Any, num_steps: Any, num_warmup: Any = 0, thin: Any = 
         thin=_check_int("thin", thin, 1),
     )
     if plan.num_steps % plan.thin:
-        raise ValueError(
-            f"argument 'num_steps'={plan.num_steps} must be a multiple of argument 'thin'={plan.thin}"
-        )
+        raise ValueError(f"argument 'num_steps'={plan.num_steps} must be a multiple of argument 'thin'={plan.thin}")
     return plan
 
 
@@ -173,11 +171,15 @@ def divergence_error(step_size: float, adjusted: bool) -> ValueError:
         hint = "the log density or its score is non-finite at the chains' states"
     else:
         hint = "ULA diverged (its step is unstable when step_size exceeds ~2 / largest curvature)"
-    return ValueError(f"Langevin chains reached non-finite values with step_size={step_size:g}: {hint}; decrease 'step_size'")
+    return ValueError(
+        f"Langevin chains reached non-finite values with step_size={step_size:g}: {hint}; decrease 'step_size'"
+    )
 
 
 def init_error(name: str = "x0") -> ValueError:
-    return ValueError(f"the log density or its score is non-finite at argument {name!r}; start the chains where the density is positive")
+    return ValueError(
+        f"the log density or its score is non-finite at argument {name!r}; start the chains where the density is positive"
+    )
 
 
 def warn_low_acceptance(accept_rate: float, min_rate: float, step_size: float, stacklevel: int = 4) -> None:
@@ -409,7 +411,11 @@ def check_batched_output(out_shape, lead, expected) -> None:
             pass ``batch_shape`` or observe it under the matching plates).
     """
     out_shape, lead, expected = tuple(out_shape), tuple(lead), tuple(expected)
-    if len(out_shape) < len(lead) or _broadcast(out_shape, lead) != out_shape or _broadcast(out_shape, expected) != expected:
+    if (
+        len(out_shape) < len(lead)
+        or _broadcast(out_shape, lead) != out_shape
+        or _broadcast(out_shape, expected) != expected
+    ):
         raise ValueError(
             "argument 'log_density_fn' (batched=True) must map x of shape [*batch, *event_shape] to "
             f"[*batch] (one log density per point, broadcast with its parameters' batch dims): x had "
@@ -523,8 +529,9 @@ class SiteOps:
         x = transform(u)
         return x, self.sum_rows(transform.log_abs_det_jacobian(u, x), c)
 
-    def draws_density(self, density_type: type, base: Any, value: Any, transform: Any, c: int, k: int,
-                      depth: int) -> "SiteDensity":
+    def draws_density(
+        self, density_type: type, base: Any, value: Any, transform: Any, c: int, k: int, depth: int
+    ) -> "SiteDensity":
         """Draws mode: ``c * k`` rows, each one new point from the ``Unnormalized`` density
         ``base``'s own density (``base.log_density``), as a ``density_type`` (the front end's
         ``SiteDensity``); ``depth`` is the model's plate nesting, ``value`` the observed value."""
@@ -540,11 +547,20 @@ class SiteOps:
         layout = draws_layout(k, strip_leading_ones(pb), event)
         log_prob = self.rows_log_prob(transform, base.log_density, (*pb, *uevent))
         start = self.draws_start(value, depth, pb, event, rows, transform, uevent).reshape(c, *layout.shape)
-        return density_type(log_prob, transform, self.size(layout.draw_shape),
-                            self.size((*strip_leading_ones(pb), *uevent)), value, c, layout, start)
+        return density_type(
+            log_prob,
+            transform,
+            self.size(layout.draw_shape),
+            self.size((*strip_leading_ones(pb), *uevent)),
+            value,
+            c,
+            layout,
+            start,
+        )
 
-    def draws_start(self, value: Any, depth: int, pb: tuple, event: tuple, rows: int, transform: Any,
-                    uevent: tuple) -> Any:
+    def draws_start(
+        self, value: Any, depth: int, pb: tuple, event: tuple, rows: int, transform: Any, uevent: tuple
+    ) -> Any:
         """Observed points as starts ``[rows, *pb, *event]``: cycled (one point per draw), or
         the first point of each parameter group (batched density); where they do not fit,
         ``transform(0)``."""

@@ -234,8 +234,20 @@ class Block:
     """One matched site: its unconstrained data ``u [*batch, *uevent]``, where it sits in
     the rows ``x`` (``start:stop``), its mask and scale, and its plates."""
 
-    __slots__ = ("name", "base", "transform", "mask", "u", "batch", "uevent", "start", "stop", "scale", "frames",
-                 "event_dim")
+    __slots__ = (
+        "name",
+        "base",
+        "transform",
+        "mask",
+        "u",
+        "batch",
+        "uevent",
+        "start",
+        "stop",
+        "scale",
+        "frames",
+        "event_dim",
+    )
 
 
 def combine_masks(ops: ArrayOps, name: str, batch: tuple, *masks) -> Any:

@@ -277,8 +277,7 @@ def check_fn_output_shape(kind: str, out_shape: tuple, in_shape: tuple) -> None:
     if out_shape != expected:
         what = "[B] (one log density per example)" if kind == "log_prob" else "[B, *event] (the shape of x)"
         raise ValueError(
-            f"argument 'fn' with kind={kind!r} must map x of shape {in_shape} to {what} = {expected}, "
-            f"got {out_shape}"
+            f"argument 'fn' with kind={kind!r} must map x of shape {in_shape} to {what} = {expected}, got {out_shape}"
         )
 
 

@@ -105,8 +105,10 @@ def normal_sandwich(x, mu, sigma, eps=1e-5):
 
 
 def rules(h, j):
-    return {"lyddon": np.trace(h @ np.linalg.solve(j, h)) / np.trace(h),
-            "magnitude": 2.0 / np.trace(np.linalg.solve(h, j))}
+    return {
+        "lyddon": np.trace(h @ np.linalg.solve(j, h)) / np.trace(h),
+        "magnitude": 2.0 / np.trace(np.linalg.solve(h, j)),
+    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -159,9 +161,18 @@ def tp():
 
     from types import SimpleNamespace
 
-    return SimpleNamespace(torch=torch, pyro=pyro, dist=dist, t=t, ScoreMatching=ScoreMatching,
-                           calibrate_beta=calibrate_beta, gamma_model=gamma_model, normal_model=normal_model,
-                           normal_model_log=normal_model_log, neg_log_post=neg_log_post)
+    return SimpleNamespace(
+        torch=torch,
+        pyro=pyro,
+        dist=dist,
+        t=t,
+        ScoreMatching=ScoreMatching,
+        calibrate_beta=calibrate_beta,
+        gamma_model=gamma_model,
+        normal_model=normal_model,
+        normal_model_log=normal_model_log,
+        neg_log_post=neg_log_post,
+    )
 
 
 def test_pyro_gamma_calibrated_sd_matches_sampling_sd(tp):
@@ -170,8 +181,9 @@ def test_pyro_gamma_calibrated_sd_matches_sampling_sd(tp):
     loss = tp.ScoreMatching("esm")
     beta = tp.calibrate_beta(loss, tp.gamma_model, {"theta": tp.t(theta_hat(x))}, data)
     np.testing.assert_allclose(beta, closed_beta(x), rtol=1e-8)
-    assert beta == pytest.approx(tp.calibrate_beta(loss, tp.gamma_model, {"theta": theta_hat(x)}, data,
-                                                   rule="magnitude"), rel=1e-10)
+    assert beta == pytest.approx(
+        tp.calibrate_beta(loss, tp.gamma_model, {"theta": theta_hat(x)}, data, rule="magnitude"), rel=1e-10
+    )
 
     grid = theta_grid(x)
     sd_cal = grid_sd(grid, tp.neg_log_post(tp.ScoreMatching("esm", beta=beta), grid, data))
@@ -266,9 +278,18 @@ def npo():
 
     from types import SimpleNamespace
 
-    return SimpleNamespace(jax=jax, jnp=jnp, numpyro=numpyro, dist=dist, ScoreMatching=ScoreMatching,
-                           calibrate_beta=calibrate_beta, gamma_model=gamma_model, normal_model=normal_model,
-                           normal_model_log=normal_model_log, neg_log_post=neg_log_post)
+    return SimpleNamespace(
+        jax=jax,
+        jnp=jnp,
+        numpyro=numpyro,
+        dist=dist,
+        ScoreMatching=ScoreMatching,
+        calibrate_beta=calibrate_beta,
+        gamma_model=gamma_model,
+        normal_model=normal_model,
+        normal_model_log=normal_model_log,
+        neg_log_post=neg_log_post,
+    )
 
 
 def test_numpyro_gamma_calibrated_sd_matches_sampling_sd(npo):
@@ -277,8 +298,9 @@ def test_numpyro_gamma_calibrated_sd_matches_sampling_sd(npo):
     loss = npo.ScoreMatching("esm")
     beta = npo.calibrate_beta(loss, npo.gamma_model, {"theta": theta_hat(x)}, data)
     np.testing.assert_allclose(beta, closed_beta(x), rtol=1e-8)
-    assert beta == pytest.approx(npo.calibrate_beta(loss, npo.gamma_model, {"theta": theta_hat(x)}, data,
-                                                    rule="magnitude"), rel=1e-10)
+    assert beta == pytest.approx(
+        npo.calibrate_beta(loss, npo.gamma_model, {"theta": theta_hat(x)}, data, rule="magnitude"), rel=1e-10
+    )
 
     grid = theta_grid(x)
     sd_cal = grid_sd(grid, npo.neg_log_post(npo.ScoreMatching("esm", beta=beta), grid, data))
@@ -299,8 +321,9 @@ def test_numpyro_masked_data_count_as_absent(npo):
         with numpyro.plate("data", data.shape[0]), numpyro.handlers.mask(mask=mask):
             numpyro.sample("x", dist.Gamma(A, theta), obs=data)
 
-    beta = npo.calibrate_beta(npo.ScoreMatching("esm"), masked, {"theta": theta_hat(x[keep])},
-                              npo.jnp.asarray(x), npo.jnp.asarray(keep))
+    beta = npo.calibrate_beta(
+        npo.ScoreMatching("esm"), masked, {"theta": theta_hat(x[keep])}, npo.jnp.asarray(x), npo.jnp.asarray(keep)
+    )
     np.testing.assert_allclose(beta, closed_beta(x[keep]), rtol=1e-8)
 
 
@@ -348,7 +371,11 @@ def normal_betas(request):
         except pytest.skip.Exception:
             continue
         if ppl == "pyro":
-            data, v, log_v = m.t(x), {"mu": m.t(mu), "sigma": m.t(sigma)}, {"mu": m.t(mu), "log_sigma": m.t(np.log(sigma))}
+            data, v, log_v = (
+                m.t(x),
+                {"mu": m.t(mu), "sigma": m.t(sigma)},
+                {"mu": m.t(mu), "log_sigma": m.t(np.log(sigma))},
+            )
         else:
             data, v, log_v = m.jnp.asarray(x), {"mu": mu, "sigma": sigma}, {"mu": mu, "log_sigma": np.log(sigma)}
         loss = m.ScoreMatching("esm")
@@ -491,8 +518,12 @@ def test_tutorial_smoke(tmp_path, capsys):
     spec.loader.exec_module(module)
     report = module.main(["--smoke", "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    for line in ("exact Bayes (conjugate Gamma posterior)", "Pyro: SVI, calibrated beta", "NumPyro: SVI, beta = 1",
-                 "calibrated  "):
+    for line in (
+        "exact Bayes (conjugate Gamma posterior)",
+        "Pyro: SVI, calibrated beta",
+        "NumPyro: SVI, beta = 1",
+        "calibrated  ",
+    ):
         assert line in out, out
     assert not re.search(r"\bnan\b|\binf\b", out, re.IGNORECASE), out
     assert report["Pyro"]["beta"] > 0 and report["NumPyro"]["beta"] > 0

@@ -148,8 +148,9 @@ def _fit(backend, method, steps, hidden=(16, 16), seed=0, batch_size=64, lr=5e-3
         torch.manual_seed(seed)
         model = MLPEnergy(2, hidden, torch.nn.Softplus, quadratic)
         before = mlp_params(model)
-        fit = fit_energy(model, data.train, method, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                         progress=False, **options)
+        fit = fit_energy(
+            model, data.train, method, steps=steps, batch_size=batch_size, lr=lr, seed=seed, progress=False, **options
+        )
         trained = mlp_params(fit.model)
         untouched = all(np.array_equal(a, b) for pair in zip(before, mlp_params(model)) for a, b in zip(*pair))
     else:
@@ -163,8 +164,18 @@ def _fit(backend, method, steps, hidden=(16, 16), seed=0, batch_size=64, lr=5e-3
         params = energy_init(jax.random.PRNGKey(seed), 2, hidden)
         before = [(np.array(w), np.array(b)) for w, b in params]
         apply_fn = functools.partial(energy_apply, quadratic=quadratic)
-        fit = fit_energy(apply_fn, params, data.train, method, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                         progress=False, **options)
+        fit = fit_energy(
+            apply_fn,
+            params,
+            data.train,
+            method,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            progress=False,
+            **options,
+        )
         trained = [(np.asarray(w), np.asarray(b)) for w, b in fit.params]
         untouched = all(np.array_equal(a, np.asarray(b)) for pair in zip(before, params) for a, b in zip(*pair))
     changed = any(not np.allclose(a, b) for pair in zip(before, trained) for a, b in zip(*pair))
@@ -283,8 +294,23 @@ def test_demo_mixture(backend, tmp_path, capsys):
         import torch
 
         torch.set_num_threads(2)  # the demo runs with --threads 1 and must restore this
-    out = _run_cli(["demo", "--backend", backend, "--steps", "5", "--hidden", "16,16", "--eval-size", "300",
-                    "--no-progress", "--out", str(tmp_path)], capsys)
+    out = _run_cli(
+        [
+            "demo",
+            "--backend",
+            backend,
+            "--steps",
+            "5",
+            "--hidden",
+            "16,16",
+            "--eval-size",
+            "300",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+        ],
+        capsys,
+    )
     assert "held-out exact score-matching loss (esm)" in out
     assert "Fisher divergence 1/2 E||s_model - s_true||^2" in out
     assert "training time" in out
@@ -302,8 +328,23 @@ def test_demo_mixture(backend, tmp_path, capsys):
 def test_demo_digits(tmp_path, capsys):
     _require("torch")
     pytest.importorskip("sklearn")
-    out = _run_cli(["demo", "--data", "digits", "--steps", "2", "--hidden", "16", "--eval-size", "40",
-                    "--no-progress", "--out", str(tmp_path)], capsys)
+    out = _run_cli(
+        [
+            "demo",
+            "--data",
+            "digits",
+            "--steps",
+            "2",
+            "--hidden",
+            "16",
+            "--eval-size",
+            "40",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+        ],
+        capsys,
+    )
     assert "held-out exact score-matching loss (esm)" in out and "Fisher" not in out
     assert "Langevin samples" in out
     assert (tmp_path / "demo.png").read_bytes()[:8] == PNG_MAGIC
@@ -314,8 +355,25 @@ def test_demo_user_array(tmp_path, capsys):
     _require("torch")
     path = tmp_path / "blobs.npy"
     np.save(path, np.random.default_rng(0).normal(size=(200, 2)))
-    out = _run_cli(["demo", "--data", str(path), "--method", "dsm", "--sigma", "0.2", "--steps", "2",
-                    "--hidden", "8", "--no-progress", "--out", str(tmp_path / "o")], capsys)
+    out = _run_cli(
+        [
+            "demo",
+            "--data",
+            str(path),
+            "--method",
+            "dsm",
+            "--sigma",
+            "0.2",
+            "--steps",
+            "2",
+            "--hidden",
+            "8",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capsys,
+    )
     assert "sigma=0.2" in out and "held-out log-likelihood" in out and "Fisher" not in out
     assert (tmp_path / "o" / "demo.png").read_bytes()[:8] == PNG_MAGIC
 

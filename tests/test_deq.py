@@ -292,7 +292,9 @@ def test_torch_generic_fixed_point(tdeq):
     import torch
 
     a = torch.linspace(-1, 1, 5, dtype=torch.float64).reshape(5, 1).requires_grad_(True)
-    z, info = tdeq.fixed_point(lambda z, a: 0.5 * torch.cos(z) + a, torch.zeros(5, 1, dtype=torch.float64), (a,), tol=1e-12)
+    z, info = tdeq.fixed_point(
+        lambda z, a: 0.5 * torch.cos(z) + a, torch.zeros(5, 1, dtype=torch.float64), (a,), tol=1e-12
+    )
     assert info.converged
     assert torch.allclose(z, 0.5 * torch.cos(z) + a, atol=1e-11)
     (dz,) = torch.autograd.grad(z.sum(), a, create_graph=True)
@@ -387,7 +389,9 @@ def _jax_quantities_fn(jdeq, config):
     def quantities(p, x, v):
         score = jax.grad(lambda y: energy(p, y).sum())
         s, hv = jax.jvp(score, (x,), (v[0],))
-        loss, grads = jax.value_and_grad(lambda q: score_matching_loss(lambda y: energy(q, y), x, "ssm_vr", projections=v))(p)
+        loss, grads = jax.value_and_grad(
+            lambda q: score_matching_loss(lambda y: energy(q, y), x, "ssm_vr", projections=v)
+        )(p)
         flat = jnp.concatenate([g.ravel() for g in jax.tree.leaves(grads)])
         return [energy(p, x), s, hv, loss, flat]
 
@@ -493,7 +497,7 @@ def test_jax_every_objective(jdeq, tdeq, data):
 
     # parameter gradients of ssm_vr (third order) are checked above; here the first-order
     # fd_ssm (each compile costs seconds, so not every method)
-    fn = lambda q: (lambda y: jdeq.deq_energy_apply(q, y, config, quadratic=0.5))  # noqa: E731
+    fn = lambda q: lambda y: jdeq.deq_energy_apply(q, y, config, quadratic=0.5)  # noqa: E731
     g = jax.jit(jax.grad(lambda q: score_matching_loss(fn(q), x, "fd_ssm", key=jax.random.PRNGKey(1))))(params)
     assert all(bool(jnp.isfinite(t).all()) for t in jax.tree.leaves(g))
     assert float(jnp.abs(g["weight"]).sum()) > 0
@@ -542,8 +546,12 @@ def test_jax_matches_optimistix(jdeq, tdeq, data, jax_reference):
         w_hat = jdeq.lipschitz_scaled(p["weight"], GAMMA)
         f = lambda z, args: jax.nn.softplus(z @ args[0] + args[1])  # noqa: E731
         sol = optx.fixed_point(
-            f, optx.FixedPointIteration(rtol=1e-12, atol=1e-12), jnp.zeros((y.shape[0], H)), (w_hat, u),
-            max_steps=500, adjoint=optx.ImplicitAdjoint(),
+            f,
+            optx.FixedPointIteration(rtol=1e-12, atol=1e-12),
+            jnp.zeros((y.shape[0], H)),
+            (w_hat, u),
+            max_steps=500,
+            adjoint=optx.ImplicitAdjoint(),
         )
         return (sol.value @ p["readout"][0] + p["readout"][1])[:, 0] - 0.25 * (y * y).sum(-1)
 
@@ -707,11 +715,19 @@ def test_defaults_are_shared_by_every_backend(tdeq, jdeq):
     assert tdeq.SolverConfig is jdeq.SolverConfig is _deq.SolverConfig
     default = _deq.DEQConfig()
     assert (default.solver.solver, default.solver.tol, default.gamma) == ("iteration", 1e-4, 0.9)
-    assert (default.solver.solver, default.solver.tol, default.gamma, default.solver.max_iter, default.solver.memory) == (
-        _deq.DEFAULT_SOLVER, _deq.DEFAULT_TOL, _deq.DEFAULT_GAMMA, _deq.DEFAULT_MAX_ITER, _deq.DEFAULT_MEMORY)
+    assert (
+        default.solver.solver,
+        default.solver.tol,
+        default.gamma,
+        default.solver.max_iter,
+        default.solver.memory,
+    ) == (_deq.DEFAULT_SOLVER, _deq.DEFAULT_TOL, _deq.DEFAULT_GAMMA, _deq.DEFAULT_MAX_ITER, _deq.DEFAULT_MEMORY)
     for mod in (tdeq, jdeq):
         assert (mod.DEFAULT_SOLVER, mod.DEFAULT_TOL, mod.DEFAULT_GAMMA) == (
-            _deq.DEFAULT_SOLVER, _deq.DEFAULT_TOL, _deq.DEFAULT_GAMMA)
+            _deq.DEFAULT_SOLVER,
+            _deq.DEFAULT_TOL,
+            _deq.DEFAULT_GAMMA,
+        )
     # the validating constructors' signatures spell the same defaults as the NamedTuples
     sig = inspect.signature(_deq.solver_config).parameters
     assert {k: sig[k].default for k in _deq.SolverConfig._fields} == _deq.SolverConfig()._asdict()
@@ -782,8 +798,10 @@ def test_jax_defaults_converge(jdeq):
         warnings.simplefilter("error", jdeq.FixedPointWarning)
         z, info = jdeq.deq_layer_apply(params, x)
         loss, grads = jax.value_and_grad(
-            lambda p: score_matching_loss(lambda y: jdeq.deq_energy_apply(p, y, quadratic=0.5), x, "ssm_vr",
-                                          key=jax.random.PRNGKey(2)))(params)
+            lambda p: score_matching_loss(
+                lambda y: jdeq.deq_energy_apply(p, y, quadratic=0.5), x, "ssm_vr", key=jax.random.PRNGKey(2)
+            )
+        )(params)
     tol = jdeq.DEFAULT_TOL
     assert bool(info.converged) and float(info.residual) <= tol
     w_hat = jdeq.lipschitz_scaled(params["weight"], jdeq.DEFAULT_GAMMA)
@@ -804,7 +822,11 @@ def test_tutorial_smoke(tmp_path):
     script = os.path.join(ROOT, "tutorials", "deq_digits.py")
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "MPLBACKEND": "Agg"}
     proc = subprocess.run(
-        [sys.executable, script, "--smoke", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, env=env
+        [sys.executable, script, "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "held-out" in proc.stdout

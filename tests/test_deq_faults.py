@@ -98,8 +98,9 @@ def _tiny_torch_energy(dtype):
     """The width-2 float32 layer on which JAX's Anderson returned NaN rows (and the same
     weights in torch)."""
     torch.manual_seed(1)
-    model = tdeq.DEQEnergy(3, 2, gamma=0.9, solver="anderson", tol=1e-6, max_iter=300,
-                           on_nonconvergence="raise").to(_tdtype(dtype))
+    model = tdeq.DEQEnergy(3, 2, gamma=0.9, solver="anderson", tol=1e-6, max_iter=300, on_nonconvergence="raise").to(
+        _tdtype(dtype)
+    )
     x = torch.randn(16, 3, dtype=_tdtype(dtype), generator=torch.Generator().manual_seed(1)) * 2
     return model, x
 
@@ -161,8 +162,9 @@ def test_anderson_iteration_count(dtype, expected):
     Anderson down."""
     torch.manual_seed(0)
     tol = 1e-11 if dtype == "float64" else 1e-6
-    model = tdeq.DEQEnergy(3, 5, gamma=0.8, solver="anderson", tol=tol, max_iter=300,
-                           on_nonconvergence="raise").to(_tdtype(dtype))
+    model = tdeq.DEQEnergy(3, 5, gamma=0.8, solver="anderson", tol=tol, max_iter=300, on_nonconvergence="raise").to(
+        _tdtype(dtype)
+    )
     x = torch.randn(16, 3, dtype=_tdtype(dtype), generator=torch.Generator().manual_seed(0)) * 2
     with torch.no_grad():
         model(x)
@@ -257,8 +259,17 @@ def test_z0_must_be_floating():
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("gamma,error", [(0.0, ValueError), (-0.5, ValueError), (float("nan"), ValueError),
-                                         (float("inf"), ValueError), ("0.9", TypeError), (True, TypeError)])
+@pytest.mark.parametrize(
+    "gamma,error",
+    [
+        (0.0, ValueError),
+        (-0.5, ValueError),
+        (float("nan"), ValueError),
+        (float("inf"), ValueError),
+        ("0.9", TypeError),
+        (True, TypeError),
+    ],
+)
 def test_lipschitz_scaled_rejects_bad_gamma(gamma, error):
     with pytest.raises(error, match="'gamma'"):
         tdeq.lipschitz_scaled(torch.eye(3), gamma)
@@ -270,8 +281,9 @@ def test_lipschitz_scaled_accepts_numpy_gamma_and_checks_weight():
     w = np.diag([3.0, 1.0, 0.5])
     expected = w / 3.0 * 0.9
     np.testing.assert_allclose(tdeq.lipschitz_scaled(torch.tensor(w), np.float64(0.9)).numpy(), expected)
-    np.testing.assert_allclose(np.asarray(jdeq.lipschitz_scaled(jnp.asarray(w, jnp.float32), np.float32(0.9))),
-                               expected, rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(jdeq.lipschitz_scaled(jnp.asarray(w, jnp.float32), np.float32(0.9))), expected, rtol=1e-6
+    )
     with pytest.raises(ValueError, match="'weight' must be a matrix"):
         tdeq.lipschitz_scaled(torch.ones(3), 0.9)
     with pytest.raises(ValueError, match="'weight' must be a matrix"):
@@ -373,8 +385,9 @@ def test_pyro_front_end_nan_weight_and_float32():
 def test_numpyro_front_end_nan_weight_and_float32():
     from ppl_score.numpyro import deq as ndeq
 
-    init_fn, apply_fn = ndeq.deq_energy(2, dtype=jnp.float32, gamma=0.9, solver="anderson", tol=1e-6,
-                                        on_nonconvergence="raise")
+    init_fn, apply_fn = ndeq.deq_energy(
+        2, dtype=jnp.float32, gamma=0.9, solver="anderson", tol=1e-6, on_nonconvergence="raise"
+    )
     _, params = init_fn(jax.random.PRNGKey(0), (16, 3))
     x = jax.random.normal(jax.random.PRNGKey(1), (16, 3), jnp.float32) * 2
     assert np.isfinite(np.asarray(apply_fn(params, x))).all()

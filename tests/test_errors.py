@@ -108,14 +108,14 @@ def test_bad_reduction(backend, reduction, exc):
 BAD_OUTPUTS = {
     # kind log_prob must give [B]
     "log_prob": {
-        "keepdim": lambda ops: (lambda x: (x.reshape(x.shape[0], -1) ** 2).sum(-1, keepdims=True)),
-        "elementwise": lambda ops: (lambda x: -0.5 * x**2),
-        "batch_summed": lambda ops: (lambda x: (x**2).sum()),
+        "keepdim": lambda ops: lambda x: (x.reshape(x.shape[0], -1) ** 2).sum(-1, keepdims=True),
+        "elementwise": lambda ops: lambda x: -0.5 * x**2,
+        "batch_summed": lambda ops: lambda x: (x**2).sum(),
     },
     # kind score must give [B, *event]
     "score": {
-        "flat": lambda ops: (lambda x: -x.reshape(x.shape[0], -1)),
-        "per_example": lambda ops: (lambda x: (x.reshape(x.shape[0], -1) ** 2).sum(-1)),
+        "flat": lambda ops: lambda x: -x.reshape(x.shape[0], -1),
+        "per_example": lambda ops: lambda x: (x.reshape(x.shape[0], -1) ** 2).sum(-1),
     },
 }
 

@@ -15,7 +15,6 @@ import jax.numpy as jnp  # noqa: E402
 from ppl_score.jax import estimators as je  # noqa: E402
 from ppl_score.torch import estimators as te  # noqa: E402
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -286,7 +285,9 @@ METHODS = [("ssm_vr", {}), ("fd_ssm", {}), ("dsm", {"sigma": 0.1})]
 def test_learned_torch_accuracy(method, opts):
     torch.manual_seed(0)
     x = torch.as_tensor(_gaussian_data())
-    est = te.LearnedScoreEstimator(2, hidden=(32, 32), method=method, lr=5e-3, generator=torch.Generator().manual_seed(1), **opts)
+    est = te.LearnedScoreEstimator(
+        2, hidden=(32, 32), method=method, lr=5e-3, generator=torch.Generator().manual_seed(1), **opts
+    )
     losses = est.fit(x, n_steps=400, batch_size=128, generator=torch.Generator().manual_seed(2))
     assert np.mean(losses[-50:]) < np.mean(losses[:50])
     z = x[:500]
@@ -482,7 +483,9 @@ def test_jax_learned_state_dict_round_trip(tmp_path):
         for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
             assert a.dtype == b.dtype
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-        np.testing.assert_array_equal(np.asarray(fresh.apply(restored.params, x)), np.asarray(est.apply(state.params, x)))
+        np.testing.assert_array_equal(
+            np.asarray(fresh.apply(restored.params, x)), np.asarray(est.apply(state.params, x))
+        )
         s1, l1 = fresh.update(restored, jax.random.PRNGKey(2), x)
         s2, l2 = est.update(state, jax.random.PRNGKey(2), x)
         assert float(l1) == float(l2)

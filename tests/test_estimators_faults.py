@@ -35,7 +35,9 @@ def _both(dtype=np.float64, **kw):
     """``stein_scores`` of both backends on ``DUP``: in-sample and at ``AT``."""
     out = []
     for at in (None, AT):
-        t = te.stein_scores(torch.as_tensor(DUP.astype(dtype)), None if at is None else torch.as_tensor(at.astype(dtype)), **kw)
+        t = te.stein_scores(
+            torch.as_tensor(DUP.astype(dtype)), None if at is None else torch.as_tensor(at.astype(dtype)), **kw
+        )
         j = je.stein_scores(jnp.asarray(DUP.astype(dtype)), None if at is None else jnp.asarray(at.astype(dtype)), **kw)
         out.append((t.numpy(), np.asarray(j)))
     return out
@@ -49,9 +51,13 @@ def _both(dtype=np.float64, **kw):
 def test_stein_numerically_singular_is_the_same_error_in_both_backends(dtype, eta):
     for at in (None, AT):
         with pytest.raises(ValueError, match=r"'eta'.*'bandwidth'"):
-            te.stein_scores(torch.as_tensor(DUP.astype(dtype)), None if at is None else torch.as_tensor(at.astype(dtype)), eta=eta)
+            te.stein_scores(
+                torch.as_tensor(DUP.astype(dtype)), None if at is None else torch.as_tensor(at.astype(dtype)), eta=eta
+            )
         with pytest.raises(ValueError, match=r"'eta'.*'bandwidth'"):
-            je.stein_scores(jnp.asarray(DUP.astype(dtype)), None if at is None else jnp.asarray(at.astype(dtype)), eta=eta)
+            je.stein_scores(
+                jnp.asarray(DUP.astype(dtype)), None if at is None else jnp.asarray(at.astype(dtype)), eta=eta
+            )
 
 
 def test_stein_small_eta_resolvable_gives_close_finite_numbers():
@@ -185,7 +191,9 @@ def test_jax_learned_estimator_and_state_roundtrip():
     state, _ = est.update(est.init(jax.random.PRNGKey(0)), jax.random.PRNGKey(1), x)
     other, ostate = pickle.loads(pickle.dumps(est)), pickle.loads(pickle.dumps(state))
     np.testing.assert_array_equal(np.asarray(other.apply(ostate.params, x)), np.asarray(est.apply(state.params, x)))
-    assert float(other.update(ostate, jax.random.PRNGKey(2), x)[1]) == float(est.update(state, jax.random.PRNGKey(2), x)[1])
+    assert float(other.update(ostate, jax.random.PRNGKey(2), x)[1]) == float(
+        est.update(state, jax.random.PRNGKey(2), x)[1]
+    )
     deep, dstate = copy.deepcopy(est), copy.deepcopy(state)
     np.testing.assert_array_equal(np.asarray(deep.apply(dstate.params, x)), np.asarray(est.apply(state.params, x)))
     tanh = pickle.loads(pickle.dumps(je.learned_score_estimator(2, hidden=(8,), activation=jax.nn.tanh)))

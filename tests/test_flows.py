@@ -117,7 +117,18 @@ def test_relative_gradient_weights_of_the_placeholder():
         np.testing.assert_allclose(w.grad.numpy(), (g @ w.detach().T @ w.detach()).numpy(), rtol=1e-10, atol=1e-12)
 
 
-_TORCH_CUBIC = {"slogdet", "logdet", "det", "inverse", "triangular_solve", "cholesky", "lu", "_lu_with_info", "svd", "qr"}
+_TORCH_CUBIC = {
+    "slogdet",
+    "logdet",
+    "det",
+    "inverse",
+    "triangular_solve",
+    "cholesky",
+    "lu",
+    "_lu_with_info",
+    "svd",
+    "qr",
+}
 
 
 def _cubic_torch_ops(loss_fn, dim):
@@ -180,7 +191,9 @@ def test_torch_log_prob_matches_brute_force_jacobian():
         expected.append(log_normal(flow(xi[None])[0]) + torch.linalg.slogdet(jac)[1])
     np.testing.assert_allclose(flow.log_prob(x).detach().numpy(), torch.stack(expected).detach().numpy(), rtol=1e-12)
     z, log_det = flow.forward_and_log_det(x)
-    np.testing.assert_allclose((log_normal(z) + log_det).detach().numpy(), flow.log_prob(x).detach().numpy(), rtol=1e-12)
+    np.testing.assert_allclose(
+        (log_normal(z) + log_det).detach().numpy(), flow.log_prob(x).detach().numpy(), rtol=1e-12
+    )
 
 
 def test_jax_log_prob_matches_brute_force_jacobian():
@@ -249,6 +262,7 @@ def test_jax_inverse_round_trips_and_is_differentiable():
     np.testing.assert_allclose(flow.inverse(params, flow.forward(params, x)), x, rtol=1e-10, atol=1e-10)
     z = jnp.asarray(extreme_latents())
     np.testing.assert_allclose(flow.forward(params, jax.jit(flow.inverse)(params, z)), z, rtol=1e-10, atol=1e-9)
+
     @jax.jit
     def product(zi):
         jac_inv = jax.jacrev(lambda v: flow.inverse(params, v))(zi)
@@ -290,12 +304,14 @@ def test_backend_parity():
     x = data()
     xt = torch.as_tensor(x)
     np.testing.assert_allclose(flow.log_prob(params, x), tflow.log_prob(xt).detach().numpy(), rtol=1e-12)
-    np.testing.assert_allclose(flow.unnormalized_log_prob(params, x), tflow.unnormalized_log_prob(xt).detach().numpy(),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        flow.unnormalized_log_prob(params, x), tflow.unnormalized_log_prob(xt).detach().numpy(), rtol=1e-12
+    )
     np.testing.assert_allclose(flow.forward(params, x), tflow(xt).detach().numpy(), rtol=1e-12, atol=1e-13)
     z = extreme_latents()
-    np.testing.assert_allclose(flow.inverse(params, z), tflow.inverse(torch.as_tensor(z)).detach().numpy(),
-                               rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(
+        flow.inverse(params, z), tflow.inverse(torch.as_tensor(z)).detach().numpy(), rtol=1e-9, atol=1e-9
+    )
     copy = TorchFlow(D, L, ALPHA, dtype=F64).load_flow_params(flow_params_of(params))
     np.testing.assert_array_equal(copy.log_prob(xt).detach().numpy(), tflow.log_prob(xt).detach().numpy())
     tflow.relative_gradient_loss(xt).backward()
@@ -513,8 +529,9 @@ def test_numpyro_transform_log_prob_matches():
     t = InvertibleMLPTransform(flow, params)
     d = ndist.TransformedDistribution(ndist.Normal(jnp.zeros(D), 1.0).to_event(1), t)
     x = jnp.asarray(data())
-    np.testing.assert_allclose(jax.jit(d.log_prob)(x), tflow.log_prob(torch.as_tensor(data())).detach().numpy(),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        jax.jit(d.log_prob)(x), tflow.log_prob(torch.as_tensor(data())).detach().numpy(), rtol=1e-12
+    )
     s = jax.jit(lambda key: d.sample(key, (5,)))(jax.random.PRNGKey(0))
     assert s.shape == (5, D)
     np.testing.assert_allclose(t.inv(s), flow.forward(params, s), rtol=1e-12)
@@ -619,7 +636,11 @@ def test_tutorial_smoke(tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "MPLBACKEND": "Agg"}
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tutorials", "relative_gradient.py"), "--smoke", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "relgrad_scaling.png").stat().st_size > 0

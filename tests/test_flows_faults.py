@@ -64,8 +64,9 @@ def test_sample_accepts_numpy_integers(n):
     assert jflow.sample(params, jax.random.PRNGKey(0), n).shape == (3, D)
 
 
-@pytest.mark.parametrize("n,error", [(True, TypeError), (3.0, TypeError), ("3", TypeError), (0, ValueError),
-                                     (np.int64(-1), ValueError)])
+@pytest.mark.parametrize(
+    "n,error", [(True, TypeError), (3.0, TypeError), ("3", TypeError), (0, ValueError), (np.int64(-1), ValueError)]
+)
 def test_sample_rejects_bad_n(n, error):
     tflow, jflow, params = _pair()
     with pytest.raises(error, match="'n'"):
@@ -158,8 +159,7 @@ def test_good_flow_still_inverts_under_jit():
     x = np.random.default_rng(1).normal(size=(5, D))
     z = jflow.forward(params, jnp.asarray(x))
     np.testing.assert_allclose(np.asarray(_jit_inverse(jflow)(params, z)), x, rtol=1e-9, atol=1e-9)
-    np.testing.assert_allclose(tflow.inverse(torch.from_numpy(np.array(z))).detach().numpy(), x, rtol=1e-9,
-                               atol=1e-9)
+    np.testing.assert_allclose(tflow.inverse(torch.from_numpy(np.array(z))).detach().numpy(), x, rtol=1e-9, atol=1e-9)
 
 
 def test_newton_error_names_the_layer_and_a_non_finite_residual():
@@ -233,8 +233,7 @@ def test_jax_and_numpyro_flow_objects_survive_copies(how):
     assert type(t_clone) is InvertibleMLPTransform and t_clone.inverse_kwargs == {"max_iter": 50}
     base = ndist.Normal(jnp.zeros(D), 1.0).to_event(1)
     lp = ndist.TransformedDistribution(base, t).log_prob(x)
-    np.testing.assert_array_equal(np.asarray(ndist.TransformedDistribution(base, t_clone).log_prob(x)),
-                                  np.asarray(lp))
+    np.testing.assert_array_equal(np.asarray(ndist.TransformedDistribution(base, t_clone).log_prob(x)), np.asarray(lp))
     np.testing.assert_array_equal(np.asarray(t_clone(x)), np.asarray(t(x)))
     assert isinstance(copy_of(RelativeGradientMLE()), RelativeGradientMLE)
 

@@ -240,7 +240,13 @@ def test_a_mask_of_the_wrong_shape_names_the_mask_and_the_site(ppl, kind):
 def test_the_front_ends_give_the_same_messages():
     x = X.copy()
     x[0, 0] = np.nan
-    for kind, data in [("plain", x), ("unnormalized_3", X), ("handler_mask", X), ("obs_mask", X), ("gamma", -np.abs(X))]:
+    for kind, data in [
+        ("plain", x),
+        ("unnormalized_3", X),
+        ("handler_mask", X),
+        ("obs_mask", X),
+        ("gamma", -np.abs(X)),
+    ]:
         assert _error("pyro", kind, data) == _error("numpyro", kind, data), kind
 
 
@@ -290,7 +296,9 @@ def test_a_non_finite_loss_warns_naming_the_method_and_the_site(ppl, method):
         call = lambda: PSM(method).loss(model, empty_guide, torch.as_tensor(X, dtype=F64))
     else:
         call = lambda: NSM(method).loss(KEY, {}, model, empty_guide, jnp.asarray(X))
-    with pytest.warns(validation.NonFiniteWarning, match=rf"ScoreMatching\(method='{method}'\) loss at site 'obs'.*likely cause"):
+    with pytest.warns(
+        validation.NonFiniteWarning, match=rf"ScoreMatching\(method='{method}'\) loss at site 'obs'.*likely cause"
+    ):
         assert np.isnan(call())
     with validation.validation_enabled(False), warnings.catch_warnings():
         warnings.simplefilter("error")

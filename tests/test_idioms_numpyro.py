@@ -211,7 +211,9 @@ def test_many_particles_estimate_the_expected_loss(rng):
     )
     # Monte Carlo error of the mean of n particles, from the same integrand in numpy
     mu = m + s * np.random.default_rng(0).normal(size=(20000, D))
-    per = BETA * esm(x_np[None], mu[:, None]).sum(-1) + norm.logpdf(mu, m, s).sum(-1) - norm.logpdf(mu, 0.0, TAU).sum(-1)
+    per = (
+        BETA * esm(x_np[None], mu[:, None]).sum(-1) + norm.logpdf(mu, m, s).sum(-1) - norm.logpdf(mu, 0.0, TAU).sum(-1)
+    )
     assert per.mean() == pytest.approx(expected, abs=6 * per.std() / math.sqrt(20000))
     assert value == pytest.approx(expected, abs=6 * per.std() / math.sqrt(n))
 

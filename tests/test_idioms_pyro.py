@@ -184,7 +184,9 @@ def test_autodelta_fit_median_and_predictive(rng):
     x = t(x_np)
     m_star, _ = target(x_np)
     guide = AutoDelta(model, init_loc_fn=init_to_feasible)
-    fit(model, guide, x, steps=200, lr=0.05, lrd=0.99, num_particles=1)  # deterministic (esm, a Delta guide): converges to the mode
+    fit(
+        model, guide, x, steps=200, lr=0.05, lrd=0.99, num_particles=1
+    )  # deterministic (esm, a Delta guide): converges to the mode
     median = guide.median(x)["mu"]
     np.testing.assert_allclose(median.detach().numpy(), m_star, atol=2e-3)
     samples = Predictive(model, guide=guide, num_samples=5)(x)
@@ -302,13 +304,17 @@ def test_vectorized_particles_estimate_the_expected_loss(rng, kw):
     # Monte Carlo error of the mean of n particles, from the same integrand in numpy
     m, s = np.array([0.3, -0.2]), np.array([0.7, 0.4])
     mu = m + s * np.random.default_rng(0).normal(size=(20000, D))
-    per = BETA * esm(x_np[None], mu[:, None]).sum(-1) + norm.logpdf(mu, m, s).sum(-1) - norm.logpdf(mu, 0.0, TAU).sum(-1)
+    per = (
+        BETA * esm(x_np[None], mu[:, None]).sum(-1) + norm.logpdf(mu, m, s).sum(-1) - norm.logpdf(mu, 0.0, TAU).sum(-1)
+    )
     expected = _expected_normal_guide_loss(x_np)
     assert per.mean() == pytest.approx(expected, abs=6 * per.std() / math.sqrt(20000))
     assert elbo.loss(model, normal_guide, x) == pytest.approx(expected, abs=6 * per.std() / math.sqrt(n))
     # a deterministic guide: every particle is the same, the mean is the one-particle loss
     exact = ScoreMatching("esm", beta=BETA).loss(model, delta_guide, x)
-    assert ScoreMatching("esm", beta=BETA, num_particles=5, **kw).loss(model, delta_guide, x) == pytest.approx(exact, rel=1e-12)
+    assert ScoreMatching("esm", beta=BETA, num_particles=5, **kw).loss(model, delta_guide, x) == pytest.approx(
+        exact, rel=1e-12
+    )
 
 
 def test_max_plate_nesting_is_accepted_and_changes_nothing(rng):
@@ -355,11 +361,15 @@ def test_dataloader_subsampling_value_and_fit(rng):
     n, b = 40, 10
     x_np = data(rng, n)
     x = t(x_np)
-    loader = DataLoader(TensorDataset(torch.arange(n)), batch_size=b, shuffle=True, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(
+        TensorDataset(torch.arange(n)), batch_size=b, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
     (idx,) = next(iter(loader))
     m = np.full(D, 0.3)
     exact = BETA * n / b * esm(x_np[idx.numpy()], m).sum() - log_prior(m)
-    assert ScoreMatching("esm", beta=BETA).loss(subsampled_model, delta_guide, x, idx) == pytest.approx(exact, rel=1e-12)
+    assert ScoreMatching("esm", beta=BETA).loss(subsampled_model, delta_guide, x, idx) == pytest.approx(
+        exact, rel=1e-12
+    )
 
     pyro.clear_param_store()
     m_star, s_star = target(x_np)

@@ -33,7 +33,6 @@ from ppl_score.numpyro.implicit import score_state  # noqa: E402
 from ppl_score.pyro.implicit import ImplicitELBO as PImplicitELBO  # noqa: E402
 from ppl_score.torch.estimators import LearnedScoreEstimator  # noqa: E402
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -76,7 +75,9 @@ def _pyro_grads(loss, guide_kind, eps_rows, x):
 
     def guide(x):
         loc = pyro.param("loc", torch.tensor([0.2, -0.1, 0.4], dtype=torch.float64))
-        scale = pyro.param("scale", torch.tensor([0.8, 1.3, 0.6], dtype=torch.float64), constraint=pdist.constraints.positive)
+        scale = pyro.param(
+            "scale", torch.tensor([0.8, 1.3, 0.6], dtype=torch.float64), constraint=pdist.constraints.positive
+        )
         eps = next(rows)
         if guide_kind == "implicit":
             pyro.sample("z", pdist.Delta(loc + scale * eps, event_dim=1))
@@ -404,7 +405,9 @@ from ppl_score.pyro.wae import WAE as PWAE  # noqa: E402
 from ppl_score.pyro.wae import imq_mmd2 as p_imq_mmd2  # noqa: E402
 
 _R = np.random.default_rng(0)
-X_WAE = (np.tanh(_R.normal(size=(512, 2)) @ _R.normal(size=(2, 6))) + 0.05 * _R.normal(size=(512, 6))).astype(np.float32)
+X_WAE = (np.tanh(_R.normal(size=(512, 2)) @ _R.normal(size=(2, 6))) + 0.05 * _R.normal(size=(512, 6))).astype(
+    np.float32
+)
 WAE_CASES = [("mmd", "stein"), ("score", "stein"), ("score", "spectral"), ("score", "learned")]
 
 
@@ -473,7 +476,11 @@ def test_numpyro_wae_decreases_both_terms_under_jit(regularizer, estimator):
     x_all = jnp.asarray(X_WAE)
     enc0 = _mlp_params(jax.random.PRNGKey(0), (6, 32, 2), bias_last=3.0)
     dec0 = _mlp_params(jax.random.PRNGKey(1), (2, 32, 6))
-    est = learned_score_estimator(2, hidden=(32, 32), optimizer=optax.adam(5e-3), n_steps=1) if estimator == "learned" else estimator
+    est = (
+        learned_score_estimator(2, hidden=(32, 32), optimizer=optax.adam(5e-3), n_steps=1)
+        if estimator == "learned"
+        else estimator
+    )
 
     def model(x):
         dec = numpyro.param("dec", dec0)

@@ -92,7 +92,9 @@ def test_held_out_case_closed_form_in_both_front_ends(rng):
     assert weights is None
 
     nelbo = snp.ScoreMatching("esm", sites=["x"])
-    value = jax.jit(lambda a, b: nelbo.loss(KEY, {}, held_out_numpyro, empty_guide, a, b))(jnp.asarray(x), jnp.asarray(y))
+    value = jax.jit(lambda a, b: nelbo.loss(KEY, {}, held_out_numpyro, empty_guide, a, b))(
+        jnp.asarray(x), jnp.asarray(y)
+    )
     assert float(value) == pytest.approx(per_datum.sum(), rel=1e-10)
     losses, _ = nelbo.datum_losses(KEY, {}, held_out_numpyro, empty_guide, jnp.asarray(x), jnp.asarray(y))
     np.testing.assert_allclose(np.asarray(losses), per_datum, rtol=1e-10)
@@ -104,7 +106,8 @@ def test_held_out_case_hessian_is_minus_two_identity(rng):
     x, y = rng.normal(size=(N, D)), rng.normal(size=(N, D))
     pyro.set_rng_seed(5)
     value = spy.ScoreMatching("ssm", sites=["x"], projection="gaussian").datum_losses(
-        held_out_pyro, empty_guide, t(x), t(y))[0]
+        held_out_pyro, empty_guide, t(x), t(y)
+    )[0]
     pyro.set_rng_seed(5)
     v = torch.randn((1, N, D), dtype=F64)[0].numpy()  # what the backend draws (M = 1, gaussian)
     s = y - 2 * x
@@ -132,9 +135,11 @@ def test_every_method_equals_the_backend_on_the_joint_density(rng, method):
         return -0.5 * (v**2).sum(-1) + ndist.Normal(v, 1.0).log_prob(yk).sum(-1)
 
     nvalue = snp.ScoreMatching(method, sites=["x"], **opts).loss(
-        KEY, {}, held_out_numpyro, empty_guide, jnp.asarray(x), jnp.asarray(y))
-    ndirect = sjax.score_matching_loss(joint_jax, jnp.asarray(x), method, key=_np_key_for_objective(),
-                                       reduction="sum", **opts)
+        KEY, {}, held_out_numpyro, empty_guide, jnp.asarray(x), jnp.asarray(y)
+    )
+    ndirect = sjax.score_matching_loss(
+        joint_jax, jnp.asarray(x), method, key=_np_key_for_objective(), reduction="sum", **opts
+    )
     assert float(nvalue) == pytest.approx(float(ndirect), rel=1e-10)
 
 
@@ -262,7 +267,9 @@ def test_hierarchical_constrained_site_matched_in_log_space(rng):
     expected -= float(pdist.Normal(t(0.0), t(1.0)).log_prob(t(mu0)))  # E_q[log q - log p(mu)], q a point mass
 
     guide = lambda s, y: pyro.sample("mu", pdist.Delta(t(mu0)))  # noqa: E731
-    assert spy.ScoreMatching("esm", sites=["s"]).loss(hier_pyro, guide, t(s), t(y)) == pytest.approx(expected, rel=1e-10)
+    assert spy.ScoreMatching("esm", sites=["s"]).loss(hier_pyro, guide, t(s), t(y)) == pytest.approx(
+        expected, rel=1e-10
+    )
 
     nguide = lambda s, y: numpyro.sample("mu", ndist.Delta(jnp.asarray(mu0)))  # noqa: E731
     value = snp.ScoreMatching("esm", sites=["s"]).loss(KEY, {}, hier_numpyro, nguide, jnp.asarray(s), jnp.asarray(y))
@@ -332,8 +339,9 @@ def test_subsampling_and_masks_on_the_joint_path(rng):
     def nmodel(x, y):
         with numpyro.plate("data", n_full, subsample_size=len(idx)):
             with numpyro.handlers.mask(mask=keep_x):
-                xs = numpyro.sample("x", snp.Unnormalized(lambda v: -0.5 * (v**2).sum(-1), event_shape=(D,)),
-                                    obs=x[idx])
+                xs = numpyro.sample(
+                    "x", snp.Unnormalized(lambda v: -0.5 * (v**2).sum(-1), event_shape=(D,)), obs=x[idx]
+                )
             numpyro.sample("y", ndist.Normal(xs, 1.0).to_event(1).mask(keep_y), obs=y[idx])
 
     xs, ys = x[idx], y[idx]
@@ -344,11 +352,14 @@ def test_subsampling_and_masks_on_the_joint_path(rng):
     assert value == pytest.approx(expected, rel=1e-10)
 
     nmodel = numpyro.handlers.substitute(nmodel, data={"data": jnp.asarray(idx)})
-    nvalue = snp.ScoreMatching("esm", sites=["x"]).loss(KEY, {}, nmodel, empty_guide, jnp.asarray(x), jnp.asarray(y_bad))
+    nvalue = snp.ScoreMatching("esm", sites=["x"]).loss(
+        KEY, {}, nmodel, empty_guide, jnp.asarray(x), jnp.asarray(y_bad)
+    )
     assert float(nvalue) == pytest.approx(expected, rel=1e-10)
     # the NaN of a masked dependent entry reaches no gradient
-    grad = jax.grad(lambda a: snp.ScoreMatching("esm", sites=["x"]).loss(
-        KEY, {}, nmodel, empty_guide, a, jnp.asarray(y_bad)))(jnp.asarray(x))
+    grad = jax.grad(
+        lambda a: snp.ScoreMatching("esm", sites=["x"]).loss(KEY, {}, nmodel, empty_guide, a, jnp.asarray(y_bad))
+    )(jnp.asarray(x))
     assert np.isfinite(np.asarray(grad)).all()
 
 
@@ -361,8 +372,12 @@ def test_vectorized_particles_and_elbo_keyword_arguments(rng):
     s, y = rng.lognormal(0.2, 0.5, size=(2, N)), rng.normal(size=(2, N))
     guide = lambda s, y: pyro.sample("mu", pdist.Delta(t(0.3)))  # noqa: E731
     one = spy.ScoreMatching("esm", sites=["s"]).loss(hier_pyro, guide, t(s), t(y))
-    for kwargs in ({}, {"vectorize_particles": False}, {"max_plate_nesting": 2}, {"vectorize_particles": True,
-                                                                                      "max_plate_nesting": 2}):
+    for kwargs in (
+        {},
+        {"vectorize_particles": False},
+        {"max_plate_nesting": 2},
+        {"vectorize_particles": True, "max_plate_nesting": 2},
+    ):
         elbo = spy.ScoreMatching("esm", sites=["s"], num_particles=4, **kwargs)
         assert elbo.vectorize_particles == kwargs.get("vectorize_particles", True)
         assert elbo.loss(hier_pyro, guide, t(s), t(y)) == pytest.approx(one, rel=1e-10)
@@ -474,8 +489,10 @@ def test_deterministic_sites_are_recomputed_not_matched(rng):
             h = pyro.deterministic("h", xs**2, event_dim=0)
             pyro.sample("y", pdist.Normal(h, t(1.0)), obs=y)
 
-    only_x = _esm(lambda r: pdist.Normal(t(0.0), t(1.0)).log_prob(r[:, 0]) + pdist.Normal(r[:, 0] ** 2, t(1.0)).log_prob(y),
-                  x[:, None])
+    only_x = _esm(
+        lambda r: pdist.Normal(t(0.0), t(1.0)).log_prob(r[:, 0]) + pdist.Normal(r[:, 0] ** 2, t(1.0)).log_prob(y),
+        x[:, None],
+    )
     assert spy.ScoreMatching("esm", sites=["x"]).loss(model, empty_guide, x, y) == pytest.approx(only_x, rel=1e-10)
 
     def joint(r):
@@ -495,11 +512,15 @@ def test_integer_data_and_data_that_requires_grad_keep_their_dependencies(rng):
 
     elbo = spy.ScoreMatching("esm", sites=["x"])
     # integer data are read in the default float dtype (float32 here): compare at its precision
-    for x, rel in ((torch.tensor([1, -2, 0, 3, 1, 2]), 1e-6),
-                   (t(rng.normal(size=N)) * torch.tensor(2.0, dtype=F64, requires_grad=True), 1e-10)):
+    for x, rel in (
+        (torch.tensor([1, -2, 0, 3, 1, 2]), 1e-6),
+        (t(rng.normal(size=N)) * torch.tensor(2.0, dtype=F64, requires_grad=True), 1e-10),
+    ):
         xf = x.detach().to(F64)
-        expected = _esm(lambda r: pdist.Normal(t(0.0), t(1.0)).log_prob(r[:, 0])
-                        + pdist.Normal(r[:, 0] ** 2, t(1.0)).log_prob(y), xf[:, None])
+        expected = _esm(
+            lambda r: pdist.Normal(t(0.0), t(1.0)).log_prob(r[:, 0]) + pdist.Normal(r[:, 0] ** 2, t(1.0)).log_prob(y),
+            xf[:, None],
+        )
         assert elbo.loss(model, empty_guide, x, y) == pytest.approx(expected, rel=rel)
 
 
@@ -509,9 +530,14 @@ def test_a_dependent_distribution_made_of_non_tensor_parts(rng):
 
     def hmm(loc):
         init = pdist.Normal(loc.reshape(-1, 1), t(1.0)).to_event(1)
-        return pdist.GaussianHMM(init, torch.eye(1, dtype=F64), pdist.Normal(torch.zeros(1, dtype=F64), t(1.0)).to_event(1),
-                                 torch.eye(1, dtype=F64), pdist.Normal(torch.zeros(1, dtype=F64), t(0.5)).to_event(1),
-                                 duration=3)
+        return pdist.GaussianHMM(
+            init,
+            torch.eye(1, dtype=F64),
+            pdist.Normal(torch.zeros(1, dtype=F64), t(1.0)).to_event(1),
+            torch.eye(1, dtype=F64),
+            pdist.Normal(torch.zeros(1, dtype=F64), t(0.5)).to_event(1),
+            duration=3,
+        )
 
     def model(x, y):
         xs = pyro.sample("x", pdist.Normal(t(0.0), t(1.0)).expand([1]).to_event(1), obs=x)
@@ -551,7 +577,9 @@ def test_masked_entries_are_held_at_their_data_in_dependent_densities(rng):
     rest = x[~keep].sum()
 
     def joint(r):  # the unmasked entries
-        return pdist.Normal(t(0.0), t(1.0)).log_prob(r).sum(-1) + pdist.Normal(r.sum(-1) + rest, t(1.0)).log_prob(t(y[0]))
+        return pdist.Normal(t(0.0), t(1.0)).log_prob(r).sum(-1) + pdist.Normal(r.sum(-1) + rest, t(1.0)).log_prob(
+            t(y[0])
+        )
 
     expected = _esm(joint, t(x[keep])[None])
 
@@ -560,7 +588,9 @@ def test_masked_entries_are_held_at_their_data_in_dependent_densities(rng):
             xs = pyro.sample("x", pdist.Normal(t(0.0), t(1.0)), obs=x)
         pyro.sample("y", pdist.Normal(xs.sum(-1), t(1.0)), obs=y[0])
 
-    assert spy.ScoreMatching("esm", sites=["x"]).loss(model, empty_guide, t(x), t(y)) == pytest.approx(expected, rel=1e-10)
+    assert spy.ScoreMatching("esm", sites=["x"]).loss(model, empty_guide, t(x), t(y)) == pytest.approx(
+        expected, rel=1e-10
+    )
 
     def nmodel(x, y):
         with numpyro.plate("d", N), numpyro.handlers.mask(mask=keep):
@@ -578,7 +608,11 @@ def test_obs_mask_with_a_dependent_site(rng):
     x, y, fill = rng.normal(size=N), rng.normal(size=N), rng.normal(size=N)
     keep = np.array([True, False, True, True, False, True])
     x_bad = np.where(keep, x, np.nan)
-    expected = ((0.5 * (y - 2 * x) ** 2 - 2) * keep).sum() + 0.5 * (fill[~keep] ** 2).sum() + 0.5 * np.log(2 * np.pi) * (~keep).sum()
+    expected = (
+        ((0.5 * (y - 2 * x) ** 2 - 2) * keep).sum()
+        + 0.5 * (fill[~keep] ** 2).sum()
+        + 0.5 * np.log(2 * np.pi) * (~keep).sum()
+    )
 
     def model(x, y):
         with pyro.plate("d", N):
@@ -601,5 +635,7 @@ def test_obs_mask_with_a_dependent_site(rng):
         with numpyro.plate("d", N):
             numpyro.sample("x_unobserved", ndist.Delta(jnp.asarray(fill)))
 
-    nvalue = snp.ScoreMatching("esm", sites=["x_observed"]).loss(KEY, {}, nmodel, nguide, jnp.asarray(x_bad), jnp.asarray(y))
+    nvalue = snp.ScoreMatching("esm", sites=["x_observed"]).loss(
+        KEY, {}, nmodel, nguide, jnp.asarray(x_bad), jnp.asarray(y)
+    )
     assert float(nvalue) == pytest.approx(expected, rel=1e-10)

@@ -384,8 +384,14 @@ class PyroAdapter:
         from ppl_score.torch.langevin import mala
 
         dens = self.mod.site_log_density(model, site, num_chains=num_chains)
-        out = mala(dens.log_prob, dens.init_unconstrained(None), step_size, num_steps, thin=num_steps,
-                   generator=self.torch.Generator().manual_seed(0))
+        out = mala(
+            dens.log_prob,
+            dens.init_unconstrained(None),
+            step_size,
+            num_steps,
+            thin=num_steps,
+            generator=self.torch.Generator().manual_seed(0),
+        )
         return np.asarray(dens.value), np.asarray(dens.transform(out.samples[-1]))
 
     def discrete_model(self):
@@ -493,8 +499,14 @@ class NumPyroAdapter:
         from ppl_score.jax.langevin import mala
 
         dens = self.mod.site_log_density(model, site, num_chains=num_chains)
-        out = mala(dens.log_prob, dens.init_unconstrained(None), step_size, num_steps, thin=num_steps,
-                   key=self.jax.random.PRNGKey(0))
+        out = mala(
+            dens.log_prob,
+            dens.init_unconstrained(None),
+            step_size,
+            num_steps,
+            thin=num_steps,
+            key=self.jax.random.PRNGKey(0),
+        )
         return np.asarray(dens.value), np.asarray(dens.transform(out.samples[-1]))
 
     def discrete_model(self):
@@ -561,8 +573,9 @@ def test_adapter_positive_site_through_the_log_transform(ppl):
     """A positive ``Unnormalized`` site is sampled in ``log x`` with the Jacobian: the
     draws are ``Gamma(3, rate)`` with the latent rate fixed by ``latents``."""
     model, args = ppl.gamma_model()
-    samples, _ = ppl.langevin(model, "x", args, num_chains=3000, num_steps=80, step_size=0.3, thin=80,
-                              latents={"rate": 2.0})
+    samples, _ = ppl.langevin(
+        model, "x", args, num_chains=3000, num_steps=80, step_size=0.3, thin=80, latents={"rate": 2.0}
+    )
     x = samples[-1, :, 0]
     assert (x > 0).all()
     assert_moments(x[:, None], GAMMA_MEAN, [[GAMMA_VAR]])

@@ -129,10 +129,7 @@ def test_jax_closures_are_released_and_the_cache_does_not_grow():
 
 def test_jax_same_fn_and_partial_reuse_the_compilation():
     x0, key = jnp.asarray(X0), jax.random.PRNGKey(0)
-    outs = [
-        jl.mala(jax.tree_util.Partial(_jax_energy, jnp.full((2,), 1.0 + i)), x0, 0.2, 3, key=key)
-        for i in range(3)
-    ]
+    outs = [jl.mala(jax.tree_util.Partial(_jax_energy, jnp.full((2,), 1.0 + i)), x0, 0.2, 3, key=key) for i in range(3)]
     drivers, _ = jl._drivers(jax.tree_util.Partial(_jax_energy, jnp.ones(2)))
     assert drivers.traces == 2  # init and one scan, for all three calls
     # the Partial's arguments are live data, not baked constants
@@ -158,16 +155,25 @@ def test_front_end_mala_accepting_nothing_warns():
     with pytest.warns(RuntimeWarning, match="acceptance rate"):
         psampling.langevin(_pyro_model, "x", torch.zeros(1, 2), num_chains=2, num_steps=3, step_size=1e4)
     with pytest.warns(RuntimeWarning, match="acceptance rate"):
-        nsampling.langevin(_numpyro_model, "x", jnp.zeros((1, 2)), key=jax.random.PRNGKey(0), num_chains=2,
-                           num_steps=3, step_size=1e4)
+        nsampling.langevin(
+            _numpyro_model, "x", jnp.zeros((1, 2)), key=jax.random.PRNGKey(0), num_chains=2, num_steps=3, step_size=1e4
+        )
 
 
 def test_pyro_ula_divergence_reported_before_pyro_support_check():
     """A diverged chain on a positive site used to surface as Pyro's support-validation
     error from inside the model; the sampler reports its own step_size advice first."""
     with pytest.raises(ValueError, match="step_size") as err:
-        psampling.langevin(_pyro_positive_model, "x", torch.ones(1, 2), num_chains=2, num_steps=60,
-                           step_size=1e3, adjusted=False, generator=torch.Generator().manual_seed(0))
+        psampling.langevin(
+            _pyro_positive_model,
+            "x",
+            torch.ones(1, 2),
+            num_chains=2,
+            num_steps=60,
+            step_size=1e3,
+            adjusted=False,
+            generator=torch.Generator().manual_seed(0),
+        )
     assert "support" not in str(err.value)
 
 
@@ -176,13 +182,11 @@ def test_nuts_num_samples_validated(bad):
     with pytest.raises(ValueError, match="num_samples"):
         psampling.nuts(_pyro_model, "x", torch.zeros(1, 2), num_samples=bad, warmup_steps=2)
     with pytest.raises(ValueError, match="num_samples"):
-        nsampling.nuts(_numpyro_model, "x", jnp.zeros((1, 2)), key=jax.random.PRNGKey(0), num_samples=bad,
-                       num_warmup=2)
+        nsampling.nuts(_numpyro_model, "x", jnp.zeros((1, 2)), key=jax.random.PRNGKey(0), num_samples=bad, num_warmup=2)
     with pytest.raises(ValueError, match="warmup_steps"):
         psampling.nuts(_pyro_model, "x", torch.zeros(1, 2), num_samples=2, warmup_steps=-1)
     with pytest.raises(TypeError, match="num_warmup"):
-        nsampling.nuts(_numpyro_model, "x", jnp.zeros((1, 2)), key=jax.random.PRNGKey(0), num_samples=2,
-                       num_warmup=1.5)
+        nsampling.nuts(_numpyro_model, "x", jnp.zeros((1, 2)), key=jax.random.PRNGKey(0), num_samples=2, num_warmup=1.5)
 
 
 # --------------------------------------------------------------------------------------

@@ -195,9 +195,9 @@ def _fd_score_and_hessian(mlp, kind, flat, h=1e-4):
     for i in range(d):
         for j in range(d):
             ei, ej = eye[i], eye[j]
-            hess[:, i, j] = (
-                f(flat + ei + ej) - f(flat + ei - ej) - f(flat - ei + ej) + f(flat - ei - ej)
-            ) / (4 * h * h)
+            hess[:, i, j] = (f(flat + ei + ej) - f(flat + ei - ej) - f(flat - ei + ej) + f(flat - ei - ej)) / (
+                4 * h * h
+            )
     return s, hess
 
 
@@ -276,9 +276,7 @@ def test_random_projections_unbiased(backend, refs, rng, method, projection):
     dens = refs.Gaussian.random(d, rng)
     x0 = rng.normal(size=d)
     esm = refs.reference(dens, "esm", "log_prob", x0[None])[0]
-    samples = backend.loss(
-        dens.log_prob_fn, _replicated(x0), method, projection=projection, seed=1, reduction="none"
-    )
+    samples = backend.loss(dens.log_prob_fn, _replicated(x0), method, projection=projection, seed=1, reduction="none")
     _assert_mean(samples, esm)
 
 
@@ -327,9 +325,7 @@ def test_n_projections_are_independent(backend, refs, rng):
     dens = refs.Gaussian.random(d, rng)
     x = _replicated(rng.normal(size=d))
     one = backend.loss(dens.log_prob_fn, x, "ssm", projection="gaussian", seed=4, reduction="none")
-    many = backend.loss(
-        dens.log_prob_fn, x, "ssm", projection="gaussian", n_projections=k, seed=5, reduction="none"
-    )
+    many = backend.loss(dens.log_prob_fn, x, "ssm", projection="gaussian", n_projections=k, seed=5, reduction="none")
     (v1, se1), (vk, sek) = _variance_and_se(one), _variance_and_se(many)
     ratio = v1 / vk
     se_ratio = ratio * math.sqrt((se1 / v1) ** 2 + (sek / vk) ** 2)
@@ -381,8 +377,15 @@ def test_dtype_follows_x(backend, refs, rng, method, dtype):
     x, proj, noise = _draw_case(rng, (3,))
     out = backend.loss(dens.log_prob_fn, x, method, dtype=dtype, reduction="none", **_inputs(method, proj, noise))
     assert out.dtype == dtype
-    expected = refs.reference(dens, method, "log_prob", x.astype(dtype), projections=proj.astype(dtype),
-                              noise=noise.astype(dtype), sigma=SIGMA)
+    expected = refs.reference(
+        dens,
+        method,
+        "log_prob",
+        x.astype(dtype),
+        projections=proj.astype(dtype),
+        noise=noise.astype(dtype),
+        sigma=SIGMA,
+    )
     np.testing.assert_allclose(out, expected, rtol=1e-3 if dtype == np.float32 else 1e-10)
     if dtype == np.float32:  # drawn randomness follows x's dtype too (float64: other tests)
         drawn = backend.loss(dens.log_prob_fn, x, method, dtype=dtype, seed=0)

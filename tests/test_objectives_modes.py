@@ -105,7 +105,9 @@ def test_torch_inference_mode_raises(torch_backend, method):
 
     fn = _mlp_energy(torch_backend.ops(np.float64))
     with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode.*no_grad"):
-        score_matching_loss(fn, torch.as_tensor(X), method, **{k: torch.as_tensor(v) for k, v in _explicit(method).items()})
+        score_matching_loss(
+            fn, torch.as_tensor(X), method, **{k: torch.as_tensor(v) for k, v in _explicit(method).items()}
+        )
 
 
 def test_torch_inference_tensor_used_outside_inference_mode(torch_backend):

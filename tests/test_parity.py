@@ -83,9 +83,9 @@ def _jax_value_and_grads(method, kind, case):
     x = jnp.asarray(case["x"])
     kw = _explicit(method, case, jnp.asarray)
     if kind == "log_prob":
-        build = lambda p: (lambda y: energy_apply(p, y, quadratic=QUADRATIC))
+        build = lambda p: lambda y: energy_apply(p, y, quadratic=QUADRATIC)
     else:
-        build = lambda p: (lambda y: score_apply(p, y))
+        build = lambda p: lambda y: score_apply(p, y)
 
     def per_example(p):
         return jax_loss(build(p), x, method, kind=kind, reduction="none", **kw, **_options(method))
@@ -118,7 +118,9 @@ def test_networks_agree(case):
     for kind, net in case["nets"].items():
         params = [(jnp.asarray(w), jnp.asarray(b)) for w, b in mlp_params(net)]
         expected = net(torch.as_tensor(x)).detach().numpy()
-        got = energy_apply(params, jnp.asarray(x), quadratic=QUADRATIC) if kind == "log_prob" else score_apply(
-            params, jnp.asarray(x)
+        got = (
+            energy_apply(params, jnp.asarray(x), quadratic=QUADRATIC)
+            if kind == "log_prob"
+            else score_apply(params, jnp.asarray(x))
         )
         np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-12)

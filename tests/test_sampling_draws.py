@@ -118,8 +118,11 @@ def gaussian_energy_model(ppl, batch=8):
 
     def model(data):
         with ppl.plate("data", data.shape[0], subsample_size=batch) as idx:
-            x = ppl.sample("x", ppl.pn.Unnormalized(energy, (2,)) if ppl.name == "numpyro"
-                           else ppl.pp.Unnormalized(energy, (2,)), obs=data[idx])
+            x = ppl.sample(
+                "x",
+                ppl.pn.Unnormalized(energy, (2,)) if ppl.name == "numpyro" else ppl.pp.Unnormalized(energy, (2,)),
+                obs=data[idx],
+            )
             ppl.sample("y", ppl.dist.Normal(x, 1.0).to_event(1), obs=data[idx] + 5.0)
 
     return model
@@ -130,8 +133,9 @@ def test_num_draws_are_new_points_of_the_fitted_energy(ppl):
     ``N(MU, COV)`` (the child is left out), independent of the subsampled batch size: the
     layout is ``[num_samples, num_chains, num_draws, 2]``, the rate ``[num_chains, num_draws]``."""
     model = gaussian_energy_model(ppl)
-    out = ppl.langevin(model, "x", ppl.t(DATA), num_draws=1500, num_chains=2, num_samples=2, thin=30,
-                       num_warmup=30, step_size=0.3)
+    out = ppl.langevin(
+        model, "x", ppl.t(DATA), num_draws=1500, num_chains=2, num_samples=2, thin=30, num_warmup=30, step_size=0.3
+    )
     assert out.layout == SiteLayout("draws", (1500, 2), (2,), 1500)
     assert out.layout.draw_shape == (2,)
     assert tuple(out.samples.shape) == (2, 2, 1500, 2) and tuple(out.accept_rate.shape) == (2, 1500)
@@ -153,8 +157,17 @@ def test_num_draws_default_start_and_init(ppl):
     assert tuple(u.shape) == (2, 7, 2) and np.allclose(np.asarray(u), [0.5, 0.25])
     with pytest.raises(ValueError, match="init"):
         dens.init_unconstrained(ppl.t(np.zeros((3, 2))))
-    out = ppl.langevin(model, "x", ppl.t(DATA), num_draws=3, num_samples=4, num_warmup=0, step_size=1e-12,
-                       init=ppl.t(np.full((3, 2), 7.0)), adjusted=False)
+    out = ppl.langevin(
+        model,
+        "x",
+        ppl.t(DATA),
+        num_draws=3,
+        num_samples=4,
+        num_warmup=0,
+        step_size=1e-12,
+        init=ppl.t(np.full((3, 2), 7.0)),
+        adjusted=False,
+    )
     np.testing.assert_allclose(np.asarray(out.samples), 7.0, atol=1e-4)
 
 
@@ -170,8 +183,9 @@ def test_hierarchical_draws_keep_the_parameters_dims(ppl):
         with ppl.plate("groups", g, dim=-2), ppl.plate("data", x.shape[1], dim=-1):
             ppl.sample("x", Unnormalized(lambda v: -0.5 * ((v - mu) ** 2).sum(-1), (2,), batched=True), obs=x)
 
-    out = ppl.langevin(model, "x", ppl.t(np.zeros((g, 4, 2))), num_draws=1000, num_samples=1, thin=30,
-                       num_warmup=20, step_size=0.5)
+    out = ppl.langevin(
+        model, "x", ppl.t(np.zeros((g, 4, 2))), num_draws=1000, num_samples=1, thin=30, num_warmup=20, step_size=0.5
+    )
     assert out.layout.shape == (1000, g, 1, 2) and out.layout.draw_shape == (g, 1, 2)
     x = np.asarray(out.samples)[-1, 0]  # [1000, g, 1, 2]
     np.testing.assert_array_less(np.abs(x.mean(0) - mus), Z / np.sqrt(1000))
@@ -190,8 +204,9 @@ def test_num_draws_posterior_predictive_from_a_guide(ppl):
     def guide(x):
         ppl.sample("loc", ppl.dist.Normal(ppl.t(2.0), ppl.t(1.0)))
 
-    out = ppl.langevin(model, "x", ppl.t(np.zeros(3)), guide=guide, num_draws=3000, num_samples=1, thin=40,
-                       num_warmup=0, step_size=0.8)
+    out = ppl.langevin(
+        model, "x", ppl.t(np.zeros(3)), guide=guide, num_draws=3000, num_samples=1, thin=40, num_warmup=0, step_size=0.8
+    )
     assert out.layout.shape == (3000,)
     x = np.asarray(out.samples)[-1, 0]
     assert abs(x.mean() - 2.0) < Z * np.sqrt(2.0 / 3000)

@@ -15,8 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 TUTORIALS = {
     "gaussian_graphical_model": ["MLE (inverse sample covariance)", "L1-SM (Pyro)", "L1-SM (NumPyro)"],
     "deep_energy_2d": ["Pyro    : held-out log-lik", "NumPyro : held-out log-lik"],
-    "generalized_bayes": ["closed form (generalized Bayes)", "NUTS on the potential (Pyro)",
-                          "SVI + ScoreMatching (NumPyro)"],
+    "generalized_bayes": [
+        "closed form (generalized Bayes)",
+        "NUTS on the potential (Pyro)",
+        "SVI + ScoreMatching (NumPyro)",
+    ],
 }
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -31,7 +34,10 @@ def test_tutorial_smoke(name, tmp_path):
     env.setdefault("OMP_NUM_THREADS", "1")  # tiny problems: extra threads only contend
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tutorials" / f"{name}.py"), "--smoke", "--out", str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=600,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     for line in TUTORIALS[name]:

@@ -13,10 +13,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIALS = {
-    "score_estimation": ["| learned (ssm_vr) |", "| learned (fd_ssm) |", "| learned (dsm, sigma=0.1) |",
-                         "| Stein (eta=0.1) |", "| SSGE (99% spectrum) |"],
-    "implicit_vae": ["| Gaussian encoder, Trace_ELBO |", "| implicit, learned (ssm_vr) |", "| implicit, Stein |",
-                     "| implicit, SSGE |"],
+    "score_estimation": [
+        "| learned (ssm_vr) |",
+        "| learned (fd_ssm) |",
+        "| learned (dsm, sigma=0.1) |",
+        "| Stein (eta=0.1) |",
+        "| SSGE (99% spectrum) |",
+    ],
+    "implicit_vae": [
+        "| Gaussian encoder, Trace_ELBO |",
+        "| implicit, learned (ssm_vr) |",
+        "| implicit, Stein |",
+        "| implicit, SSGE |",
+    ],
     "wae_digits": ["| score (learned, ssm_vr) |", "| score (Stein) |", "| mmd (IMQ) |"],
 }
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -31,7 +40,10 @@ def test_tutorial_smoke(name, tmp_path):
     env.setdefault("OMP_NUM_THREADS", "1")
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tutorials" / f"{name}.py"), "--smoke", "--out", str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=600,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = proc.stdout

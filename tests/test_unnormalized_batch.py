@@ -156,9 +156,11 @@ def test_batched_form_broadcasts_parameters_and_validates_its_output(ppl):
     d = ppl.Unnormalized(lambda v: ppl.sq(v, mu), (D,), batched=True).expand((G, N))
     np.testing.assert_allclose(ppl.np(d.log_prob(ppl.t(X))), -0.5 * ((X - MU) ** 2).sum(-1), rtol=1e-12)
     assert ppl.np(d.log_prob(ppl.t(X[None]))).shape == (1, G, N)
-    np.testing.assert_allclose(ppl.np(ppl.Unnormalized(lambda v: ppl.sq(v, mu), (D,), batched=True)
-                                      .log_density(ppl.t(np.zeros((1, 1, D))))),
-                               -0.5 * (MU**2).sum(-1), rtol=1e-12)  # [G, 1]: the parameters' dims
+    np.testing.assert_allclose(
+        ppl.np(ppl.Unnormalized(lambda v: ppl.sq(v, mu), (D,), batched=True).log_density(ppl.t(np.zeros((1, 1, D))))),
+        -0.5 * (MU**2).sum(-1),
+        rtol=1e-12,
+    )  # [G, 1]: the parameters' dims
     with pytest.raises(ValueError, match="log_density_fn.*batched=True"):
         ppl.Unnormalized(lambda v: ppl.sq(v, mu).sum(), (D,), batched=True).expand((G, N)).log_prob(ppl.t(X))
     with pytest.raises(ValueError, match="log_density_fn.*batched=True"):
@@ -198,8 +200,7 @@ def test_hierarchical_energy_esm_closed_form(ppl):
     ESM is ``sum (-D + 1/2 ||x - mu||^2)``; with ``mu`` latent and a Delta guide at the same
     value the loss adds ``-log p(mu)``."""
     model, _ = _hier_model(ppl, latent=False)
-    np.testing.assert_allclose(float(ppl.esm_loss(model, lambda x: None, ppl.t(X))), esm_closed_form(X, MU),
-                               rtol=1e-10)
+    np.testing.assert_allclose(float(ppl.esm_loss(model, lambda x: None, ppl.t(X))), esm_closed_form(X, MU), rtol=1e-10)
     model, guide = _hier_model(ppl, latent=True)
     expected = esm_closed_form(X, MU) - normal_log_prob(MU)
     np.testing.assert_allclose(float(ppl.esm_loss(model, guide, ppl.t(X))), expected, rtol=1e-10)
@@ -229,8 +230,17 @@ def test_langevin_with_guide_latent_in_the_density(ppl):
     """Each chain draws its own ``loc`` (shape [C, 1] at the chain dim), which meets the
     site's value unflattened in the batched form: across chains ``x ~ N(2, 2)``."""
     model, guide = _loc_model(ppl)
-    out = ppl.langevin(model, "x", ppl.t(np.zeros(2)), guide=guide, num_chains=3000, num_samples=1, thin=40,
-                       num_warmup=0, step_size=0.8)
+    out = ppl.langevin(
+        model,
+        "x",
+        ppl.t(np.zeros(2)),
+        guide=guide,
+        num_chains=3000,
+        num_samples=1,
+        thin=40,
+        num_warmup=0,
+        step_size=0.8,
+    )
     x = ppl.np(out.samples)[-1].reshape(-1)  # both points of every chain: i.i.d. given loc per chain
     assert out.samples.shape == (1, 3000, 2) and out.layout.mode == "site"
     first = ppl.np(out.samples)[-1, :, 0]

@@ -174,13 +174,24 @@ def test_wae_terms_is_framework_free():
         k = lambda a, b: sum(c * s / (c * s + ((a[:, None] - b[None]) ** 2).sum(-1)) for s in scales)  # noqa: E731
         kxx, kyy = k(x, x), k(y, y)
         n, m = len(x), len(y)
-        return (kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * k(x, y).mean()
+        return (
+            (kxx.sum() - np.trace(kxx)) / (n * (n - 1))
+            + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+            - 2 * k(x, y).mean()
+        )
 
     backend = SimpleNamespace(
         stop_gradient=lambda a: a, imq_mmd2=np_mmd2, imq_constant=lambda fn, d: 2.0 * d.shape[1] * fn.variance.mean()
     )
-    common = dict(sites=None, reconstruction="squared_error", mmd_scales=(1.0,), backend=backend,
-                  draw=lambda prior, i, c: draws, scores=lambda name, i, c: -c, check_scores=lambda name, s: None)
+    common = dict(
+        sites=None,
+        reconstruction="squared_error",
+        mmd_scales=(1.0,),
+        backend=backend,
+        draw=lambda prior, i, c: draws,
+        scores=lambda name, i, c: -c,
+        check_scores=lambda name, s: None,
+    )
     t = ispec.wae_terms(model, guide, regularizer="mmd", **common)
     assert t["names"] == ["z"]
     np.testing.assert_allclose(t["reconstruction"], ((X - codes @ W.T) ** 2).sum() / 6, rtol=1e-12)

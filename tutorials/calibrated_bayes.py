@@ -130,8 +130,9 @@ def pyro_coverage(n: int, reps: int, seed: int) -> dict:
     for _ in range(reps):
         x = rng.gamma(A, 1.0 / THETA, size=n)
         th = theta_hat(x)
-        beta = calibrate_beta(loss, model, {"theta": torch.tensor(th, dtype=torch.float64)},
-                              torch.as_tensor(x, dtype=torch.float64))
+        beta = calibrate_beta(
+            loss, model, {"theta": torch.tensor(th, dtype=torch.float64)}, torch.as_tensor(x, dtype=torch.float64)
+        )
         betas.append(beta)
         for name, b in (("beta = 1", 1.0), ("calibrated", beta)):
             hits[name] += np.abs(th - THETA) <= z / math.sqrt(b * (x**2).sum())
@@ -149,8 +150,7 @@ def run_numpyro(x: np.ndarray, cfg: dict, seed: int) -> dict:
     import numpyro
     import numpyro.distributions as dist
     import optax
-    from numpyro.infer import SVI
-    from numpyro.infer import init_to_median
+    from numpyro.infer import SVI, init_to_median
     from numpyro.infer.autoguide import AutoNormal
 
     from ppl_score.numpyro import ScoreMatching, calibrate_beta
@@ -165,7 +165,9 @@ def run_numpyro(x: np.ndarray, cfg: dict, seed: int) -> dict:
     def fit(beta):
         guide = AutoNormal(model, init_loc_fn=init_to_median, init_scale=0.01)
         schedule = optax.exponential_decay(cfg["lr"], transition_steps=cfg["svi_steps"], decay_rate=0.05)
-        svi = SVI(model, guide, optax.adam(schedule), loss=ScoreMatching("esm", beta=beta, num_particles=cfg["particles"]))
+        svi = SVI(
+            model, guide, optax.adam(schedule), loss=ScoreMatching("esm", beta=beta, num_particles=cfg["particles"])
+        )
         result = svi.run(jax.random.PRNGKey(seed), cfg["svi_steps"], data, progress_bar=False)
         p = result.params
         return guide, result.params, lognormal_moments(float(p["theta_auto_loc"]), float(p["theta_auto_scale"]))
@@ -197,8 +199,14 @@ def plot(results, x, sim, coverage, path):
     t = np.linspace(th - 5 * sd, th + 5 * sd, 400)
     for k, (name, r) in enumerate(results.items()):
         ax.plot(t, normal_pdf(t, *r["one"]), color=f"C{k}", ls=":", lw=2, label=f"{name}: beta = 1")
-        ax.plot(t, normal_pdf(t, *r["cal"]), color=f"C{k}", ls="--", lw=2,
-                label=f"{name}: calibrated beta = {r['beta']:.3f}")
+        ax.plot(
+            t,
+            normal_pdf(t, *r["cal"]),
+            color=f"C{k}",
+            ls="--",
+            lw=2,
+            label=f"{name}: calibrated beta = {r['beta']:.3f}",
+        )
     m, s = exact_bayes(x)
     ax.plot(t, normal_pdf(t, m, s), "k", lw=1, label="exact Bayes (Gamma posterior)")
     ax.set_xlabel("theta")
@@ -246,8 +254,10 @@ def main(argv=None) -> dict:
     coverage = pyro_coverage(n, reps, args.seed)
 
     h, j = (x**2).sum(), ((x * (theta_hat(x) * x - A - 1.0)) ** 2).sum()
-    print(f"N={n} Gamma(A={A}, theta={THETA}) points; theta_hat = {theta_hat(x):.4f}; "
-          f"closed-form beta = H / J = {h / j:.4f} (asymptotically 1/(A+3) = {1 / (A + 3):.4f})")
+    print(
+        f"N={n} Gamma(A={A}, theta={THETA}) points; theta_hat = {theta_hat(x):.4f}; "
+        f"closed-form beta = H / J = {h / j:.4f} (asymptotically 1/(A+3) = {1 / (A + 3):.4f})"
+    )
     print(f"  {'posterior of theta':44s} {'mean':>8s} {'sd':>8s}")
     print(f"  {'sampling sd of theta_hat (' + str(sims) + ' data sets)':44s} {'':>8s} {sim.std():8.4f}")
     print(f"  {'sandwich sd sqrt(J) / H (this data set)':44s} {'':>8s} {math.sqrt(j) / h:8.4f}")
@@ -256,12 +266,16 @@ def main(argv=None) -> dict:
     report = {}
     for name, r in results.items():
         print(f"  {name + ': SVI, beta = 1':44s} {r['one'][0]:8.4f} {r['one'][1]:8.4f}")
-        print(f"  {name + ': SVI, calibrated beta = ' + format(r['beta'], '.4f'):44s} {r['cal'][0]:8.4f} "
-              f"{r['cal'][1]:8.4f}")
+        print(
+            f"  {name + ': SVI, calibrated beta = ' + format(r['beta'], '.4f'):44s} {r['cal'][0]:8.4f} "
+            f"{r['cal'][1]:8.4f}"
+        )
         report[name] = dict(beta=r["beta"], sd_one=r["one"][1], sd_cal=r["cal"][1], sd_ratio=r["cal"][1] / sim.std())
     print("  calibrated sd / sampling sd: " + ", ".join(f"{k} {v['sd_ratio']:.3f}" for k, v in report.items()))
-    print(f"coverage of central credible intervals over {reps} data sets (Pyro calibrate_beta each; "
-          f"beta mean {coverage['betas'].mean():.4f}, sd {coverage['betas'].std():.4f}):")
+    print(
+        f"coverage of central credible intervals over {reps} data sets (Pyro calibrate_beta each; "
+        f"beta mean {coverage['betas'].mean():.4f}, sd {coverage['betas'].std():.4f}):"
+    )
     print("  nominal     " + "  ".join(f"{v:6.2f}" for v in LEVELS))
     for name, cov in coverage["coverage"].items():
         print(f"  {name:11s} " + "  ".join(f"{v:6.2f}" for v in cov))

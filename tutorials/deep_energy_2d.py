@@ -109,9 +109,18 @@ def run_pyro(data, cfg, seed):
 
     # Langevin on the fitted site: model(x) with one data row, so each chain is one 2-D point
     init = torch.as_tensor(cfg["init"], dtype=torch.float32)[:, None, :]
-    out = langevin(model, "x", torch.zeros(1, 2), num_chains=len(init), init=init,
-                   num_steps=cfg["langevin_steps"], num_warmup=0, step_size=cfg["step_size"],
-                   thin=cfg["langevin_steps"], generator=torch.Generator().manual_seed(seed))
+    out = langevin(
+        model,
+        "x",
+        torch.zeros(1, 2),
+        num_chains=len(init),
+        init=init,
+        num_steps=cfg["langevin_steps"],
+        num_warmup=0,
+        step_size=cfg["step_size"],
+        thin=cfg["langevin_steps"],
+        generator=torch.Generator().manual_seed(seed),
+    )
 
     def log_f(points):
         with torch.no_grad():
@@ -152,13 +161,26 @@ def run_numpyro(data, cfg, seed):
     params = result.params
 
     init = jnp.asarray(cfg["init"], jnp.float32)[:, None, :]
-    out = langevin(model, "x", jnp.zeros((1, 2), jnp.float32), key=key_sample, params=params,
-                   num_chains=len(init), init=init, num_steps=cfg["langevin_steps"], num_warmup=0,
-                   step_size=cfg["step_size"], thin=cfg["langevin_steps"])
+    out = langevin(
+        model,
+        "x",
+        jnp.zeros((1, 2), jnp.float32),
+        key=key_sample,
+        params=params,
+        num_chains=len(init),
+        init=init,
+        num_steps=cfg["langevin_steps"],
+        num_warmup=0,
+        step_size=cfg["step_size"],
+        thin=cfg["langevin_steps"],
+    )
 
     log_f = jax.jit(lambda p: energy_apply(params["energy"], p, quadratic=QUADRATIC))
-    return (lambda points: np.asarray(log_f(jnp.asarray(points, jnp.float32)), np.float64),
-            np.asarray(out.samples[-1, :, 0], np.float64), float(out.accept_rate.mean()))
+    return (
+        lambda points: np.asarray(log_f(jnp.asarray(points, jnp.float32)), np.float64),
+        np.asarray(out.samples[-1, :, 0], np.float64),
+        float(out.accept_rate.mean()),
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -220,8 +242,10 @@ def main(argv=None) -> dict:
     report, panels = {}, {}
     true_ll = float(mixture_log_prob(test).mean())
     floor = energy_distance(sample_mixture(cfg["chains"], rng), sample_mixture(cfg["chains"], rng))
-    print(f"N={cfg['n']}, SVI steps={cfg['steps']} (batch {cfg['batch']}), {cfg['chains']} chains x "
-          f"{cfg['langevin_steps']} MALA steps of {cfg['step_size']}")
+    print(
+        f"N={cfg['n']}, SVI steps={cfg['steps']} (batch {cfg['batch']}), {cfg['chains']} chains x "
+        f"{cfg['langevin_steps']} MALA steps of {cfg['step_size']}"
+    )
     print(f"  true mixture: held-out log-lik {true_ll:.3f}; energy distance data vs data {floor:.4f}")
     for name, run in (("Pyro", run_pyro), ("NumPyro", run_numpyro)):
         log_f, samples, accept = run(data, cfg, args.seed)
@@ -230,8 +254,10 @@ def main(argv=None) -> dict:
         ed = energy_distance(samples, sample_mixture(len(samples), rng))
         report[name] = dict(heldout_loglik=ll, energy_distance=ed, accept_rate=accept)
         panels[name] = (log_f(pts) - log_z, samples, accept)
-        print(f"  {name:8s}: held-out log-lik {ll:.3f}; Langevin samples vs data: energy distance {ed:.4f}; "
-              f"MALA acceptance {accept:.2f}")
+        print(
+            f"  {name:8s}: held-out log-lik {ll:.3f}; Langevin samples vs data: energy distance {ed:.4f}; "
+            f"MALA acceptance {accept:.2f}"
+        )
     report["true_loglik"], report["energy_distance_floor"] = true_ll, floor
 
     args.out.mkdir(parents=True, exist_ok=True)

@@ -62,8 +62,9 @@ def train(data, cfg, seed):
     from ppl_score.torch.deq import DEQEnergy
 
     torch.manual_seed(seed)
-    energy = DEQEnergy(data.shape[1], cfg["width"], quadratic=QUADRATIC, backward="implicit", gamma=cfg["gamma"], tol=1e-4,
-                       max_iter=50)
+    energy = DEQEnergy(
+        data.shape[1], cfg["width"], quadratic=QUADRATIC, backward="implicit", gamma=cfg["gamma"], tol=1e-4, max_iter=50
+    )
     opt = torch.optim.Adam(energy.parameters(), lr=cfg["lr"])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg["steps"])
     gen = torch.Generator().manual_seed(seed)
@@ -81,8 +82,10 @@ def train(data, cfg, seed):
         losses.append(loss.item())
         iters.append(energy.last_info.iterations)
         if (step + 1) % max(1, cfg["steps"] // 10) == 0:
-            print(f"step {step + 1:5d}  ssm_vr {np.mean(losses[-50:]):9.3f}  solver iterations {np.mean(iters[-50:]):.1f}",
-                  flush=True)
+            print(
+                f"step {step + 1:5d}  ssm_vr {np.mean(losses[-50:]):9.3f}  solver iterations {np.mean(iters[-50:]):.1f}",
+                flush=True,
+            )
     return energy, losses, float(np.mean(iters))
 
 
@@ -106,8 +109,9 @@ def sample(energy, data, cfg, seed):
 
     gen = torch.Generator().manual_seed(seed + 1)
     mean, sd = data.mean(0), data.std(0).mean()
-    x0 = torch.as_tensor(mean + sd * np.random.default_rng(seed + 2).normal(size=(cfg["chains"], data.shape[1])),
-                         dtype=torch.float32)
+    x0 = torch.as_tensor(
+        mean + sd * np.random.default_rng(seed + 2).normal(size=(cfg["chains"], data.shape[1])), dtype=torch.float32
+    )
     out = mala(energy, x0, cfg["step_size"], cfg["langevin_steps"], thin=cfg["langevin_steps"], generator=gen)
     xs = out.samples[-1].detach().requires_grad_(True)
     (score,) = torch.autograd.grad(energy(xs).sum(), xs)
@@ -122,8 +126,11 @@ def plot_samples(data, samples, denoised, path):
     import matplotlib.pyplot as plt
 
     n = min(32, len(samples))
-    rows = ((data[:n], "training digits"), (samples[:n], f"MALA samples of the DEQ energy (sigma = {SIGMA})"),
-            (denoised[:n], "the same, denoised by Tweedie's formula"))
+    rows = (
+        (data[:n], "training digits"),
+        (samples[:n], f"MALA samples of the DEQ energy (sigma = {SIGMA})"),
+        (denoised[:n], "the same, denoised by Tweedie's formula"),
+    )
     fig, axes = plt.subplots(len(rows), 1, figsize=(8, 1.3 * len(rows) + 0.2))
     for ax, (imgs, title) in zip(axes, rows):
         strip = np.concatenate([np.pad(im.reshape(8, 8), 1, constant_values=np.nan) for im in imgs], axis=1)
@@ -149,7 +156,7 @@ def plot_memory(bench_json, path) -> bool:
     ncols = min(4, len(groups))
     nrows = -(-len(groups) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.2 * nrows), squeeze=False)
-    for ax in axes.flat[len(groups):]:
+    for ax in axes.flat[len(groups) :]:
         ax.axis("off")
     for ax, g in zip(axes.flat, groups):
         rs = [r for r in rows if (r["backend"], r.get("task", ""), r.get("objective", "")) == g]
@@ -184,10 +191,21 @@ def main(argv=None) -> dict:
     from ppl_score.datasets import load_digits
 
     if args.smoke:
-        cfg = dict(width=16, gamma=0.5, steps=4, batch=32, lr=1e-2, n_eval=32, chains=8, langevin_steps=3, step_size=1e-3)
+        cfg = dict(
+            width=16, gamma=0.5, steps=4, batch=32, lr=1e-2, n_eval=32, chains=8, langevin_steps=3, step_size=1e-3
+        )
     else:
-        cfg = dict(width=256, gamma=0.5, steps=6000, batch=128, lr=1e-2, n_eval=359, chains=64, langevin_steps=2000,
-                   step_size=5e-3)
+        cfg = dict(
+            width=256,
+            gamma=0.5,
+            steps=6000,
+            batch=128,
+            lr=1e-2,
+            n_eval=359,
+            chains=64,
+            langevin_steps=2000,
+            step_size=5e-3,
+        )
     ds = load_digits(scaling="unit", seed=args.seed)
     train_x = ds.train.reshape(len(ds.train), -1).astype(np.float32)
     test_x = ds.test.reshape(len(ds.test), -1).astype(np.float32)
@@ -196,8 +214,10 @@ def main(argv=None) -> dict:
     energy, _, mean_iters = train(train_x, cfg, args.seed)
     sm = held_out_sm(energy, test_x, cfg["n_eval"], args.seed)
     samples, denoised, accept = sample(energy, train_x, cfg, args.seed)
-    print(f"held-out exact SM loss {sm:.3f}; mean solver iterations {mean_iters:.1f}; "
-          f"MALA acceptance {accept:.2f}; {time.perf_counter() - t0:.0f} s")
+    print(
+        f"held-out exact SM loss {sm:.3f}; mean solver iterations {mean_iters:.1f}; "
+        f"MALA acceptance {accept:.2f}; {time.perf_counter() - t0:.0f} s"
+    )
 
     args.out.mkdir(parents=True, exist_ok=True)
     plot_samples(train_x, samples, denoised, args.out / "deq_digits_samples.png")

@@ -211,8 +211,16 @@ def main(argv=None) -> dict:
 
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "gaussian_graphical_model.png"
-    plot({"true P": truth, "MLE": mle, "SM (Pyro)": est["SM (Pyro)"], "L1-SM (Pyro)": est["L1-SM (Pyro)"],
-          "L1-SM (NumPyro)": est["L1-SM (NumPyro)"]}, path)
+    plot(
+        {
+            "true P": truth,
+            "MLE": mle,
+            "SM (Pyro)": est["SM (Pyro)"],
+            "L1-SM (Pyro)": est["L1-SM (Pyro)"],
+            "L1-SM (NumPyro)": est["L1-SM (NumPyro)"],
+        },
+        path,
+    )
     print(f"figure: {path}")
     return report
 

@@ -130,8 +130,13 @@ def run_pyro(x: np.ndarray, cfg: dict, seed: int):
         sm = score_matching_loss(log_density, u_data, "esm", reduction="sum")
         return BETA * sm - prior.log_prob(mu)
 
-    mcmc = MCMC(NUTS(potential_fn=potential), num_samples=cfg["nuts_samples"], warmup_steps=cfg["nuts_warmup"],
-                initial_params={"mu": torch.zeros(D, dtype=f64)}, disable_progbar=True)
+    mcmc = MCMC(
+        NUTS(potential_fn=potential),
+        num_samples=cfg["nuts_samples"],
+        warmup_steps=cfg["nuts_warmup"],
+        initial_params={"mu": torch.zeros(D, dtype=f64)},
+        disable_progbar=True,
+    )
     mcmc.run()
     nuts = mcmc.get_samples()["mu"].numpy()
     return dict(svi_mean=svi_mean, svi_cov=svi_cov, nuts=nuts)
@@ -185,8 +190,9 @@ def run_numpyro(x: np.ndarray, cfg: dict, seed: int):
         sm = score_matching_loss(log_density, u_data, "esm", reduction="sum")
         return BETA * sm - prior.log_prob(mu)
 
-    mcmc = MCMC(NUTS(potential_fn=potential), num_warmup=cfg["nuts_warmup"], num_samples=cfg["nuts_samples"],
-                progress_bar=False)
+    mcmc = MCMC(
+        NUTS(potential_fn=potential), num_warmup=cfg["nuts_warmup"], num_samples=cfg["nuts_samples"], progress_bar=False
+    )
     mcmc.run(key_nuts, init_params={"mu": jnp.zeros(D)})
     nuts = np.asarray(mcmc.get_samples()["mu"])
     return dict(svi_mean=svi_mean, svi_cov=svi_cov, nuts=nuts)
@@ -213,11 +219,18 @@ def plot(results, exact, naive, path):
         t = np.linspace(lo, hi, 400)
         for k, (name, r) in enumerate(results.items()):
             ax.hist(r["nuts"][:, j], bins=40, density=True, alpha=0.3, color=f"C{k}", label=f"NUTS ({name})")
-            ax.plot(t, normal_pdf(t, r["svi_mean"][j], np.sqrt(r["svi_cov"][j, j])), color=f"C{k}", lw=2,
-                    ls="--", label=f"SVI + ScoreMatching ({name})")
+            ax.plot(
+                t,
+                normal_pdf(t, r["svi_mean"][j], np.sqrt(r["svi_cov"][j, j])),
+                color=f"C{k}",
+                lw=2,
+                ls="--",
+                label=f"SVI + ScoreMatching ({name})",
+            )
         ax.plot(t, normal_pdf(t, m_ex[j], s_ex), "k", lw=1, label="closed form")
-        ax.plot(t, normal_pdf(t, m_nv[j], np.sqrt(c_nv[j, j])), color="C3", lw=1.5,
-                label="naive Bayes (truncation ignored)")
+        ax.plot(
+            t, normal_pdf(t, m_nv[j], np.sqrt(c_nv[j, j])), color="C3", lw=1.5, label="naive Bayes (truncation ignored)"
+        )
         ax.axvline(TRUE_MU[j], color="gray", ls=":", label="true value")
         ax.set_title(f"mu[{j}]", fontsize=10)
         ax.set_yticks([])
@@ -247,8 +260,10 @@ def main(argv=None) -> dict:
         # the guide's scale converges slowly under noisy gradients: NumPyro's jitted steps are
         # cheap, so it gets more of them; Pyro fewer (a Python loop over particles per step)
         n = 200
-        cfg = dict(pyro=dict(svi_steps=2000, lr=0.05, particles=2, nuts_warmup=300, nuts_samples=700),
-                   numpyro=dict(svi_steps=6000, lr=0.05, particles=4, nuts_warmup=500, nuts_samples=1000))
+        cfg = dict(
+            pyro=dict(svi_steps=2000, lr=0.05, particles=2, nuts_warmup=300, nuts_samples=700),
+            numpyro=dict(svi_steps=6000, lr=0.05, particles=4, nuts_warmup=500, nuts_samples=1000),
+        )
     x = sample_truncated(n, np.random.default_rng(args.seed))
     exact, naive = closed_form(x), naive_gaussian_posterior(x)
     results = {"Pyro": run_pyro(x, cfg["pyro"], args.seed), "NumPyro": run_numpyro(x, cfg["numpyro"], args.seed)}
@@ -259,8 +274,10 @@ def main(argv=None) -> dict:
 
     print(f"N={n} truncated-Gaussian points, beta={BETA}; posterior mean ± sd of mu[0..{D - 1}]:")
     for b, c in cfg.items():
-        print(f"  {b}: SVI {c['svi_steps']} steps x {c['particles']} particles; NUTS {c['nuts_warmup']} warmup + "
-              f"{c['nuts_samples']} draws")
+        print(
+            f"  {b}: SVI {c['svi_steps']} steps x {c['particles']} particles; NUTS {c['nuts_warmup']} warmup + "
+            f"{c['nuts_samples']} draws"
+        )
     row("true value", TRUE_MU, np.zeros(D))
     row("closed form (generalized Bayes)", exact[0], np.sqrt(np.diag(exact[1])))
     report = {}
@@ -276,8 +293,10 @@ def main(argv=None) -> dict:
         )
     row("naive Bayes (truncation ignored)", naive[0], np.sqrt(np.diag(naive[1])))
     for name, e in report.items():
-        print(f"  {name}: max |mean - exact| / sd: SVI {e['svi_mean_err']:.2f}, NUTS {e['nuts_mean_err']:.2f}; "
-              f"max |sd / exact sd - 1|: SVI {e['svi_sd_ratio']:.2f}, NUTS {e['nuts_sd_ratio']:.2f}")
+        print(
+            f"  {name}: max |mean - exact| / sd: SVI {e['svi_mean_err']:.2f}, NUTS {e['nuts_mean_err']:.2f}; "
+            f"max |sd / exact sd - 1|: SVI {e['svi_sd_ratio']:.2f}, NUTS {e['nuts_sd_ratio']:.2f}"
+        )
 
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "generalized_bayes.png"

@@ -86,9 +86,16 @@ def train(name, x_train, *, steps, batch, particles, seed):
     enc0 = mlp_init(k_enc, (64, HIDDEN, HIDDEN, 2 * LATENT) if gaussian else (64 + NOISE, HIDDEN, HIDDEN, LATENT))
     est = None
     if "learned" in name:
-        est = learned_score_estimator(LATENT, context_dim=64, hidden=(256, 256), activation=jax.nn.tanh,
-                                      method="ssm_vr", optimizer=optax.adam(1e-3), n_steps=1,
-                                      projection="gaussian")  # as measured for the README table
+        est = learned_score_estimator(
+            LATENT,
+            context_dim=64,
+            hidden=(256, 256),
+            activation=jax.nn.tanh,
+            method="ssm_vr",
+            optimizer=optax.adam(1e-3),
+            n_steps=1,
+            projection="gaussian",
+        )  # as measured for the README table
 
     def model(x):
         dec = numpyro.param("dec", dec0)
@@ -103,7 +110,9 @@ def train(name, x_train, *, steps, batch, particles, seed):
         with numpyro.plate("data", x.shape[0]):
             if gaussian:
                 out = mlp(enc, x)
-                numpyro.sample("z", dist.Normal(out[..., :LATENT], jax.nn.softplus(out[..., LATENT:]) + 1e-4).to_event(1))
+                numpyro.sample(
+                    "z", dist.Normal(out[..., :LATENT], jax.nn.softplus(out[..., LATENT:]) + 1e-4).to_event(1)
+                )
             else:
                 eps = jax.random.normal(numpyro.prng_key(), (*x.shape[:-1], NOISE))
                 numpyro.sample("z", dist.Delta(mlp(enc, jnp.concatenate([x, eps], -1)), event_dim=1))
@@ -230,15 +239,21 @@ def main(argv=None) -> dict:
             "test_nll_se": float(log_px.std() / np.sqrt(len(log_px))),
             "final_train_loss": float(np.mean(losses[-max(1, steps // 20) :])),
         }
-    print(f"VAE on binarized 8x8 digits: latent {LATENT}, {steps} Adam steps of batch {batch}; "
-          f"kernel estimators with {particles} particles per digit")
-    print(f"AIS: {temps} temperatures, HMC (5 leapfrog), {chains} chains, {n_test} held-out digits (same for every model)\n")
+    print(
+        f"VAE on binarized 8x8 digits: latent {LATENT}, {steps} Adam steps of batch {batch}; "
+        f"kernel estimators with {particles} particles per digit"
+    )
+    print(
+        f"AIS: {temps} temperatures, HMC (5 leapfrog), {chains} chains, {n_test} held-out digits (same for every model)\n"
+    )
     print("| encoder / loss | test NLL (nats, AIS) | final training loss |")
     print("|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['test_nll']:.2f} ± {r['test_nll_se']:.2f} | {r['final_train_loss']:.2f} |")
-    print("\n(training loss: -ELBO for the Gaussian encoder; for the implicit encoders the negative ELBO "
-          "without the encoder's entropy, which they cannot evaluate)")
+    print(
+        "\n(training loss: -ELBO for the Gaussian encoder; for the implicit encoders the negative ELBO "
+        "without the encoder's entropy, which they cannot evaluate)"
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "implicit_vae.png"
     figure(decs, x_test, path, args.seed)

@@ -42,7 +42,6 @@ sys.path.insert(1, str(ROOT))
 
 import relgrad as bench  # noqa: E402  (benchmarks/relgrad.py)
 
-
 # ---------------------------------------------------------------------------------------
 # 1. exact likelihood and relative gradient, by brute force
 # ---------------------------------------------------------------------------------------
@@ -56,11 +55,14 @@ def check_by_brute_force(seed: int) -> dict:
     flow = InvertibleMLP(3, n_layers=3, alpha=0.2, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
     # log p(x) from the full Jacobian of g, one example at a time
-    brute = torch.stack([
-        -0.5 * flow(xi[None]).square().sum() - 1.5 * math.log(2 * math.pi)
-        + torch.linalg.slogdet(torch.autograd.functional.jacobian(lambda v: flow(v[None])[0], xi))[1]
-        for xi in x
-    ])
+    brute = torch.stack(
+        [
+            -0.5 * flow(xi[None]).square().sum()
+            - 1.5 * math.log(2 * math.pi)
+            + torch.linalg.slogdet(torch.autograd.functional.jacobian(lambda v: flow(v[None])[0], xi))[1]
+            for xi in x
+        ]
+    )
     err_logp = (flow.log_prob(x) - brute).abs().max().item()
     # the relative gradient: autograd of the exact NLL, times W^T W
     grads = torch.autograd.grad(-flow.log_prob(x).mean(), list(flow.weights))
@@ -105,8 +107,10 @@ def run_pyro(train, test, steps: int, seed: int) -> dict:
     # The training loss omits sum_k log|det W_k| (never computed while training): it is not
     # the NLL. The exact NLL is an evaluation call (slogdet per layer).
     exact = mle.exact_nll(model, guide, test_t) / len(test)
-    print(f"(2) Pyro SVI + RelativeGradientMLE, {steps} steps: last training loss {training_loss / n:.3f} per point "
-          f"(without log|det W|), exact test NLL {exact:.3f}")
+    print(
+        f"(2) Pyro SVI + RelativeGradientMLE, {steps} steps: last training loss {training_loss / n:.3f} per point "
+        f"(without log|det W|), exact test NLL {exact:.3f}"
+    )
     return {"test_nll": exact}
 
 
@@ -187,13 +191,21 @@ def plot_scaling(result: dict, path: Path) -> None:
     styles = {"torch": "-", "jax": "--"}
     for backend, sl in result["slopes"].items():
         rows = [r for r in result["scaling"] if r["backend"] == backend]
-        for key, color, label in (("relgrad_ms", "C0", "relative gradient"), ("autograd_ms", "C3", "autograd + slogdet")):
+        for key, color, label in (
+            ("relgrad_ms", "C0", "relative gradient"),
+            ("autograd_ms", "C3", "autograd + slogdet"),
+        ):
             pts = [(r["D"], r[key]) for r in rows if r[key] is not None]
             if not pts:
                 continue
             slope = sl["relgrad" if key == "relgrad_ms" else "autograd"]
-            ax.plot(*zip(*pts), styles.get(backend, "-"), color=color, marker="o",
-                    label=f"{backend}: {label} (slope {slope:.2f})")
+            ax.plot(
+                *zip(*pts),
+                styles.get(backend, "-"),
+                color=color,
+                marker="o",
+                label=f"{backend}: {label} (slope {slope:.2f})",
+            )
     dims = sorted({r["D"] for r in result["scaling"]})
     times = [t for r in result["scaling"] for t in (r["relgrad_ms"], r["autograd_ms"]) if t]
     if dims and times:  # slope guides through the geometric middle of the data
@@ -215,21 +227,39 @@ def density_table(result: dict) -> str:
     import _common as C
 
     lines = ["Exact test log-likelihood (higher is better) of the same flow trained by each method at equal steps.", ""]
-    lines.append(C.markdown_table(
-        ["data", "method", "test log-lik", "std over seeds", "space"],
-        [[r["data"], r["method"], C.fmt(r["test_loglik"], ".3f"), C.fmt(r.get("test_loglik_std"), ".3f"), r["space"]]
-         for r in result["density"]],
-    ))
-    lines += ["", f"Slopes (log ms vs log D): {json.dumps(result['slopes'])}",
-              f"Targets: {json.dumps(result['targets'])}", ""]
+    lines.append(
+        C.markdown_table(
+            ["data", "method", "test log-lik", "std over seeds", "space"],
+            [
+                [
+                    r["data"],
+                    r["method"],
+                    C.fmt(r["test_loglik"], ".3f"),
+                    C.fmt(r.get("test_loglik_std"), ".3f"),
+                    r["space"],
+                ]
+                for r in result["density"]
+            ],
+        )
+    )
+    lines += [
+        "",
+        f"Slopes (log ms vs log D): {json.dumps(result['slopes'])}",
+        f"Targets: {json.dumps(result['targets'])}",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and a few steps, for CI (seconds)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="where the figure and table go (default: tutorials/figures; --smoke: nowhere)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="where the figure and table go (default: tutorials/figures; --smoke: nowhere)",
+    )
     parser.add_argument("--from-json", type=Path, default=None, help="plot a benchmarks/relgrad.py --json result")
     parser.add_argument("--threads", type=int, default=1, help="torch / XLA threads; 0 = library defaults")
     parser.add_argument("--seed", type=int, default=0)
@@ -251,8 +281,9 @@ def main(argv=None) -> dict:
         result = json.loads(args.from_json.read_text())
     elif args.smoke:
         # torch only: the JAX steps would spend the smoke run's seconds compiling
-        result = bench.run(quick=True, backends=("torch",), dims=(16, 32), repeats=1, density_steps=3,
-                           max_call_s=30.0, seed=args.seed)
+        result = bench.run(
+            quick=True, backends=("torch",), dims=(16, 32), repeats=1, density_steps=3, max_call_s=30.0, seed=args.seed
+        )
     else:
         result = bench.run(quick=False, seed=args.seed)
     report["benchmark"] = {k: result[k] for k in ("slope_relgrad", "slope_autograd", "targets")}

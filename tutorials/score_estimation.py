@@ -119,7 +119,11 @@ def run(dims, n, n_test, steps, batch, seed):
         norm = float((s_true**2).sum(1).mean())
         for m in METHODS:
             t0 = time.perf_counter()
-            est = kernel(m, samples) if m in ("stein", "spectral") else fit_learned(m, samples, steps=steps, batch=batch, seed=seed)
+            est = (
+                kernel(m, samples)
+                if m in ("stein", "spectral")
+                else fit_learned(m, samples, steps=steps, batch=batch, seed=seed)
+            )
             g = est(test)
             fisher = float(((g - s_true) ** 2).sum(1).mean())
             results[(d, m)] = {"fisher": fisher, "relative": fisher / norm, "seconds": time.perf_counter() - t0}

@@ -71,7 +71,9 @@ def gaussian_mmd2(x, y, h):
 
     n, m = x.shape[0], y.shape[0]
     kxx, kyy = k(x, x), k(y, y)
-    return (kxx.sum() - jnp.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - jnp.trace(kyy)) / (m * (m - 1)) - 2 * k(x, y).mean()
+    return (
+        (kxx.sum() - jnp.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - jnp.trace(kyy)) / (m * (m - 1)) - 2 * k(x, y).mean()
+    )
 
 
 def train(variant, x_train, *, steps, batch, seed):
@@ -203,8 +205,12 @@ def main(argv=None) -> dict:
         fitted = train(name, x_train, steps=steps, batch=batch, seed=args.seed)
         evals[name] = evaluate(fitted, x_train, x_test, h, args.seed)
         evals[name]["final_loss"] = float(np.mean(fitted["losses"][-max(1, steps // 20) :]))
-    print(f"WAE on 8x8 digits: latent {LATENT}, lam {LAM}, {steps} Adam steps of batch {batch}; {len(x_test)} held-out digits")
-    print(f"sample MMD^2: Gaussian kernel, bandwidth {h:.3f} (median held-out distance); training digits score {floor:.4f}\n")
+    print(
+        f"WAE on 8x8 digits: latent {LATENT}, lam {LAM}, {steps} Adam steps of batch {batch}; {len(x_test)} held-out digits"
+    )
+    print(
+        f"sample MMD^2: Gaussian kernel, bandwidth {h:.3f} (median held-out distance); training digits score {floor:.4f}\n"
+    )
     print("| regularizer | held-out recon. error | sample MMD^2 | code MMD^2 to prior |")
     print("|---|---|---|---|")
     for name, e in evals.items():
@@ -214,8 +220,12 @@ def main(argv=None) -> dict:
     path = args.out / "wae_digits.png"
     figure(evals, x_test, path)
     with open(args.out / "wae_digits.json", "w") as f:
-        json.dump({n: {k: v for k, v in e.items() if not isinstance(v, np.ndarray)} for n, e in evals.items()}
-                  | {"training_digits_sample_mmd": floor}, f, indent=1)
+        json.dump(
+            {n: {k: v for k, v in e.items() if not isinstance(v, np.ndarray)} for n, e in evals.items()}
+            | {"training_digits_sample_mmd": floor},
+            f,
+            indent=1,
+        )
     print(f"\nfigure: {path}")
     return evals
 

@@ -32,9 +32,9 @@ import optax
 
 from .. import implicit_spec as ispec
 from ..validation import is_validation_enabled
+from .checks import check_key, is_concrete
 from .nets import mlp_apply, mlp_init
 from .objectives import score_matching_loss
-from .checks import check_key, is_concrete
 
 __all__ = [
     "stein_scores",
@@ -168,7 +168,9 @@ def _run(fn, samples, at, *options):
     _check_median(h_raw)
     if is_concrete(flag) and int(flag):
         eta = options[0]
-        raise ValueError(ispec.singular_message(eta, bandwidth, str(samples.dtype), "samples" if int(flag) == 1 else "at"))
+        raise ValueError(
+            ispec.singular_message(eta, bandwidth, str(samples.dtype), "samples" if int(flag) == 1 else "at")
+        )
     return out
 
 
@@ -237,7 +239,13 @@ def spectral_scores(samples, at=None, *, n_eigen=None, threshold: float = 0.99, 
 def kernel_scores_batched(kind: str, samples, **options):
     """In-sample kernel estimates for independent sample sets ``samples [..., N, D]``."""
     if kind == "stein":
-        return _run(_stein_jit, samples, None, ispec.check_eta(options.get("eta", 0.1)), _check_bandwidth(options.get("bandwidth")))
+        return _run(
+            _stein_jit,
+            samples,
+            None,
+            ispec.check_eta(options.get("eta", 0.1)),
+            _check_bandwidth(options.get("bandwidth")),
+        )
     ispec.check_kernel_name(kind)
     n = samples.shape[-2]
     return _run(
@@ -393,7 +401,9 @@ class LearnedScoreEstimator:
         if context is None:
             raise ValueError(f"argument 'context' of shape [N, {context_dim}] is required (context_dim > 0)")
         if tuple(context.shape) != (z.shape[0], context_dim):
-            raise ValueError(f"argument 'context' must have shape [{z.shape[0]}, {context_dim}], got {tuple(context.shape)}")
+            raise ValueError(
+                f"argument 'context' must have shape [{z.shape[0]}, {context_dim}], got {tuple(context.shape)}"
+            )
         return jax.lax.stop_gradient(context)
 
     def _net(self, params, z, context):
@@ -449,7 +459,9 @@ class LearnedScoreEstimator:
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"argument 'state_dict' must be a dict from state_dict(), got {type(state_dict).__name__}")
         if "params.0" not in state_dict:
-            raise ValueError("argument 'state_dict' has no 'params.0': pass the dict from LearnedScoreEstimator.state_dict()")
+            raise ValueError(
+                "argument 'state_dict' has no 'params.0': pass the dict from LearnedScoreEstimator.state_dict()"
+            )
         dtype = np.asarray(state_dict["params.0"]).dtype
         template = jax.eval_shape(lambda: self.init(jax.random.PRNGKey(0), dtype))
         parts = {}
@@ -510,7 +522,9 @@ class LearnedScoreEstimator:
         if self.__dict__.get("_update_jit") is None:  # one compiled update per estimator (eager calls)
             self._update_jit = jax.jit(self._update, static_argnames="n_steps")
         key = check_key(key)
-        params, opt_state, loss, ok = self._update_jit(state.params, state.opt_state, key, samples, context, n_steps=n_steps)
+        params, opt_state, loss, ok = self._update_jit(
+            state.params, state.opt_state, key, samples, context, n_steps=n_steps
+        )
         if is_concrete(ok) and is_validation_enabled() and not bool(ok):
             raise ValueError(ispec.refused_step_message(float(loss)))
         return LearnedScoreState(params, opt_state), loss
@@ -554,7 +568,9 @@ def _dtype(params):
     return jax.tree.leaves(params)[0].dtype
 
 
-def fit_score_estimator(estimator: LearnedScoreEstimator, state, key, samples, context=None, *, n_steps: int, batch_size=None):
+def fit_score_estimator(
+    estimator: LearnedScoreEstimator, state, key, samples, context=None, *, n_steps: int, batch_size=None
+):
     """``n_steps`` optimizer steps, each on a random minibatch of ``batch_size`` rows of
     ``samples`` (one ``lax.scan``; the estimator's own ``n_steps``, its steps per ``update``,
     does not apply); returns ``(state, losses)``, as the torch ``LearnedScoreEstimator.fit``."""
@@ -576,8 +592,9 @@ def fit_score_estimator(estimator: LearnedScoreEstimator, state, key, samples, c
 # the scores of one implicit site's particles (ImplicitELBO, WAE)
 
 
-def site_scores(name: str, estimator, z, batch_ndim: int, context=None, *, options=None, state=None, key=None,
-                train: bool = False):
+def site_scores(
+    name: str, estimator, z, batch_ndim: int, context=None, *, options=None, state=None, key=None, train: bool = False
+):
     """Estimated ``grad_z log q`` at the particles ``z [P, *batch, *event]`` of site ``name``;
     mirrors ``ppl_score.torch.estimators.site_scores`` (see it for the arguments), with a
     learned estimator's ``state`` (a ``LearnedScoreState``) and the ``key`` of its update

@@ -133,9 +133,13 @@ class InvertibleMLP:
         for k, layer in enumerate(params):
             w, b = layer
             if tuple(w.shape) != (self.dim, self.dim):
-                raise ValueError(f"argument 'params': layer {k} weight must be [{self.dim}, {self.dim}], got {tuple(w.shape)}")
+                raise ValueError(
+                    f"argument 'params': layer {k} weight must be [{self.dim}, {self.dim}], got {tuple(w.shape)}"
+                )
             if (b is None) == self.bias or (b is not None and tuple(b.shape) != (self.dim,)):
-                raise ValueError(f"argument 'params': layer {k} bias must be {'[%d]' % self.dim if self.bias else 'None'}")
+                raise ValueError(
+                    f"argument 'params': layer {k} bias must be {'[%d]' % self.dim if self.bias else 'None'}"
+                )
 
     # ---- forward ----------------------------------------------------------------------
     def _flat(self, name, x):

@@ -326,14 +326,20 @@ def _run(fn, x0, step_size, num_steps, *, key, adjusted, kind, num_warmup, thin,
     sample_keys = keys[plan.num_warmup :].reshape(plan.num_samples, plan.thin, *keys.shape[1:])
     accept_sum = jnp.zeros(x0.shape[:1], x0.dtype)
     pieces = []
-    with tqdm(total=plan.num_warmup + plan.num_steps, disable=not progress_bar, desc="warmup" if plan.num_warmup else "sample") as bar:
+    with tqdm(
+        total=plan.num_warmup + plan.num_steps, disable=not progress_bar, desc="warmup" if plan.num_warmup else "sample"
+    ) as bar:
         for a, b in _chunks(plan.num_warmup, progress_bar) if plan.num_warmup else []:
-            state, accept_sum, _ = drivers.scan(leaves, h, state, accept_sum, warm_keys[a:b], kind=kind, adjusted=adjusted, collect=False)
+            state, accept_sum, _ = drivers.scan(
+                leaves, h, state, accept_sum, warm_keys[a:b], kind=kind, adjusted=adjusted, collect=False
+            )
             jax.block_until_ready(state.x)
             bar.update(b - a)
         bar.set_description("sample")
         for a, b in _chunks(plan.num_samples, progress_bar):
-            state, accept_sum, xs = drivers.scan(leaves, h, state, accept_sum, sample_keys[a:b], kind=kind, adjusted=adjusted, collect=True)
+            state, accept_sum, xs = drivers.scan(
+                leaves, h, state, accept_sum, sample_keys[a:b], kind=kind, adjusted=adjusted, collect=True
+            )
             pieces.append(xs)
             jax.block_until_ready(xs)
             bar.update((b - a) * plan.thin)
@@ -382,8 +388,18 @@ def ula(
         ValueError: bad arguments, a non-finite density or score at ``x0``, or a run that
             reaches non-finite states (decrease ``step_size``).
     """
-    return _run(fn, x0, step_size, num_steps, key=key, adjusted=False, kind=kind,
-                num_warmup=num_warmup, thin=thin, progress_bar=progress_bar)
+    return _run(
+        fn,
+        x0,
+        step_size,
+        num_steps,
+        key=key,
+        adjusted=False,
+        kind=kind,
+        num_warmup=num_warmup,
+        thin=thin,
+        progress_bar=progress_bar,
+    )
 
 
 def mala(
@@ -406,5 +422,15 @@ def mala(
     ``step_size`` far too large) gives a ``LowAcceptanceWarning`` (a ``RuntimeWarning``)
     naming the rate. Errors as in ``ula``.
     """
-    return _run(fn, x0, step_size, num_steps, key=key, adjusted=True, kind="log_prob",
-                num_warmup=num_warmup, thin=thin, progress_bar=progress_bar)
+    return _run(
+        fn,
+        x0,
+        step_size,
+        num_steps,
+        key=key,
+        adjusted=True,
+        kind="log_prob",
+        num_warmup=num_warmup,
+        thin=thin,
+        progress_bar=progress_bar,
+    )

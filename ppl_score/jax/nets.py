@@ -24,7 +24,9 @@ def mlp_init(key, sizes, dtype=jnp.float32, zero_bias: bool = False):
             params.append((jax.random.uniform(k, (a, b), dtype, -bound, bound), jnp.zeros(b, dtype)))
             continue
         kw, kb = jax.random.split(k)
-        params.append((jax.random.uniform(kw, (a, b), dtype, -bound, bound), jax.random.uniform(kb, (b,), dtype, -bound, bound)))
+        params.append(
+            (jax.random.uniform(kw, (a, b), dtype, -bound, bound), jax.random.uniform(kb, (b,), dtype, -bound, bound))
+        )
     return params
 
 

@@ -192,9 +192,7 @@ def score_matching_loss(
     opts = dict(resolved.options)
     name, fd = resolved.method, resolved.method.startswith("fd_")
     kwargs = {k: opts[k] for k in ("sigma", "eps") if k in opts}
-    needs_key = (resolved.spec.uses_projections and projections is None) or (
-        resolved.spec.uses_noise and noise is None
-    )
+    needs_key = (resolved.spec.uses_projections and projections is None) or (resolved.spec.uses_noise and noise is None)
     if needs_key and key is None:
         raise ValueError(
             f"argument 'key' is required: method {name!r} draws random "
@@ -215,8 +213,10 @@ def score_matching_loss(
                 proj = unit_directions(proj)  # scale-safe: u * 1e25 or u * 1e-25 give u/||u||
         else:
             shape = (opts["n_projections"], *x.shape)
-            proj = draw_directions(key_proj, shape, x.dtype) if fd else draw_projections(
-                key_proj, shape, opts["projection"], x.dtype
+            proj = (
+                draw_directions(key_proj, shape, x.dtype)
+                if fd
+                else draw_projections(key_proj, shape, opts["projection"], x.dtype)
             )
         kwargs["u" if fd else "v"] = proj
     if resolved.spec.uses_noise:

@@ -137,8 +137,7 @@ def fit_energy(
                 value = float(loss)  # also waits for the step: the bar shows real progress
                 if not math.isfinite(value):
                     raise FloatingPointError(
-                        f"the {method} loss became non-finite by step {t + 1}; lower 'lr' "
-                        "(or raise 'eps' / 'sigma')"
+                        f"the {method} loss became non-finite by step {t + 1}; lower 'lr' (or raise 'eps' / 'sigma')"
                     )
                 bar.set_postfix(loss=f"{value:.4g}", refresh=False)
     jax.block_until_ready(params)

@@ -21,8 +21,16 @@ from .score_matching import ScoreMatching
 __all__ = ["calibrate_beta"]
 
 
-def calibrate_beta(loss: ScoreMatching, model, latents: dict, *args, key=None, params: dict | None = None,
-                   rule: str = "lyddon", **kwargs) -> float:
+def calibrate_beta(
+    loss: ScoreMatching,
+    model,
+    latents: dict,
+    *args,
+    key=None,
+    params: dict | None = None,
+    rule: str = "lyddon",
+    **kwargs,
+) -> float:
     r"""The weight ``beta`` that calibrates the generalized posterior of ``loss``.
 
     ``ScoreMatching(method, beta=beta)`` targets the generalized posterior

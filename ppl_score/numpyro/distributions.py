@@ -73,8 +73,16 @@ class Unnormalized(Distribution):
     has_rsample = False
     pytree_aux_fields = ("log_density_fn", "_support", "batched")
 
-    def __init__(self, log_density_fn, event_shape, support=constraints.real, *, batch_shape=(),
-                 batched: bool = False, validate_args=None):
+    def __init__(
+        self,
+        log_density_fn,
+        event_shape,
+        support=constraints.real,
+        *,
+        batch_shape=(),
+        batched: bool = False,
+        validate_args=None,
+    ):
         event_shape, batch_shape, extra = frontend.check_unnormalized_args(
             log_density_fn, event_shape, support, batched, batch_shape, constraints.Constraint
         )
@@ -96,8 +104,13 @@ class Unnormalized(Distribution):
         batch_shape = shared.check_expand(self.batch_shape, batch_shape)
         if batch_shape == tuple(self.batch_shape):
             return self
-        return Unnormalized(self.log_density_fn, self.event_shape, batch_shape=batch_shape, batched=self.batched,
-                            validate_args=self._validate_args)._with_support(self._support)
+        return Unnormalized(
+            self.log_density_fn,
+            self.event_shape,
+            batch_shape=batch_shape,
+            batched=self.batched,
+            validate_args=self._validate_args,
+        )._with_support(self._support)
 
     def _with_support(self, support):
         self._support = support

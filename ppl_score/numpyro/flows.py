@@ -26,8 +26,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpyro
-from numpyro.distributions import constraints
-from numpyro.distributions import ExpandedDistribution, Independent, MaskedDistribution, TransformedDistribution
+from numpyro.distributions import (
+    ExpandedDistribution,
+    Independent,
+    MaskedDistribution,
+    TransformedDistribution,
+    constraints,
+)
 from numpyro.distributions.transforms import ComposeTransform, Transform
 from numpyro.distributions.util import sum_rightmost
 from numpyro.handlers import seed, substitute, trace
@@ -77,8 +82,17 @@ class InvertibleMLPTransform(Transform):
         return self is other
 
 
-def invertible_mlp(name: str, dim: int, n_layers: int = 2, alpha: float = _flows.DEFAULT_ALPHA, bias: bool = True,
-                   *, init=None, dtype=None, **inverse_kwargs) -> InvertibleMLPTransform:
+def invertible_mlp(
+    name: str,
+    dim: int,
+    n_layers: int = 2,
+    alpha: float = _flows.DEFAULT_ALPHA,
+    bias: bool = True,
+    *,
+    init=None,
+    dtype=None,
+    **inverse_kwargs,
+) -> InvertibleMLPTransform:
     """Register the flow's parameters (``{name}.weight{k}``, ``{name}.bias{k}``) with
     ``numpyro.param`` and return the ``InvertibleMLPTransform`` built from their values.
 

@@ -33,11 +33,11 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 from jax import random
+from numpyro import primitives
 from numpyro.distributions import Delta, MaskedDistribution
 from numpyro.handlers import replay, seed, substitute
 from numpyro.infer import ELBO
 from numpyro.infer.util import compute_log_probs
-from numpyro import primitives
 from numpyro.util import check_model_guide_match
 
 from .. import implicit_spec as ispec
@@ -163,7 +163,9 @@ class ImplicitELBO(ELBO):
             params = dict(param_map)
             mutable = {n: s["value"] for n, s in guide_trace.items() if s["type"] == "mutable"}
             params.update(mutable)
-            model_lp, model_trace = compute_log_probs(replay(seed(model, model_seed), guide_trace), args, kwargs, params)
+            model_lp, model_trace = compute_log_probs(
+                replay(seed(model, model_seed), guide_trace), args, kwargs, params
+            )
             check_model_guide_match(model_trace, guide_trace)
             mutable.update({n: s["value"] for n, s in model_trace.items() if s["type"] == "mutable"})
             elbo = sum(model_lp.values(), jnp.array(0.0)) - sum(guide_lp.values(), jnp.array(0.0))

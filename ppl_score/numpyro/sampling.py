@@ -268,8 +268,16 @@ def _site_density_vmap(model, site, args, kwargs, params, fixed, per_row, value,
 def _site_result(log_prob, transform, value, node, c) -> SiteDensity:
     shape = tuple(value.shape)
     layout = shared.site_layout(shape, node["fn"].event_shape)
-    return SiteDensity(log_prob, transform, shape, tuple(transform.inv(value).shape), value, c, layout,
-                       jnp.broadcast_to(value, (c, *shape)))
+    return SiteDensity(
+        log_prob,
+        transform,
+        shape,
+        tuple(transform.inv(value).shape),
+        value,
+        c,
+        layout,
+        jnp.broadcast_to(value, (c, *shape)),
+    )
 
 
 def _site_density(model, site, args, kwargs, params, fixed, value, node, transform, c, depth) -> SiteDensity:
@@ -357,25 +365,65 @@ def langevin(
     if key is None:
         raise ValueError("argument 'key' is required (a jax.random key)")
     key_guide, key_run = jax.random.split(check_key(key))
-    dens = site_log_density(model, site, *args, num_chains=num_chains, num_draws=num_draws, params=params,
-                            guide=guide, latents=latents, key=key_guide, vectorize=vectorize, **kwargs)
+    dens = site_log_density(
+        model,
+        site,
+        *args,
+        num_chains=num_chains,
+        num_draws=num_draws,
+        params=params,
+        guide=guide,
+        latents=latents,
+        key=key_guide,
+        vectorize=vectorize,
+        **kwargs,
+    )
     u0 = dens.init_unconstrained(init).reshape(dens.num_rows, *dens.unconstrained_shape)
     sampler = backend.mala if adjusted else backend.ula
-    result = sampler(dens.log_prob, u0, plan.step_size, plan.num_steps, key=key_run, num_warmup=plan.num_warmup,
-                     thin=plan.thin, progress_bar=progress_bar)
+    result = sampler(
+        dens.log_prob,
+        u0,
+        plan.step_size,
+        plan.num_steps,
+        key=key_run,
+        num_warmup=plan.num_warmup,
+        thin=plan.thin,
+        progress_bar=progress_bar,
+    )
     return shared.site_samples(dens, result.samples, result.accept_rate)
 
 
-def potential_fn(model, site: str, *args, num_draws: int | None = None, params: dict | None = None, guide=None,
-                 latents: dict | None = None, key=None, vectorize: str = "plate", **kwargs):
+def potential_fn(
+    model,
+    site: str,
+    *args,
+    num_draws: int | None = None,
+    params: dict | None = None,
+    guide=None,
+    latents: dict | None = None,
+    key=None,
+    vectorize: str = "plate",
+    **kwargs,
+):
     """``params_dict -> -log p(transform(params_dict[site])) - log|det J|``, a scalar: the
     potential energy of one chain's state of the observed ``site`` in unconstrained
     coordinates (site mode: the site's conditional given the rest; draws mode: ``num_draws``
     new points) for ``numpyro.infer.NUTS(potential_fn=...)`` / ``HMC``. Latent sites are
     fixed by ``latents`` or one draw of ``guide`` (with ``key``). Samples come back
     unconstrained: map them with ``site_log_density(...).transform`` (``nuts`` does)."""
-    dens = site_log_density(model, site, *args, num_chains=1, num_draws=num_draws, params=params, guide=guide,
-                            latents=latents, key=key, vectorize=vectorize, **kwargs)
+    dens = site_log_density(
+        model,
+        site,
+        *args,
+        num_chains=1,
+        num_draws=num_draws,
+        params=params,
+        guide=guide,
+        latents=latents,
+        key=key,
+        vectorize=vectorize,
+        **kwargs,
+    )
     return _OPS.potential(dens, site)
 
 
@@ -425,14 +473,32 @@ def nuts(
     if key is None:
         raise ValueError("argument 'key' is required (a jax.random key)")
     key_guide, key_run = jax.random.split(check_key(key))
-    dens = site_log_density(model, site, *args, num_chains=1, num_draws=num_draws, params=params, guide=guide,
-                            latents=latents, key=key_guide, vectorize=vectorize, **kwargs)
+    dens = site_log_density(
+        model,
+        site,
+        *args,
+        num_chains=1,
+        num_draws=num_draws,
+        params=params,
+        guide=guide,
+        latents=latents,
+        key=key_guide,
+        vectorize=vectorize,
+        **kwargs,
+    )
     u0 = dens.init_unconstrained(init, num_chains=c)
     kernel = NUTS(potential_fn=_OPS.potential(dens, site), **(kernel_options or {}))
-    mcmc = MCMC(kernel, num_warmup=num_warmup, num_samples=num_samples, num_chains=c,
-                chain_method="vectorized", progress_bar=progress_bar)
+    mcmc = MCMC(
+        kernel,
+        num_warmup=num_warmup,
+        num_samples=num_samples,
+        num_chains=c,
+        chain_method="vectorized",
+        progress_bar=progress_bar,
+    )
     mcmc.run(key_run, init_params={site: u0 if c > 1 else u0[0]}, extra_fields=("accept_prob",))
     u = mcmc.get_samples(group_by_chain=True)[site]  # [C, S, *layout.shape] unconstrained
     accept = mcmc.get_extra_fields(group_by_chain=True)["accept_prob"].reshape(c, -1).mean(-1)
-    return SiteSamples(dens.transform(jnp.swapaxes(u.reshape(c, num_samples, *u0.shape[1:]), 0, 1)), accept,
-                       dens.layout)
+    return SiteSamples(
+        dens.transform(jnp.swapaxes(u.reshape(c, num_samples, *u0.shape[1:]), 0, 1)), accept, dens.layout
+    )

@@ -29,6 +29,7 @@ __all__ = ["ScoreMatching"]
 # keyword arguments of numpyro.infer.ELBO that ScoreMatching accepts and honours
 _ELBO_KWARGS = ("vectorize_particles",)
 
+
 class ScoreMatching(ELBO):
     r"""Score matching (Hyvarinen 2005) and its scalable variants as an SVI loss, used
     exactly like :class:`~numpyro.infer.Trace_ELBO` (``svi.run``, ``svi.update`` under
@@ -186,7 +187,9 @@ class ScoreMatching(ELBO):
     def _warn_if_nonfinite(self, loss, matched) -> None:
         # eagerly only: under jit / vmap the value is a tracer and cannot be inspected
         if validation.is_validation_enabled() and is_concrete(loss) and not np.isfinite(np.asarray(loss)).all():
-            what, cause = frontend.nonfinite_loss_warning(f"ScoreMatching(method={self.method!r})", matched, self.config.resolved)
+            what, cause = frontend.nonfinite_loss_warning(
+                f"ScoreMatching(method={self.method!r})", matched, self.config.resolved
+            )
             validation.warn_nonfinite(what, cause, stacklevel=4)
 
     def _particle_loss(self, model_trace, guide_trace, key, rerun):

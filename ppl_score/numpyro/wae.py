@@ -71,7 +71,9 @@ class WAE(ispec.WAEOptions, ELBO):
         params = dict(param_map)
         mutable = {n: s["value"] for n, s in guide_trace.items() if s["type"] == "mutable"}
         params.update(mutable)
-        model_trace = trace(substitute(replay(seed(model, k_model), guide_trace), data=params)).get_trace(*args, **kwargs)
+        model_trace = trace(substitute(replay(seed(model, k_model), guide_trace), data=params)).get_trace(
+            *args, **kwargs
+        )
         mutable.update({n: s["value"] for n, s in model_trace.items() if s["type"] == "mutable"})
         new_state = {}
 
@@ -89,7 +91,11 @@ class WAE(ispec.WAEOptions, ELBO):
 
         t = self.wae_terms(model_trace, guide_trace, draw, scores)
         loss = t["reconstruction"] + self.lam * t["divergence"]  # its value: recon + lam * reported
-        terms = {"reconstruction": jax.lax.stop_gradient(t["reconstruction"]), "divergence": t["reported"], "mmd": t["mmd"]}
+        terms = {
+            "reconstruction": jax.lax.stop_gradient(t["reconstruction"]),
+            "divergence": t["reported"],
+            "mmd": t["mmd"],
+        }
         state_out = None
         if mutable or new_state:
             state_out = dict(mutable)

@@ -71,8 +71,16 @@ class Unnormalized(TorchDistribution):
     arg_constraints = {}
     has_rsample = False
 
-    def __init__(self, log_density_fn, event_shape, support=constraints.real, *, batch_shape=(),
-                 batched: bool = False, validate_args=None):
+    def __init__(
+        self,
+        log_density_fn,
+        event_shape,
+        support=constraints.real,
+        *,
+        batch_shape=(),
+        batched: bool = False,
+        validate_args=None,
+    ):
         event_shape, batch_shape, extra = frontend.check_unnormalized_args(
             log_density_fn, event_shape, support, batched, batch_shape, constraints.Constraint
         )

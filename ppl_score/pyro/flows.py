@@ -23,12 +23,12 @@ without a determinant or an inverse.
 from __future__ import annotations
 
 import torch
+from pyro import poutine
 from pyro.distributions import constraints
 from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
 from pyro.distributions.torch_transform import TransformModule
 from pyro.distributions.util import scale_and_mask
 from pyro.infer.elbo import ELBO
-from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import ComposeTransform, Independent, TransformedDistribution
 from torch.distributions.utils import _sum_rightmost
@@ -54,9 +54,18 @@ class InvertibleMLPTransform(TransformModule):
     codomain = constraints.real_vector
     bijective = True
 
-    def __init__(self, dim: int | None = None, n_layers: int = 2, alpha: float = _flows.DEFAULT_ALPHA,
-                 bias: bool = True, *, flow: InvertibleMLP | None = None, dtype=None, generator=None,
-                 **inverse_kwargs):
+    def __init__(
+        self,
+        dim: int | None = None,
+        n_layers: int = 2,
+        alpha: float = _flows.DEFAULT_ALPHA,
+        bias: bool = True,
+        *,
+        flow: InvertibleMLP | None = None,
+        dtype=None,
+        generator=None,
+        **inverse_kwargs,
+    ):
         # cache_size=0: a cached g(x) would go stale when the same data tensor is scored
         # again after a parameter update.
         super().__init__(cache_size=0)

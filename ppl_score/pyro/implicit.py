@@ -179,9 +179,9 @@ class ImplicitELBO(Trace_ELBO):
         with torch.no_grad():
             traces = list(self._get_traces(model, guide, args, kwargs))
             implicit_sites(traces[0][1], self.sites)
-            loss = sum(
-                torch_item(g.log_prob_sum()) - torch_item(m.log_prob_sum()) for m, g in traces
-            ) / self.num_particles
+            loss = (
+                sum(torch_item(g.log_prob_sum()) - torch_item(m.log_prob_sum()) for m, g in traces) / self.num_particles
+            )
         warn_if_nan(loss, "loss")
         return loss
 
@@ -192,9 +192,7 @@ class ImplicitELBO(Trace_ELBO):
 
     def loss_and_grads(self, model, guide, *args, **kwargs):
         loss, surrogate, traces = self._losses(model, guide, args, kwargs, self.update_estimator)
-        trainable = any(
-            site["type"] == "param" for pair in traces for trace in pair for site in trace.nodes.values()
-        )
+        trainable = any(site["type"] == "param" for pair in traces for trace in pair for site in trace.nodes.values())
         if trainable and getattr(surrogate, "requires_grad", False):
             surrogate.backward(retain_graph=self.retain_graph)
         warn_if_nan(loss, "loss")

@@ -65,9 +65,9 @@ from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
 
 from .. import langevin as shared
-from .distributions import Unnormalized
 from ..torch import langevin as backend
 from ..validation import inference_mode_error
+from .distributions import Unnormalized
 
 SiteSamples = shared.SiteSamples  # the draws of ``langevin`` and ``nuts``, written once
 
@@ -181,9 +181,7 @@ def site_log_density(
     with torch.no_grad():
         trace = poutine.trace(poutine.condition(model, fixed)).get_trace(*args, **kwargs)
     node = shared.check_sample_site(trace.nodes, site, _is_density_site)
-    missing = [
-        n for n, s in trace.nodes.items() if _is_density_site(s) and not s["is_observed"] and n != site
-    ]
+    missing = [n for n, s in trace.nodes.items() if _is_density_site(s) and not s["is_observed"] and n != site]
     depth = _max_plate_nesting(trace)
     chain_dim = -(depth + 1)
     # a subsampling plate must index the same data in every evaluation: replay its indices
@@ -306,25 +304,36 @@ def langevin(
     """
     adjusted = shared.check_adjusted(adjusted)
     plan = shared.check_sampling_run(step_size, num_samples, num_steps, num_warmup, thin)
-    dens = site_log_density(model, site, *args, num_chains=num_chains, num_draws=num_draws, guide=guide,
-                            latents=latents, **kwargs)
+    dens = site_log_density(
+        model, site, *args, num_chains=num_chains, num_draws=num_draws, guide=guide, latents=latents, **kwargs
+    )
     u0 = dens.init_unconstrained(init).reshape(dens.num_rows, *dens.unconstrained_shape)
     sampler = backend.mala if adjusted else backend.ula
-    result = sampler(dens.log_prob, u0, plan.step_size, plan.num_steps, num_warmup=plan.num_warmup,
-                     thin=plan.thin, generator=generator, progress_bar=progress_bar)
+    result = sampler(
+        dens.log_prob,
+        u0,
+        plan.step_size,
+        plan.num_steps,
+        num_warmup=plan.num_warmup,
+        thin=plan.thin,
+        generator=generator,
+        progress_bar=progress_bar,
+    )
     return shared.site_samples(dens, result.samples, result.accept_rate)
 
 
-def potential_fn(model, site: str, *args, num_draws: int | None = None, guide=None, latents: dict | None = None,
-                 **kwargs):
+def potential_fn(
+    model, site: str, *args, num_draws: int | None = None, guide=None, latents: dict | None = None, **kwargs
+):
     """``params -> -log p(transform(params[site])) - log|det J|``, a scalar: the potential
     energy of one chain's state of the observed ``site`` in unconstrained coordinates (site
     mode: the site's conditional given the rest; draws mode: ``num_draws`` new points) for
     ``pyro.infer.mcmc.NUTS(potential_fn=...)`` / ``HMC``. Latent sites are fixed by
     ``latents`` or one draw of ``guide``. Samples come back unconstrained: map them with
     ``site_log_density(...).transform`` (``nuts`` does this for you)."""
-    dens = site_log_density(model, site, *args, num_chains=1, num_draws=num_draws, guide=guide, latents=latents,
-                            **kwargs)
+    dens = site_log_density(
+        model, site, *args, num_chains=1, num_draws=num_draws, guide=guide, latents=latents, **kwargs
+    )
     return _OPS.potential(dens, site)
 
 
@@ -379,10 +388,12 @@ def nuts(
     if torch.is_inference_mode_enabled():
         raise inference_mode_error("nuts", "the gradient of the potential")
     c = shared.check_num_chains(num_chains)
-    dens = site_log_density(model, site, *args, num_chains=1, num_draws=num_draws, guide=guide, latents=latents,
-                            **kwargs)
+    dens = site_log_density(
+        model, site, *args, num_chains=1, num_draws=num_draws, guide=guide, latents=latents, **kwargs
+    )
     u0 = dens.init_unconstrained(init, num_chains=c)
     pot = _OPS.potential(dens, site)
+
     class Kernel(NUTS):
         """``NUTS`` keeping its last diagnostics (MCMC reads them before the kernel resets)."""
 
@@ -393,8 +404,13 @@ def nuts(
     draws, rates = [], []
     for start in u0:
         kernel = Kernel(potential_fn=pot, **(kernel_options or {}))
-        mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=num_warmup,
-                    initial_params={site: start}, disable_progbar=not progress_bar)
+        mcmc = MCMC(
+            kernel,
+            num_samples=num_samples,
+            warmup_steps=num_warmup,
+            initial_params={site: start},
+            disable_progbar=not progress_bar,
+        )
         with torch.enable_grad():  # the same draws under torch.no_grad(): NUTS needs the potential's gradient
             mcmc.run()
         draws.append(mcmc.get_samples()[site].detach())

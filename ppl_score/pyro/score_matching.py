@@ -26,8 +26,14 @@ from ..torch import score_matching_loss
 __all__ = ["ScoreMatching"]
 
 # keyword arguments of pyro.infer.ELBO that ScoreMatching accepts and honours
-_ELBO_KWARGS = ("max_plate_nesting", "vectorize_particles", "retain_graph", "strict_enumeration_warning",
-                "ignore_jit_warnings", "jit_options")
+_ELBO_KWARGS = (
+    "max_plate_nesting",
+    "vectorize_particles",
+    "retain_graph",
+    "strict_enumeration_warning",
+    "ignore_jit_warnings",
+    "jit_options",
+)
 _COPIES = "_ppl_score_copies"
 
 
@@ -214,7 +220,9 @@ class ScoreMatching(ELBO):
 
     def _warn_if_nonfinite(self, loss, matched) -> None:
         if validation.is_validation_enabled() and not bool(torch.isfinite(torch.as_tensor(loss)).all()):
-            what, cause = frontend.nonfinite_loss_warning(f"ScoreMatching(method={self.method!r})", matched, self.config.resolved)
+            what, cause = frontend.nonfinite_loss_warning(
+                f"ScoreMatching(method={self.method!r})", matched, self.config.resolved
+            )
             validation.warn_nonfinite(what, cause, stacklevel=4)
 
     def datum_losses(self, model, guide, *args, **kwargs) -> tuple:
@@ -439,8 +447,9 @@ def _plate_depth(trace, max_plate_nesting) -> int:
     depth = 0 if max_plate_nesting == float("inf") else int(max_plate_nesting)
     for site in trace.nodes.values():
         if site["type"] == "sample" and not site_is_subsample(site):
-            depth = max(depth, len(site["fn"].batch_shape),
-                        *(-f.dim for f in site["cond_indep_stack"] if f.dim is not None))
+            depth = max(
+                depth, len(site["fn"].batch_shape), *(-f.dim for f in site["cond_indep_stack"] if f.dim is not None)
+            )
     return depth
 
 

@@ -124,7 +124,10 @@ class WAE(ispec.WAEOptions, ELBO):
         t = self.wae_terms(model_trace.nodes, guide_trace.nodes, draw, scores)
         loss = t["reconstruction"] + self.lam * t["divergence"]  # the entropy surrogate has value 0
         value = torch_item(t["reconstruction"]) + self.lam * torch_item(t["reported"])
-        terms = {k: torch_item(t[v]) for k, v in (("reconstruction", "reconstruction"), ("divergence", "reported"), ("mmd", "mmd"))}
+        terms = {
+            k: torch_item(t[v])
+            for k, v in (("reconstruction", "reconstruction"), ("divergence", "reported"), ("mmd", "mmd"))
+        }
         return loss, value, terms, (model_trace, guide_trace), t["names"]
 
     def _warn_if_nonfinite(self, value, names) -> None:

@@ -173,4 +173,3 @@ def calibrate_beta(fn: Callable[[torch.Tensor], object], z: torch.Tensor, *, rul
     rule = shared.check_rule(rule)
     s = sandwich(fn, z)
     return sandwich_beta(s.hessian, s.meat, rule)
-

@@ -214,8 +214,9 @@ def _anderson(step, z0, cfg: SolverConfig, fresh: bool = False):
 _SOLVE = {"iteration": _iteration, "anderson": _anderson}
 
 
-def solve(step: Callable, z0: torch.Tensor, cfg: SolverConfig = SolverConfig(), what: str = "forward",
-          fresh: bool = False):
+def solve(
+    step: Callable, z0: torch.Tensor, cfg: SolverConfig = SolverConfig(), what: str = "forward", fresh: bool = False
+):
     """Fixed point of ``step`` from ``z0`` ``[B, *shape]`` (no autograd): ``(z, info)``,
     with the non-convergence policy of ``cfg`` applied. ``fresh``: ``step`` always returns
     a newly allocated tensor (never an input, a parameter or a view), so the solver may

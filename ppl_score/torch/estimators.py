@@ -227,7 +227,9 @@ def kernel_scores_batched(kind: str, samples: torch.Tensor, **options) -> torch.
     """In-sample kernel estimates for independent sample sets ``samples [..., N, D]`` (one
     distribution per leading index); used by the implicit ELBO across particles."""
     if kind == "stein":
-        return _stein(samples, None, ispec.check_eta(options.get("eta", 0.1)), ispec.check_bandwidth(options.get("bandwidth")))
+        return _stein(
+            samples, None, ispec.check_eta(options.get("eta", 0.1)), ispec.check_bandwidth(options.get("bandwidth"))
+        )
     ispec.check_kernel_name(kind)
     n = samples.shape[-2]
     return _spectral(
@@ -474,7 +476,12 @@ class LearnedScoreEstimator:
             raise ValueError("argument 'samples' contains non-finite values (nan or inf)")
         with torch.enable_grad():
             return score_matching_loss(
-                lambda x: self.net(x, c), z.detach(), self.method, kind="score", generator=self.generator, **self.options
+                lambda x: self.net(x, c),
+                z.detach(),
+                self.method,
+                kind="score",
+                generator=self.generator,
+                **self.options,
             )
 
     def _step(self, samples, context) -> float:
@@ -554,7 +561,9 @@ class LearnedScoreEstimator:
 # the scores of one implicit site's particles (ImplicitELBO, WAE)
 
 
-def site_scores(name: str, estimator, z: torch.Tensor, batch_ndim: int, context=None, *, options=None, train: bool = False):
+def site_scores(
+    name: str, estimator, z: torch.Tensor, batch_ndim: int, context=None, *, options=None, train: bool = False
+):
     """Estimated ``grad_z log q`` at the particles ``z [P, *batch, *event]`` of site ``name``.
 
     Each batch element is its own distribution: a kernel estimator works across its ``P``

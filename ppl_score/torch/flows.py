@@ -105,8 +105,17 @@ class InvertibleMLP(nn.Module):
     ``nn.Linear`` layout ``y = h W^T + b``).
     """
 
-    def __init__(self, dim: int, n_layers: int = 2, alpha: float = _flows.DEFAULT_ALPHA, bias: bool = True, *,
-                 dtype=None, device=None, generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        dim: int,
+        n_layers: int = 2,
+        alpha: float = _flows.DEFAULT_ALPHA,
+        bias: bool = True,
+        *,
+        dtype=None,
+        device=None,
+        generator: torch.Generator | None = None,
+    ):
         super().__init__()
         self.dim, self.n_layers, self.alpha = _flows.check_config(dim, n_layers, alpha)
         if generator is not None and not isinstance(generator, torch.Generator):
@@ -118,7 +127,9 @@ class InvertibleMLP(nn.Module):
             weights.append(nn.Parameter(w))
         self.weights = nn.ParameterList(weights)
         self.biases = (
-            nn.ParameterList(nn.Parameter(torch.zeros(self.dim, dtype=dtype, device=device)) for _ in range(self.n_layers))
+            nn.ParameterList(
+                nn.Parameter(torch.zeros(self.dim, dtype=dtype, device=device)) for _ in range(self.n_layers)
+            )
             if bias
             else None
         )
@@ -145,10 +156,14 @@ class InvertibleMLP(nn.Module):
         for k, (w, b) in enumerate(params):
             w = _as_tensor(w)
             if tuple(w.shape) != (self.dim, self.dim):
-                raise ValueError(f"argument 'params': layer {k} weight must be [{self.dim}, {self.dim}], got {tuple(w.shape)}")
+                raise ValueError(
+                    f"argument 'params': layer {k} weight must be [{self.dim}, {self.dim}], got {tuple(w.shape)}"
+                )
             self.weights[k].copy_(w)
             if (b is None) != (self.biases is None):
-                raise ValueError(f"argument 'params': layer {k} bias must be {'None' if self.biases is None else 'given'}")
+                raise ValueError(
+                    f"argument 'params': layer {k} bias must be {'None' if self.biases is None else 'given'}"
+                )
             if b is not None:
                 self.biases[k].copy_(_as_tensor(b).reshape(self.dim))
         return self
@@ -278,7 +293,9 @@ class InvertibleMLP(nn.Module):
                 raise _flows.newton_error(max_iter, int(bad.sum()), float(rel.max()), tol, layer)
         return y - (smooth_leaky_relu(y, a) - t) / _dact(y, a)
 
-    def inverse(self, z: torch.Tensor, *, tol: float | None = None, max_iter: int = _flows.NEWTON_MAX_ITER) -> torch.Tensor:
+    def inverse(
+        self, z: torch.Tensor, *, tol: float | None = None, max_iter: int = _flows.NEWTON_MAX_ITER
+    ) -> torch.Tensor:
         """``x = g^{-1}(z)``, ``[..., D] -> [..., D]``: per layer a Newton inverse of the
         activation (relative residual ``<= tol``, default ``64 eps``) and one batched linear
         solve. Differentiable in ``z`` and in the parameters.

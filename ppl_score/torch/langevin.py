@@ -145,7 +145,9 @@ def _run(fn, x0, step_size, num_steps, *, adjusted, kind, num_warmup, thin, gene
         raise shared.init_error("x0")
     samples = x0.new_empty((plan.num_samples, *x0.shape))
     accept_sum = x0.new_zeros(x0.shape[0])
-    with tqdm(total=plan.num_warmup + plan.num_steps, disable=not progress_bar, desc="warmup" if plan.num_warmup else "sample") as bar:
+    with tqdm(
+        total=plan.num_warmup + plan.num_steps, disable=not progress_bar, desc="warmup" if plan.num_warmup else "sample"
+    ) as bar:
         for i in range(plan.num_warmup + plan.num_steps):
             state, info = step(fn, state, plan.step_size, adjusted=adjusted, kind=kind, generator=generator)
             j = i - plan.num_warmup
@@ -200,8 +202,18 @@ def ula(
         RuntimeError: ``kind="log_prob"`` under ``torch.inference_mode()`` (the score needs
             autograd; ``torch.no_grad()`` is fine and gives the same result).
     """
-    return _run(fn, x0, step_size, num_steps, adjusted=False, kind=kind, num_warmup=num_warmup,
-                thin=thin, generator=generator, progress_bar=progress_bar)
+    return _run(
+        fn,
+        x0,
+        step_size,
+        num_steps,
+        adjusted=False,
+        kind=kind,
+        num_warmup=num_warmup,
+        thin=thin,
+        generator=generator,
+        progress_bar=progress_bar,
+    )
 
 
 def mala(
@@ -224,5 +236,15 @@ def mala(
     ``step_size`` far too large) gives a ``LowAcceptanceWarning`` (a ``RuntimeWarning``)
     naming the rate. Errors as in ``ula``.
     """
-    return _run(fn, x0, step_size, num_steps, adjusted=True, kind="log_prob", num_warmup=num_warmup,
-                thin=thin, generator=generator, progress_bar=progress_bar)
+    return _run(
+        fn,
+        x0,
+        step_size,
+        num_steps,
+        adjusted=True,
+        kind="log_prob",
+        num_warmup=num_warmup,
+        thin=thin,
+        generator=generator,
+        progress_bar=progress_bar,
+    )

@@ -109,6 +109,7 @@ def fit_energy(
 
     model = copy.deepcopy(model).to(dtype)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+
     # optax.cosine_decay_schedule(lr, steps, alpha=LR_FLOOR), as in the JAX loop
     def decay(t):
         return LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * min(t, steps) / max(steps, 1)))
@@ -134,8 +135,7 @@ def fit_energy(
                 value = float(losses[t])
                 if not math.isfinite(value):
                     raise FloatingPointError(
-                        f"the {method} loss became non-finite by step {t + 1}; lower 'lr' "
-                        "(or raise 'eps' / 'sigma')"
+                        f"the {method} loss became non-finite by step {t + 1}; lower 'lr' (or raise 'eps' / 'sigma')"
                     )
                 bar.set_postfix(loss=f"{value:.4g}", refresh=False)
     seconds = time.perf_counter() - start
