@@ -33,6 +33,7 @@ raise ``RuntimeError`` under ``torch.inference_mode()``, where grad cannot be sw
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import math
 import warnings
@@ -475,7 +476,7 @@ class UnnormalizedOps:
 # ---------------------------------------------------------------------------------------
 
 
-class SiteOps:
+class SiteOps(abc.ABC):
     """The array operations of a sampled site's density, written once over an array namespace
     ``xp`` (``torch`` or ``jax.numpy``); a front end subclasses it with its namespace and the
     few operations the libraries spell differently (how ``init`` is checked, broadcast and
@@ -485,25 +486,25 @@ class SiteOps:
 
     # ---- spelled differently: each front end defines these ----
 
+    @abc.abstractmethod
     def check_init(self, init: Any) -> None:
         """Raise ``TypeError`` (naming ``init``) when it is not an array of the library."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def broadcast_init(self, init: Any, like: Any, target: tuple) -> Any:
         """``init`` in ``like``'s dtype, broadcast to ``target`` (no gradient)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def in_support(self, transform: Any, init: Any, u: Any) -> bool:
         """Whether ``init`` lies in ``transform``'s codomain and ``u = transform.inv(init)`` is finite."""
-        raise NotImplementedError
 
     def fresh(self, u: Any) -> Any:
         """``u`` as an array of its own (not a view of another)."""
         return u
 
+    @abc.abstractmethod
     def zeros(self, like: Any, shape: tuple) -> Any:
         """Zeros of ``shape`` in ``like``'s dtype (and device)."""
-        raise NotImplementedError
 
     def no_grad(self) -> Any:
         """A context without gradient tracking (where the library tracks it)."""

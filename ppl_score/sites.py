@@ -39,6 +39,7 @@ section 1 are sums over coordinates, so the expectation is unchanged), one datum
 
 from __future__ import annotations
 
+import abc
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 from . import frontend
@@ -63,7 +64,7 @@ __all__ = [
 ]
 
 
-class ArrayOps:
+class ArrayOps(abc.ABC):
     """The array and distribution operations site handling needs, written once over an array
     namespace ``xp`` (``torch`` or ``jax.numpy``, which share these names); a front end
     subclasses it with its namespace, its PPL's ``MaskedDistribution``, ``constraints`` and
@@ -76,27 +77,27 @@ class ArrayOps:
 
     # ---- spelled differently: each front end defines these ----
 
+    @abc.abstractmethod
     def as_float(self, value: Any) -> Any:
         """The value as a detached floating array (integer data in the default float dtype)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def as_bool(self, mask: Any) -> Any:
         """A mask as a boolean array."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def all_finite(self, x: Any) -> bool | None:
         """Whether every entry is finite; None when unknown (a traced array)."""
-        raise NotImplementedError
 
-    def stop_gradient(self, x: Any) -> Any:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def stop_gradient(self, x: Any) -> Any: ...
 
-    def same_scale(self, a: Any, b: Any) -> bool:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def same_scale(self, a: Any, b: Any) -> bool: ...
 
+    @abc.abstractmethod
     def as_array(self, scale: Any, like: Any) -> Any:
         """A scale as an array of ``like``'s dtype (and device)."""
-        raise NotImplementedError
 
     # ---- the same in both ----
 
