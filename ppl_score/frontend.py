@@ -36,7 +36,6 @@ __all__ = [
     "unnormalized_lead",
     "unnormalized_repr",
     "select_matched",
-    "sites_after",
     "discrete_site_error",
     "discrete_latent_error",
     "latent_dependency_error",
@@ -241,15 +240,6 @@ def select_matched(observed: Sequence[str], latent: Collection[str], sites: tupl
                 f"its observed sites are {list(observed)}"
             )
     return tuple(name for name in observed if name in sites)
-
-
-def sites_after(order: Sequence[str], matched: Collection[str]) -> list:
-    """Sample sites that run after the first matched one: only those can depend on a matched
-    site's value (a program can only use values it has already drawn)."""
-    for k, name in enumerate(order):
-        if name in matched:
-            return list(order[k + 1 :])
-    return []
 
 
 def discrete_site_error(name: str) -> ValueError:

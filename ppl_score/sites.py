@@ -96,8 +96,8 @@ class ArrayOps(abc.ABC):
     def same_scale(self, a: Any, b: Any) -> bool: ...
 
     @abc.abstractmethod
-    def as_array(self, scale: Any, like: Any) -> Any:
-        """A scale as an array of ``like``'s dtype (and device)."""
+    def as_array(self, value: Any, like: Any) -> Any:
+        """A scale or a boolean mask as an array of ``like``'s dtype (and device)."""
 
     # ---- the same in both ----
 
@@ -135,10 +135,6 @@ class ArrayOps(abc.ABC):
 
     def full_bool(self, shape: tuple, value: bool) -> Any:
         return self.xp.full(shape, value, dtype=self.xp.bool)
-
-    def as_dtype(self, x: Any, like: Any) -> Any:
-        """A boolean or numeric array in ``like``'s dtype (weights)."""
-        return self.as_array(x, like)
 
     def scale_weights(self, scale: Any, batch: tuple, n: int, like: Any) -> Any | None:
         """Per-datum weights ``[n]`` of a site scale (None for scale 1)."""
@@ -347,7 +343,10 @@ class Dependencies(NamedTuple):
 
 def sites_to_check(order: Sequence[str], matched: Sequence[str]) -> list:
     """Sample sites that run after the first matched one (only those can depend on one)."""
-    return frontend.sites_after(order, matched)
+    for k, name in enumerate(order):
+        if name in matched:
+            return list(order[k + 1 :])
+    return []
 
 
 def plan(nodes: Mapping[str, dict], found: Mapping[str, Sequence[str]], blocks: Sequence[Block]) -> Dependencies:
@@ -525,7 +524,7 @@ def matched_density(
             weight = ops.stack_any([blk.mask for blk in blocks]).reshape((n,))
         else:
             weight = ops.stack_any([blk.mask.reshape((-1,)).any().reshape((1,)) for blk in blocks])
-        weight = ops.as_dtype(weight, x)
+        weight = ops.as_array(weight, x)
     scale = ops.scale_weights(blocks[0].scale, batch, n, x)
     if scale is not None:
         weight = scale if weight is None else weight * scale

@@ -195,12 +195,8 @@ class ScoreMatching(ELBO):
     def _particle_loss(self, model_trace, guide_trace, key, rerun):
         """The loss of one particle and the names of its matched sites."""
         dens, cls = self._matched(model_trace, rerun)
-        if dens.weight is None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", validation.NonFiniteWarning)
-                loss = score_matching_loss(dens.fn, dens.x, self.method, key=key, reduction="sum", **self.options)
-        else:
-            loss = jnp.sum(self._datum_values(dens, key) * dens.weight)
+        values = self._datum_values(dens, key)
+        loss = jnp.sum(values if dens.weight is None else values * dens.weight)
         if self.beta != 1.0:
             loss = self.beta * loss
 

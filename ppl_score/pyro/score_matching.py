@@ -183,12 +183,8 @@ class ScoreMatching(ELBO):
     def _particle_loss(self, model_trace, guide_trace, context) -> tuple:
         """The loss of one particle (or of all, vectorized) and the names of its matched sites."""
         dens, cls = self._matched(model_trace, context)
-        if dens.weight is None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", validation.NonFiniteWarning)
-                loss = score_matching_loss(dens.fn, dens.x, self.method, reduction="sum", **self.options)
-        else:
-            loss = (self._datum_values(dens) * dens.weight).sum()
+        values = self._datum_values(dens)
+        loss = (values if dens.weight is None else values * dens.weight).sum()
         if self.beta != 1.0:
             loss = self.beta * loss
 
