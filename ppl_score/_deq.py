@@ -62,12 +62,12 @@ ANDERSON_REG = 1e-8
 # the README's "Deep equilibrium score models" has the table). Per training step of the
 # width-128 DEQ energy under ``ssm_vr`` on CPU, float32, against a depth-2 MLP step:
 #
-# - ``solver="iteration"``: plain iteration needs about 1.4-2x the iterations of Anderson
+# - ``solver="iteration"``: plain iteration needs 1.17-1.96x the iterations of Anderson
 #   but each costs one map evaluation instead of one plus a batched ``memory x memory``
 #   least-squares solve, and the step is 1.4-2.7x cheaper (torch and JAX alike). Anderson
 #   remains the choice for a map much more expensive than the layer's one matrix product,
 #   or for ``gamma`` near 1, where plain iteration needs ``log(tol) / log(gamma)`` steps.
-# - ``tol=1e-4``: the parameter gradient's relative error is 1-5x ``tol``, far below the
+# - ``tol=1e-4``: the parameter gradient's relative error is 0.7-6x ``tol``, far below the
 #   minibatch noise of the gradient; held-out SM after training is within 0.06 of
 #   ``1e-6``'s in torch and 0.13 above it in JAX at ``gamma=0.9`` (one seed, about the seed
 #   noise), and ``1e-6`` costs 1.15-1.45x the step of ``1e-4``. In float32 ``1e-6`` is also near round-off (the residual is relative to
@@ -76,8 +76,8 @@ ANDERSON_REG = 1e-8
 #   gradient error of 0.1-0.6%. Tests and float64 checks pass their own tighter ``tol``.
 # - ``gamma=0.9``: ``gamma`` is part of the model (how much of itself the layer feeds back),
 #   not only of the solve: on the 16-D mixture ``0.9`` fits better than ``0.5`` (held-out
-#   SM lower by 0.2-0.3), on the 8x8 digits ``0.5`` does; ``0.5`` converges in fewer
-#   iterations (1.3-1.8x cheaper steps).
+#   SM lower by 0.12-0.33), on the 8x8 digits ``0.5`` does; ``0.5`` converges in fewer
+#   iterations (1.16-1.87x cheaper steps).
 DEFAULT_SOLVER = "iteration"
 DEFAULT_TOL = 1e-4
 DEFAULT_GAMMA = 0.9
@@ -164,12 +164,12 @@ def solver_config(
 
     Args:
         solver: ``"iteration"`` (default: plain ``z <- f(z)``, one map evaluation per
-            step) or ``"anderson"`` (Anderson acceleration: 1.4-2x fewer iterations, but
+            step) or ``"anderson"`` (Anderson acceleration: 1.17-1.96x fewer iterations, but
             each adds a batched ``memory x memory`` least-squares solve; on the layer's cheap
             map the training step is 1.4-2.7x slower; worth it for expensive maps or
             ``gamma`` near 1).
         tol: stop when every example's ``||f(z) - z|| <= tol * (1 + ||f(z)||)``. Default
-            ``1e-4``: gradients then carry a relative error of 1-5x ``tol``; ``1e-6`` costs
+            ``1e-4``: gradients then carry a relative error of 0.7-6x ``tol``; ``1e-6`` costs
             1.15-1.45x the training step for a fit within about the seed noise, ``1e-3``
             saves 0-30% for a gradient error of 0.1-0.6% (``benchmarks/deq_defaults.py``).
         max_iter: the most map evaluations per solve (forward and each adjoint solve).
@@ -206,7 +206,7 @@ def deq_config(
             only of the solve: a higher ``gamma`` lets the layer feed more of itself back and
             needs more iterations (about ``log(tol) / log(gamma)`` for plain iteration).
             Default ``0.9`` (fits the 16-D mixture of ``benchmarks/deq.py`` better than
-            ``0.5``; ``0.5`` fits the 8x8 digits better and makes steps 1.3-1.8x cheaper).
+            ``0.5``; ``0.5`` fits the 8x8 digits better and makes steps 1.16-1.87x cheaper).
         norm: ``"spectral"`` (exact) or ``"frobenius"`` (a cheaper upper bound).
         backward: ``"implicit"``, ``"phantom"`` or ``"unrolled"``.
         phantom_steps: the number of unrolled steps of ``"phantom"``.
