@@ -31,7 +31,9 @@ __all__ = [
     "split_elbo_kwargs",
     "check_vectorize_particles",
     "particles_fallback_message",
+    "check_shape",
     "check_event_shape",
+    "check_batch_shape",
     "check_unnormalized_args",
     "unnormalized_lead",
     "unnormalized_repr",
@@ -121,6 +123,8 @@ def split_elbo_kwargs(options: Mapping[str, Any], names: Sequence[str]) -> tuple
     (``max_plate_nesting``, ``vectorize_particles``, ...) are taken as ``Trace_ELBO`` takes
     them, the rest go to the method."""
     elbo = {k: v for k, v in options.items() if k in names}
+    if "max_plate_nesting" in elbo and elbo["max_plate_nesting"] != float("inf"):
+        elbo["max_plate_nesting"] = check_int("max_plate_nesting", elbo["max_plate_nesting"], low=0)
     return elbo, {k: v for k, v in options.items() if k not in names}
 
 
@@ -147,19 +151,35 @@ def particles_fallback_message(err: BaseException) -> str:
     )
 
 
+def check_shape(name: str, shape: Any, minimum: int) -> tuple:
+    """A shape argument: an int or a sequence of ints, each ``>= minimum``.
+
+    Raises:
+        TypeError: not an int or a sequence of ints (naming the argument).
+        ValueError: a size below ``minimum``.
+    """
+    if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
+        shape = (shape,)
+    try:
+        shape = tuple(shape)
+    except TypeError:
+        raise TypeError(f"argument {name!r} must be an int or a tuple of ints, got {type(shape).__name__}") from None
+    if not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in shape):
+        raise TypeError(f"argument {name!r} must be an int or a tuple of ints, got {shape!r}")
+    if not all(n >= minimum for n in shape):
+        kind = "positive" if minimum == 1 else "non-negative"
+        raise ValueError(f"argument {name!r} must hold {kind} ints, got {shape!r}")
+    return tuple(int(n) for n in shape)
+
+
 def check_event_shape(event_shape: Any) -> tuple:
     """``event_shape`` of ``Unnormalized``: an int or a tuple of positive ints."""
-    if isinstance(event_shape, numbers.Integral) and not isinstance(event_shape, bool):
-        event_shape = (event_shape,)
-    try:
-        shape = tuple(event_shape)
-    except TypeError:
-        raise TypeError(
-            f"argument 'event_shape' must be an int or a tuple of ints, got {type(event_shape).__name__}"
-        ) from None
-    if not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1 for n in shape):
-        raise ValueError(f"argument 'event_shape' must hold positive ints, got {shape!r}")
-    return tuple(int(n) for n in shape)
+    return check_shape("event_shape", event_shape, 1)
+
+
+def check_batch_shape(batch_shape: Any) -> tuple:
+    """``batch_shape`` of ``Unnormalized``: an int or a tuple of non-negative ints."""
+    return check_shape("batch_shape", batch_shape, 0)
 
 
 def check_unnormalized_args(
@@ -179,7 +199,6 @@ def check_unnormalized_args(
         ValueError: a discrete support, a bad ``event_shape`` / ``batch_shape``, or a support
             whose ``event_dim`` exceeds ``len(event_shape)``.
     """
-    from .langevin import check_batch_shape
 
     if not callable(log_density_fn):
         raise TypeError(f"argument 'log_density_fn' must be callable, got {type(log_density_fn).__name__}")

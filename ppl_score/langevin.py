@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from . import frontend
 from ._validate import check_int, check_positive_float
 
 __all__ = [
@@ -70,7 +71,6 @@ __all__ = [
     "VECTORIZE",
     "BATCHED_HINT",
     "unnormalized_log_prob_shape",
-    "check_batch_shape",
     "check_expand",
     "check_rows_output",
     "check_batched_output",
@@ -346,26 +346,13 @@ def _broadcast(*shapes) -> tuple | None:
         return None
 
 
-def check_batch_shape(batch_shape: Any) -> tuple:
-    """``batch_shape`` of ``Unnormalized``: an int or a tuple of non-negative ints."""
-    if isinstance(batch_shape, int) and not isinstance(batch_shape, bool):
-        batch_shape = (batch_shape,)
-    try:
-        shape = tuple(batch_shape)
-    except TypeError:
-        raise TypeError(f"argument 'batch_shape' must be a tuple of ints, got {type(batch_shape).__name__}") from None
-    if not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise ValueError(f"argument 'batch_shape' must hold non-negative ints, got {shape}")
-    return tuple(int(d) for d in shape)
-
-
 def check_expand(batch_shape, new_batch_shape) -> tuple:
     """``Unnormalized.expand``: ``new_batch_shape`` must broadcast from ``batch_shape``.
 
     Raises:
         ValueError: it does not (a dim of size > 1 changed, or dims dropped).
     """
-    new = check_batch_shape(new_batch_shape)
+    new = frontend.check_batch_shape(new_batch_shape)
     if _broadcast(batch_shape, new) != new:
         raise ValueError(f"Unnormalized.expand: batch_shape {tuple(batch_shape)} cannot be expanded to {new}")
     return new

@@ -392,6 +392,13 @@ def test_vectorized_particles_and_elbo_keyword_arguments(rng):
         spy.ScoreMatching("esm", vectorize_particles="yes")
     with pytest.raises(ValueError, match="unknown option"):
         spy.ScoreMatching("esm", max_plate_nestin=1)
+    with pytest.raises(ValueError, match="'max_plate_nesting' must be an int >= 0"):
+        spy.ScoreMatching("esm", max_plate_nesting=-1)
+    with pytest.raises(TypeError, match="'max_plate_nesting'"):
+        spy.ScoreMatching("esm", max_plate_nesting=1.5)
+    for unnormalized in (spy.Unnormalized, snp.Unnormalized):
+        with pytest.raises(TypeError, match="'batch_shape' must be an int or a tuple of ints"):
+            unnormalized(lambda v: -(v**2).sum(-1), (D,), batch_shape=("a",))
 
 
 # ---------------------------------------------------------------------------------------
