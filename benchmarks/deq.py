@@ -102,7 +102,7 @@ QUICK = dict(
 
 def mixture16(seed: int = 0):
     """A seeded 16-D mixture of 4 Gaussians with random SPD covariances."""
-    from ppl_score import datasets
+    from ppl_score.demo import datasets
 
     rng = np.random.default_rng([seed, 16])
     k, d = 4, 16
@@ -114,7 +114,7 @@ def mixture16(seed: int = 0):
 
 def load_task(task: str, seed: int):
     """``(train, test, true_score or None)``, float32 arrays ``[N, D]``."""
-    from ppl_score import datasets
+    from ppl_score.demo import datasets
 
     if task == "mixture16":
         mix = mixture16(seed)

@@ -1,6 +1,6 @@
 """The DEQ solver defaults: cost of a training step against an MLP step, and what a looser
 solve costs in quality, over solver in {anderson, iteration}, tol in {1e-6, 1e-4, 1e-3} and
-gamma in {0.5, 0.9} (issue 11, item 4; the evidence for ``ppl_score._deq.DEFAULTS``).
+gamma in {0.5, 0.9} (issue 11, item 4; the evidence for ``ppl_score.common.deq.DEFAULTS``).
 
 Setting: ``benchmarks/deq.py``'s 16-D Gaussian mixture (its true score is known), ``ssm_vr``
 (the objective that takes the most solves: the score, its Hessian-vector product and the

@@ -17,7 +17,7 @@ Two experiments on ``InvertibleMLP`` (dense ``D x D`` layers, smooth leaky ReLU,
    nats per image for the dequantized data in ``[0, 1]^64`` (the Jacobians of the logit and
    the standardization are added back; ``test_loglik_model_space`` is the value in the
    standardized logit space). And a 2-D Gaussian mixture
-   (``ppl_score.datasets.mixture_dataset``), with the true density's value as a reference row.
+   (``ppl_score.demo.datasets.mixture_dataset``), with the true density's value as a reference row.
 
 Targets (issue 6): slope of the relative gradient <= 2.3; >= 5x faster than autograd at
 D=2048; MLE by relative gradient within 1% of MLE by autograd on test log-likelihood.
@@ -229,7 +229,7 @@ def digits_data(seed: int = 0, test_fraction: float = 0.2) -> DensityData:
 
 
 def mixture_data(seed: int = 0) -> DensityData:
-    from ppl_score.datasets import mixture_dataset
+    from ppl_score.demo.datasets import mixture_dataset
 
     ds = mixture_dataset(seed=seed)
     return DensityData(

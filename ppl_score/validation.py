@@ -1,99 +1,25 @@
-"""The validation switch and the non-finite warning, shared by every backend and front end.
+"""Deprecated alias of the validation switch and warning in :mod:`ppl_score.common.validate`.
 
-Some checks need the values of arrays on the host: the finiteness of ``x`` and of explicit
-projections or noise, and the warning for a non-finite result. On an accelerator each is a
-device synchronisation per step, and under ``torch.compile`` a graph break. Like
-``pyro.enable_validation``, one process-wide switch turns them off for production loops::
-
-    import ppl_score
-    ppl_score.set_validation(False)       # skip host-syncing checks everywhere
-    with ppl_score.validation_enabled(False):     # or only inside a block
-        ...
-
-Checks that need no values (types, shapes, dtypes, option ranges) always run: they cost
-nothing at run time and are the ones whose absence gives the worst errors. The switch is
-read when a function runs (in JAX: when it is traced), so a jitted function keeps the
-setting it was traced with.
+``ppl_score.set_validation``, ``ppl_score.validation_enabled``, ``ppl_score.is_validation_enabled``
+and ``ppl_score.NonFiniteWarning`` are the public names; ``ppl_score.validation.X`` keeps
+working and warns once.
 """
 
-from __future__ import annotations
-
-import contextlib
 import warnings
 
-__all__ = [
-    "NonFiniteWarning",
-    "inference_mode_error",
-    "is_validation_enabled",
-    "set_validation",
-    "validation_enabled",
-    "warn_nonfinite",
-]
+from .common.validate import (  # noqa: F401
+    NonFiniteWarning,
+    is_validation_enabled,
+    set_validation,
+    validation_enabled,
+    warn_nonfinite,
+)
 
-_ENABLED = True
+__all__ = ["NonFiniteWarning", "is_validation_enabled", "set_validation", "validation_enabled", "warn_nonfinite"]
 
-
-class NonFiniteWarning(RuntimeWarning):
-    """A loss, sample or estimate came out NaN or infinite (the counterpart of the warning
-    Pyro's ``warn_if_nan`` gives; silence it with ``warnings.simplefilter``)."""
-
-
-def set_validation(enabled: bool = True) -> None:
-    """Turn the value checks that synchronise with the device on (default) or off.
-
-    Args:
-        enabled: ``True`` checks the finiteness of inputs and warns on non-finite results;
-            ``False`` skips both (types, shapes and option values are still checked).
-    """
-    global _ENABLED
-    if not isinstance(enabled, bool):
-        raise TypeError(f"argument 'enabled' must be a bool, got {type(enabled).__name__}")
-    _ENABLED = enabled
-
-
-def is_validation_enabled() -> bool:
-    """Whether the host-syncing value checks run (see :func:`set_validation`)."""
-    return _ENABLED
-
-
-@contextlib.contextmanager
-def validation_enabled(enabled: bool = True):
-    """Context manager that sets the validation switch inside a block and restores it."""
-    previous = _ENABLED
-    set_validation(enabled)
-    try:
-        yield
-    finally:
-        set_validation(previous)
-
-
-def warn_nonfinite(what: str, cause: str = "", stacklevel: int = 3) -> None:
-    """Warn that ``what`` (e.g. ``"score_matching_loss(method='ssm')"``) is NaN or infinite.
-
-    Args:
-        what: the computation whose result is non-finite, as the user called it.
-        cause: the likely causes to name, e.g. ``"a NaN parameter in fn, or eps too large"``.
-        stacklevel: as in ``warnings.warn``; the default points at the caller's caller.
-    """
-    msg = f"{what} is not finite (nan or inf)"
-    if cause:
-        msg += f"; likely cause: {cause}"
-    warnings.warn(msg, NonFiniteWarning, stacklevel=stacklevel)
-
-
-def inference_mode_error(what: str, derivatives: str = "its derivatives in x") -> RuntimeError:
-    """The error for ``what`` called under ``torch.inference_mode()`` (torch and Pyro).
-
-    Score matching and score-based samplers differentiate a log density in its argument;
-    inference mode disables autograd in a way that cannot be undone inside it, whereas
-    ``torch.no_grad()`` can (and every such function re-enables grad for those derivatives).
-
-    Args:
-        what: the function or object as the user called it, e.g. ``"score_matching_loss"``.
-        derivatives: which derivatives it needs autograd for.
-    """
-    return RuntimeError(
-        f"{what} needs autograd for {derivatives}, which torch.inference_mode() disables and "
-        "cannot re-enable; call it under torch.no_grad() instead, which is supported (grad is "
-        "switched back on for those derivatives only, the value is the same and carries no graph)"
-    )
+warnings.warn(
+    "ppl_score.validation moved to ppl_score.common.validate (the switch stays at ppl_score.set_validation); "
+    "the old name is a deprecated alias",
+    DeprecationWarning,
+    stacklevel=2,
+)

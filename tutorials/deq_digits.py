@@ -188,7 +188,7 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(1)  # tiny batched LAPACK calls (Anderson) stall on a shared CPU
 
-    from ppl_score.datasets import load_digits
+    from ppl_score.demo.datasets import load_digits
 
     if args.smoke:
         cfg = dict(

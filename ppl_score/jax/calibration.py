@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import calibration as shared
-from .checks import is_concrete
+from ..common import calibration as shared
+from .validate import is_concrete
 
 __all__ = ["Sandwich", "sandwich", "sandwich_beta", "calibrate_beta"]
 

@@ -42,7 +42,7 @@ surfaces wrapped in JAX's runtime error) or is ignored, per ``on_nonconvergence`
 runs on the host through ``jax.debug.callback``.
 
 Faults: Anderson's least-squares step is regularized relative to the dtype and to the size
-of the residuals (``_deq.anderson_reg``: ``max(1e-8, 10 eps)`` of the normalized Gram
+of the residuals (``common.anderson_reg``: ``max(1e-8, 10 eps)`` of the normalized Gram
 matrix), and an example whose step is still singular or non-finite takes a plain step
 instead (``jnp.where``: jit-compatible). A map that returns NaN or inf (a NaN
 weight, a NaN input) stops the solve at once and goes through the same policy, with a
@@ -63,8 +63,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .. import _deq
-from .._deq import (  # noqa: F401  (re-exported: the framework-free part, shared with ppl_score.torch.deq)
+from ..common import deq as common
+from ..common.deq import (  # noqa: F401  (re-exported: the framework-free part, shared with ppl_score.torch.deq)
     ANDERSON_REG,
     BACKWARDS,
     DEFAULT_GAMMA,
@@ -82,9 +82,9 @@ from .._deq import (  # noqa: F401  (re-exported: the framework-free part, share
     SolverConfig,
     solver_config,
 )
-from .._deq import check_choice as _choice
-from .._deq import check_positive_int as _positive_int
-from .checks import check_key, is_concrete
+from ..common.validate import check_choice as _choice
+from ..common.validate import check_int
+from .validate import check_key, is_concrete
 
 __all__ = [
     "SOLVERS",
@@ -109,26 +109,26 @@ __all__ = [
     "deq_score_apply",
 ]
 
-ACTIVATIONS = {"softplus": jax.nn.softplus, "tanh": jnp.tanh}  # keys: _deq.ACTIVATION_NAMES
+ACTIVATIONS = {"softplus": jax.nn.softplus, "tanh": jnp.tanh}  # keys: common.ACTIVATION_NAMES
 # the functions themselves are accepted for parity with ``nets.energy_apply(activation=...)``
 _ACTIVATION_FUNCTIONS = {jax.nn.softplus: "softplus", jnp.tanh: "tanh"}
 
 
-@wraps(_deq.deq_config, assigned=())  # signature: that of the shared deq_config
+@wraps(common.deq_config, assigned=())  # signature: that of the shared deq_config
 def deq_config(activation="softplus", *args, **kwargs) -> DEQConfig:
     """Validated ``DEQConfig`` (hashable: pass it as a static argument under ``jit``).
     ``gamma`` in (0, 1) bounds the Lipschitz constant of the map. ``activation`` is
     ``"softplus"`` / ``"tanh"`` or ``jax.nn.softplus`` / ``jnp.tanh``."""
     if callable(activation) and activation in _ACTIVATION_FUNCTIONS:
         activation = _ACTIVATION_FUNCTIONS[activation]
-    return _deq.deq_config(activation, *args, **kwargs)
+    return common.deq_config(activation, *args, **kwargs)
 
 
 def _host_report(converged, residual, iterations, *, cfg: SolverConfig, what: str) -> None:
     converged, residual, iterations = np.asarray(converged), np.asarray(residual), np.asarray(iterations)
     if converged.all():
         return
-    _deq.report_nonconvergence(what, residual.max(), iterations.max(), cfg, stacklevel=2)
+    common.report_nonconvergence(what, residual.max(), iterations.max(), cfg, stacklevel=2)
 
 
 def _report(info: FixedPointInfo, cfg: SolverConfig, what: str) -> None:
@@ -160,7 +160,7 @@ def _check_output(fz, z) -> None:
     traced, before ``lax`` would reject the carry with its own error)."""
     if not hasattr(fz, "shape") or not hasattr(fz, "dtype"):
         raise TypeError(f"argument 'f' must return an array, got {type(fz).__name__}")
-    _deq.check_map_output(fz.shape, fz.dtype, z.shape, z.dtype)
+    common.check_map_output(fz.shape, fz.dtype, z.shape, z.dtype)
 
 
 def _go_on(k, res, cfg: SolverConfig):
@@ -205,7 +205,7 @@ def _anderson_mix(xs, fs, k, m: int):
     gram = gram / jnp.maximum(scale, tiny)[:, None, None]
     eye = jnp.eye(m, dtype=xs.dtype)
     outer = valid[:, None] * valid[None, :]
-    reg = _deq.anderson_reg(float(jnp.finfo(xs.dtype).eps))
+    reg = common.anderson_reg(float(jnp.finfo(xs.dtype).eps))
     a = gram * outer + eye * (reg * valid + (1 - valid))
     alpha = jnp.linalg.solve(a, jnp.broadcast_to(valid, (xs.shape[0], m))[..., None])[..., 0]
     total = alpha.sum(-1, keepdims=True)  # finite iff every coefficient is
@@ -322,7 +322,7 @@ def fixed_point(f: Callable, z0, params=(), *, backward: str = "implicit", phant
         ``(z, FixedPointInfo)``.
     """
     backward = _choice("backward", backward, BACKWARDS)
-    phantom_steps = _positive_int("phantom_steps", phantom_steps)
+    phantom_steps = check_int("phantom_steps", phantom_steps)
     return _fixed_point(f, z0, params, backward, phantom_steps, solver_config(**solver_options))
 
 
@@ -380,7 +380,7 @@ def lipschitz_scaled(weight: jax.Array, gamma: float, norm: str = "spectral") ->
         raise TypeError(f"argument 'weight' must be an array, got {type(weight).__name__}")
     if len(weight.shape) != 2:
         raise ValueError(f"argument 'weight' must be a matrix [n, k], got shape {tuple(weight.shape)}")
-    gamma = _deq.check_gamma(gamma, concrete=is_concrete(gamma))
+    gamma = common.check_gamma(gamma, concrete=is_concrete(gamma))
     norm = _choice("norm", norm, NORMS)
     n = _spectral_norm(weight) if norm == "spectral" else jnp.linalg.norm(weight, ord="fro")
     return weight / jnp.maximum(n / gamma, 1.0)
@@ -412,7 +412,7 @@ def _linear_init(key, a: int, b: int, dtype):
 
 def deq_layer_init(key, in_dim: int, width: int, dtype=jnp.float32) -> dict:
     """``{"weight": W [width, width], "inject": (U [in_dim, width], b [width])}``."""
-    in_dim, width = _positive_int("in_dim", in_dim), _positive_int("width", width)
+    in_dim, width = check_int("in_dim", in_dim), check_int("width", width)
     kw, ki = jax.random.split(check_key(key))
     return {
         "weight": _uniform(kw, (width, width), 1.0 / math.sqrt(width), dtype),
@@ -428,7 +428,7 @@ def deq_layer_apply(params: dict, x: jax.Array, config: DEQConfig = DEQConfig())
         params: from ``deq_layer_init``.
         x: ``[B, in_dim]``.
         config: a ``DEQConfig`` from ``deq_config`` (static under ``jit``). The default,
-            ``DEQConfig()``, is the torch layer's (``_deq.DEFAULT_*``): ``solver="iteration"``,
+            ``DEQConfig()``, is the torch layer's (``common.DEFAULT_*``): ``solver="iteration"``,
             ``tol=1e-4``, ``gamma=0.9``, ``max_iter=100``, ``backward="implicit"``. Their cost
             against a depth-2 MLP step of the same width (``ssm_vr``, width 128, CPU;
             ``benchmarks/deq_defaults.py``, README table):

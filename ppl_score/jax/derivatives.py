@@ -12,13 +12,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .. import spec
+from ..common import objectives as spec
 
 # Working-set budget of the exact Hessian trace, in elements: a chunk of ``c`` basis
 # vectors is one vmapped Hessian-vector product whose buffers hold about
 # ``c * B * max(D, 512)`` elements (512 stands for hidden layers wider than the input). The
 # basis is made per chunk from indices, never a ``D x D`` identity.
 ESM_MEMORY_BUDGET = 2**20
+
+
+def flat_sum(t: jax.Array) -> jax.Array:
+    """Per-example sum over the event dims: ``[N, *event] -> [N]``."""
+    return t.reshape(t.shape[0], -1).sum(-1)
 
 
 def esm_chunk(batch: int, dim: int, budget: int | None = None) -> int:

@@ -30,11 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .. import implicit_spec as ispec
-from ..validation import is_validation_enabled
-from .checks import check_key, is_concrete
+from ..common import estimators as common
+from ..common.validate import is_validation_enabled
 from .nets import mlp_apply, mlp_init
 from .objectives import score_matching_loss
+from .validate import check_array, check_key, is_concrete
 
 __all__ = [
     "stein_scores",
@@ -67,7 +67,7 @@ def _median_bandwidth(d2):
     n = d2.shape[-1]
     iu = np.triu_indices(n, k=1)
     pairs = jnp.sort(jnp.sqrt(d2[..., iu[0], iu[1]]), axis=-1)
-    lo, hi = ispec.median_positions(pairs.shape[-1])
+    lo, hi = common.median_positions(pairs.shape[-1])
     return 0.5 * (pairs[..., lo] + pairs[..., hi])
 
 
@@ -119,7 +119,7 @@ def _stein(samples, at, eta, bandwidth):
         solve = jnp.vectorize(_cho_solve, signature="(n,n),(n,k)->(n,k)")
     else:
         solve = _cho_solve
-    tol = ispec.singular_tolerance(n, float(jnp.finfo(x.dtype).eps), eta)
+    tol = common.singular_tolerance(n, float(jnp.finfo(x.dtype).eps), eta)
     pivots = jnp.diagonal(chol, axis1=-2, axis2=-1) ** 2
     singular = ~jnp.all(pivots > tol)  # also true for a failed factorization (NaN)
     g = -solve(chol, grad_k)
@@ -163,34 +163,24 @@ _spectral_jit = jax.jit(_spectral, static_argnames=("n_eigen", "threshold"))
 def _run(fn, samples, at, *options):
     bandwidth = options[-1]
     if bandwidth is not None and is_concrete(bandwidth) and float(jnp.asarray(bandwidth, samples.dtype)) == 0.0:
-        raise ValueError(ispec.bandwidth_underflow_message(bandwidth, str(samples.dtype)))
+        raise ValueError(common.bandwidth_underflow_message(bandwidth, str(samples.dtype)))
     out, h_raw, flag = fn(samples, at, *options)
     _check_median(h_raw)
     if is_concrete(flag) and int(flag):
         eta = options[0]
         raise ValueError(
-            ispec.singular_message(eta, bandwidth, str(samples.dtype), "samples" if int(flag) == 1 else "at")
+            common.singular_message(eta, bandwidth, str(samples.dtype), "samples" if int(flag) == 1 else "at")
         )
     return out
 
 
-def _as_array(name: str, a):
-    if not isinstance(a, (jax.Array, np.ndarray)):
-        raise TypeError(f"argument {name!r} must be a jax.Array or numpy array, got {type(a).__name__}")
-    a = jnp.asarray(a)
-    if not jnp.issubdtype(a.dtype, jnp.floating):
-        raise TypeError(f"argument {name!r} must have a floating dtype, got {a.dtype}")
-    if is_concrete(a) and not bool(jnp.isfinite(a).all()):
-        raise ValueError(f"argument {name!r} contains non-finite values (nan or inf)")
-    return a
-
 
 def _check_inputs(samples, at):
-    samples = _as_array("samples", samples)
-    n, d = ispec.check_samples_shape(tuple(samples.shape))
+    samples = check_array("samples", samples)
+    n, d = common.check_samples_shape(tuple(samples.shape))
     if at is not None:
-        at = _as_array("at", at)
-        ispec.check_at_shape(tuple(at.shape), d)
+        at = check_array("at", at)
+        common.check_at_shape(tuple(at.shape), d)
         at = at.astype(samples.dtype)
     return samples, at, n
 
@@ -198,7 +188,7 @@ def _check_inputs(samples, at):
 def _check_bandwidth(bandwidth):
     if bandwidth is not None and not is_concrete(bandwidth):
         return bandwidth  # traced: cannot be checked
-    return ispec.check_bandwidth(bandwidth)
+    return common.check_bandwidth(bandwidth)
 
 
 def median_bandwidth(samples):
@@ -219,7 +209,7 @@ def stein_scores(samples, at=None, *, eta: float = 0.1, bandwidth=None):
             tracing that result is NaN instead.
     """
     samples, at, _ = _check_inputs(samples, at)
-    return _run(_stein_jit, samples, at, ispec.check_eta(eta), _check_bandwidth(bandwidth))
+    return _run(_stein_jit, samples, at, common.check_eta(eta), _check_bandwidth(bandwidth))
 
 
 def spectral_scores(samples, at=None, *, n_eigen=None, threshold: float = 0.99, bandwidth=None):
@@ -230,8 +220,8 @@ def spectral_scores(samples, at=None, *, n_eigen=None, threshold: float = 0.99, 
         _spectral_jit,
         samples,
         at,
-        ispec.check_n_eigen(n_eigen, n),
-        ispec.check_threshold(threshold),
+        common.check_n_eigen(n_eigen, n),
+        common.check_threshold(threshold),
         _check_bandwidth(bandwidth),
     )
 
@@ -243,17 +233,17 @@ def kernel_scores_batched(kind: str, samples, **options):
             _stein_jit,
             samples,
             None,
-            ispec.check_eta(options.get("eta", 0.1)),
+            common.check_eta(options.get("eta", 0.1)),
             _check_bandwidth(options.get("bandwidth")),
         )
-    ispec.check_kernel_name(kind)
+    common.check_kernel_name(kind)
     n = samples.shape[-2]
     return _run(
         _spectral_jit,
         samples,
         None,
-        ispec.check_n_eigen(options.get("n_eigen"), n),
-        ispec.check_threshold(options.get("threshold", 0.99)),
+        common.check_n_eigen(options.get("n_eigen"), n),
+        common.check_threshold(options.get("threshold", 0.99)),
         _check_bandwidth(options.get("bandwidth")),
     )
 
@@ -320,17 +310,17 @@ class LearnedScoreEstimator:
         activation=jax.nn.softplus,
         method: str = "ssm_vr",
         optimizer=None,
-        n_steps: int = ispec.LEARNED_N_STEPS,
+        n_steps: int = common.LEARNED_N_STEPS,
         **options,
     ):
-        from ..spec import resolve
+        from ..common.objectives import resolve
 
-        self.dim = ispec.check_int("dim", dim)
-        self.context_dim = ispec.check_int("context_dim", context_dim, 0)
-        self.method = ispec.check_learned_method(method)
+        self.dim = common.check_int("dim", dim)
+        self.context_dim = common.check_int("context_dim", context_dim, 0)
+        self.method = common.check_learned_method(method)
         resolve(self.method, "score", options)
         self.options = dict(options)
-        self.n_steps = ispec.check_int("n_steps", n_steps)
+        self.n_steps = common.check_int("n_steps", n_steps)
         self.hidden = tuple(hidden)
         if not callable(activation):
             raise TypeError(f"argument 'activation' must be callable, got {type(activation).__name__}")
@@ -341,7 +331,7 @@ class LearnedScoreEstimator:
     @staticmethod
     def _build_optimizer(optimizer):
         if optimizer is None:
-            return optax.adam(ispec.LEARNED_LR)
+            return optax.adam(common.LEARNED_LR)
         if isinstance(optimizer, optax.GradientTransformation):
             return optimizer
         if callable(optimizer):
@@ -526,7 +516,7 @@ class LearnedScoreEstimator:
             state.params, state.opt_state, key, samples, context, n_steps=n_steps
         )
         if is_concrete(ok) and is_validation_enabled() and not bool(ok):
-            raise ValueError(ispec.refused_step_message(float(loss)))
+            raise ValueError(common.refused_step_message(float(loss)))
         return LearnedScoreState(params, opt_state), loss
 
     def _update(self, params, opt_state, key, samples, context, n_steps):
@@ -574,11 +564,11 @@ def fit_score_estimator(
     """``n_steps`` optimizer steps, each on a random minibatch of ``batch_size`` rows of
     ``samples`` (one ``lax.scan``; the estimator's own ``n_steps``, its steps per ``update``,
     does not apply); returns ``(state, losses)``, as the torch ``LearnedScoreEstimator.fit``."""
-    n_steps = ispec.check_int("n_steps", n_steps)
+    n_steps = common.check_int("n_steps", n_steps)
     key = check_key(key)
     samples = jnp.asarray(samples)
     n = samples.shape[0]
-    batch_size = n if batch_size is None else ispec.check_int("batch_size", batch_size, 1, n)
+    batch_size = n if batch_size is None else common.check_int("batch_size", batch_size, 1, n)
 
     def step(state, k):
         k_idx, k_upd = jax.random.split(k)
@@ -607,26 +597,26 @@ def site_scores(
     Raises:
         TypeError, ValueError: as the torch mirror, naming the site.
     """
-    kind = ispec.estimator_kind(estimator, LearnedScoreEstimator)
+    kind = common.estimator_kind(estimator, LearnedScoreEstimator)
     p, batch = z.shape[0], tuple(z.shape[1 : 1 + batch_ndim])
     n_batch = math.prod(batch)
     flat = z.reshape(p, n_batch, -1)
     if kind == "callable":
         out = estimator(z, context)
-        ispec.check_callable_scores(name, out, tuple(z.shape), (jax.Array, np.ndarray))
+        common.check_callable_scores(name, out, tuple(z.shape), (jax.Array, np.ndarray))
         return jax.lax.stop_gradient(jnp.asarray(out)), None
     if kind != "learned":
-        ispec.check_kernel_particles(name, kind, p)
+        common.check_kernel_particles(name, kind, p)
         g = kernel_scores_batched(kind, jnp.swapaxes(flat, 0, 1), **(options or {}))
         return jnp.swapaxes(g, 0, 1).reshape(z.shape), None
     d = flat.shape[-1]
-    ispec.check_learned_dim(name, estimator.dim, d)
+    common.check_learned_dim(name, estimator.dim, d)
     ctx = None
     if context is not None:
         ctx = context.reshape(-1, context.shape[-1]) if context.ndim > 1 else context[None]
         if ctx.shape[0] == 1 and n_batch > 1:
             ctx = jnp.broadcast_to(ctx, (n_batch, ctx.shape[-1]))
-        ispec.check_context_rows(name, ctx.shape[0], n_batch, batch)
+        common.check_context_rows(name, ctx.shape[0], n_batch, batch)
         ctx = jnp.broadcast_to(ctx[None], (p, *ctx.shape)).reshape(p * n_batch, -1)
     samples = flat.reshape(p * n_batch, d)
     if train:
@@ -639,4 +629,4 @@ def check_scores_finite(name: str, scores) -> None:
     """Eagerly (concrete values) and under ``ppl_score.validation``, non-finite estimated
     scores of site ``name`` raise ``ValueError`` naming it; under tracing nothing can raise."""
     if is_concrete(scores) and is_validation_enabled() and not bool(jnp.isfinite(scores).all()):
-        raise ValueError(ispec.nonfinite_scores_message(name))
+        raise ValueError(common.nonfinite_scores_message(name))

@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import _flows, spec
-from ..validation import is_validation_enabled
-from .checks import check_key, is_concrete
+from ..common import flows as common
+from ..common import objectives as spec
+from .validate import check_array, check_key, is_concrete
 
 __all__ = ["FlowLayer", "InvertibleMLP", "relative_gradient_linear", "smooth_leaky_relu"]
 
@@ -75,7 +75,7 @@ relative_gradient_linear.defvjp(_rgl_fwd, _rgl_bwd)
 
 
 def _log_normal(z):
-    return -0.5 * (z * z).sum(-1) - z.shape[-1] * _flows.HALF_LOG_2PI
+    return -0.5 * (z * z).sum(-1) - z.shape[-1] * common.HALF_LOG_2PI
 
 
 @dataclass(frozen=True)
@@ -91,11 +91,11 @@ class InvertibleMLP:
 
     dim: int
     n_layers: int = 2
-    alpha: float = _flows.DEFAULT_ALPHA
+    alpha: float = common.DEFAULT_ALPHA
     bias: bool = True
 
     def __post_init__(self):
-        dim, n_layers, alpha = _flows.check_config(self.dim, self.n_layers, self.alpha)
+        dim, n_layers, alpha = common.check_config(self.dim, self.n_layers, self.alpha)
         object.__setattr__(self, "dim", dim)
         object.__setattr__(self, "n_layers", n_layers)
         object.__setattr__(self, "alpha", alpha)
@@ -124,10 +124,11 @@ class InvertibleMLP:
             if (b is None) == self.bias:
                 raise ValueError(f"argument 'layers': layer {k} bias must be {'given' if self.bias else 'None'}")
             out.append(FlowLayer(w, None if b is None else jnp.asarray(b, dtype)))
-        self._check_params(out)
+        self.check_params(out)
         return tuple(out)
 
-    def _check_params(self, params) -> None:
+    def check_params(self, params) -> None:
+        """Raise ``ValueError`` unless ``params`` is one ``(weight, bias)`` per layer of this flow's shapes."""
         if len(params) != self.n_layers:
             raise ValueError(f"argument 'params' must hold {self.n_layers} layers, got {len(params)}")
         for k, layer in enumerate(params):
@@ -143,25 +144,14 @@ class InvertibleMLP:
 
     # ---- forward ----------------------------------------------------------------------
     def _flat(self, name, x):
-        if not isinstance(x, (jax.Array, np.ndarray)):
-            raise TypeError(f"argument {name!r} must be a jax.Array or numpy array, got {type(x).__name__}")
-        x = jnp.asarray(x)
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise TypeError(f"argument {name!r} must have a floating dtype, got {x.dtype}")
-        _flows.check_event(name, x.shape, self.dim)
-        # finiteness needs concrete values: checked eagerly, skipped under tracing (a concrete
-        # x closed over by a traced function still gives a traced result)
-        # (a host synchronisation: behind the validation switch, ppl_score.set_validation)
-        if not is_validation_enabled():
-            return x.reshape(-1, self.dim), x.shape[:-1]
-        finite = jnp.isfinite(x).all()
-        if is_concrete(finite) and not bool(finite):
-            raise ValueError(f"argument {name!r} contains non-finite values (nan or inf)")
+        x = check_array(name, x, finite=False)
+        common.check_event(name, x.shape, self.dim)
+        check_array(name, x)
         return x.reshape(-1, self.dim), x.shape[:-1]
 
     def _run(self, params, x, relative: bool):
         """``(z, sum_k sum_i log sigma'(y_ki), ld)`` on flattened ``x [N, D]``."""
-        self._check_params(params)
+        self.check_params(params)
         h, log_act, ld = x, jnp.zeros(x.shape[:1], x.dtype), None
         for k, (w, b) in enumerate(params):
             if relative:
@@ -264,13 +254,13 @@ class InvertibleMLP:
         Raises:
             ValueError: concrete ``params`` with a layer that cannot be inverted (named).
         """
-        self._check_params(params)
+        self.check_params(params)
         if all(is_concrete(a) for layer in params for a in layer if a is not None):
             for k, (w, b) in enumerate(params):
                 w = np.asarray(w)
                 finite_w = bool(np.isfinite(w).all())
                 s = np.linalg.svd(w, compute_uv=False) if finite_w else None
-                _flows.check_layer(
+                common.check_layer(
                     k,
                     finite_w,
                     b is None or bool(np.isfinite(np.asarray(b)).all()),
@@ -283,13 +273,13 @@ class InvertibleMLP:
         ok = jnp.asarray(True)
         for w, b in params:
             s = jnp.linalg.svd(jnp.where(jnp.isfinite(w), w, 0.0), compute_uv=False)
-            tol = _flows.singular_tolerance(self.dim, float(jnp.finfo(w.dtype).eps))
+            tol = common.singular_tolerance(self.dim, float(jnp.finfo(w.dtype).eps))
             ok = ok & jnp.isfinite(w).all() & (s[-1] > tol * s[0])
             if b is not None:
                 ok = ok & jnp.isfinite(b).all()
         return ok
 
-    def inverse(self, params, z, *, tol: float | None = None, max_iter: int = _flows.NEWTON_MAX_ITER):
+    def inverse(self, params, z, *, tol: float | None = None, max_iter: int = common.NEWTON_MAX_ITER):
         """``x = g^{-1}(z)``, ``[..., D] -> [..., D]``: per layer a Newton inverse of the
         activation (relative residual ``<= tol``, default ``64 eps``) and one linear solve.
         Differentiable in ``z`` and ``params``.
@@ -303,8 +293,8 @@ class InvertibleMLP:
                 silent garbage.
         """
         flat, batch = self._flat("z", z)
-        tol = _flows.newton_tolerance(tol, float(jnp.finfo(flat.dtype).eps))
-        max_iter = _flows.check_max_iter(max_iter)
+        tol = common.newton_tolerance(tol, float(jnp.finfo(flat.dtype).eps))
+        max_iter = common.check_max_iter(max_iter)
         invertible = self.check_invertible(params)
         h, ok = flat, jnp.ones(flat.shape, bool)
         for k in reversed(range(self.n_layers)):
@@ -314,7 +304,7 @@ class InvertibleMLP:
                 converged = (rel <= tol).all()
                 if is_concrete(converged) and not bool(converged):
                     bad = ~(rel <= tol)  # NaN counts as unconverged
-                    raise _flows.newton_error(max_iter, int(bad.sum()), float(rel.max()), tol, k)
+                    raise common.newton_error(max_iter, int(bad.sum()), float(rel.max()), tol, k)
                 ok = ok & (rel <= tol)
             if b is not None:
                 h = h - b
@@ -337,6 +327,6 @@ class InvertibleMLP:
             TypeError: ``n`` is not an integer.
             ValueError: ``n < 1``, or the flow cannot be inverted (see ``inverse``).
         """
-        n = _flows.check_n_samples(n)
+        n = common.check_n_samples(n)
         z = jax.random.normal(check_key(key), (n, self.dim), params[0].weight.dtype)
         return self.inverse(params, z, **inverse_kwargs)

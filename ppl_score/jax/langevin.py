@@ -40,9 +40,10 @@ import numpy as np
 from jax import lax
 from tqdm.auto import tqdm
 
-from .. import langevin as shared
-from .. import spec
-from .checks import check_key
+from ..common import langevin as shared
+from ..common import objectives as spec
+from .derivatives import flat_sum
+from .validate import check_array, check_key
 
 __all__ = ["LangevinState", "LangevinInfo", "LangevinResult", "init", "step", "ula", "mala"]
 
@@ -77,9 +78,6 @@ def _evaluate(fn, kind: str, x: jax.Array):
     return out, pullback(jnp.ones_like(out))[0]
 
 
-def _flat_sum(t: jax.Array) -> jax.Array:
-    return t.reshape(t.shape[0], -1).sum(-1)
-
 
 def init(fn, x: jax.Array, kind: str = "log_prob") -> LangevinState:
     """The state at ``x[C, *event]``: its log density and score."""
@@ -101,9 +99,9 @@ def step(key, state: LangevinState, fn, step_size, *, adjusted: bool = True, kin
         ones = jnp.ones((c,), x.dtype)
         return LangevinState(proposal, prop_log_prob, prop_score), LangevinInfo(ones, ones > 0)
     # log q(x'|x) = -||z||^2 / 2 and log q(x|x') = -||x - x' - h s(x')||^2 / (4 h), up to the same constant
-    log_fwd = -0.5 * _flat_sum(z * z)
+    log_fwd = -0.5 * flat_sum(z * z)
     back = x - proposal - h * prop_score
-    log_bwd = -_flat_sum(back * back) / (4.0 * h)
+    log_bwd = -flat_sum(back * back) / (4.0 * h)
     log_alpha = prop_log_prob - log_prob + log_bwd - log_fwd
     # a non-finite proposal (nan log density or score) is rejected, never accepted
     log_alpha = jnp.where(jnp.isnan(log_alpha), -jnp.inf, log_alpha)
@@ -295,24 +293,14 @@ def _chunks(n: int, progress_bar: bool):
     return [(start, min(start + size, n)) for start in range(0, n, size)]
 
 
-def _check_x0(x0) -> jax.Array:
-    if not isinstance(x0, (jax.Array, np.ndarray)):
-        raise TypeError(f"argument 'x0' must be a jax.Array or numpy array, got {type(x0).__name__}")
-    x0 = jnp.asarray(x0)
-    if not jnp.issubdtype(x0.dtype, jnp.floating):
-        raise TypeError(f"argument 'x0' must have a floating dtype, got {x0.dtype}")
-    shared.check_chains_shape(tuple(x0.shape), "x0")
-    if not bool(jnp.isfinite(x0).all()):
-        raise ValueError("argument 'x0' contains non-finite values (nan or inf)")
-    return x0
-
 
 def _run(fn, x0, step_size, num_steps, *, key, adjusted, kind, num_warmup, thin, progress_bar) -> LangevinResult:
     if not callable(fn):
         raise TypeError(f"argument 'fn' must be callable, got {type(fn).__name__}")
     plan = shared.check_plan(step_size, num_steps, num_warmup, thin)
     shared.check_kind(kind, adjusted)
-    x0 = _check_x0(x0)
+    x0 = check_array("x0", x0)
+    shared.check_chains_shape(tuple(x0.shape), "x0")
     if key is None:
         raise ValueError("argument 'key' is required (a jax.random key)")
     key = check_key(key)

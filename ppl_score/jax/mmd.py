@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ..implicit_spec import MMD_SCALES
+from ..common.mmd import MMD_SCALES
 
 __all__ = ["MMD_SCALES", "imq_mmd2", "imq_constant", "prior_variance", "stop_gradient"]
 

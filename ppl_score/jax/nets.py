@@ -9,7 +9,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from .checks import check_key
+from .validate import check_key
 
 
 def mlp_init(key, sizes, dtype=jnp.float32, zero_bias: bool = False):

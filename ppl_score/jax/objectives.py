@@ -13,24 +13,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import spec
-from ..validation import is_validation_enabled, warn_nonfinite
+from ..common import objectives as spec
+from ..common.validate import is_validation_enabled, warn_nonfinite
 from . import derivatives as d
-from .checks import check_key, is_concrete
-from .sampling import (
+from .projections import (
     draw_directions,
     draw_noise,
     draw_projections,
     has_zero_direction,
     unit_directions,
 )
+from .validate import check_array, check_key, is_concrete
 
 __all__ = ["score_matching_loss"]
 
-
-def _flat_sum(t: jax.Array) -> jax.Array:
-    """Sum over all but the first dim (event dims of ``[N, *event]``)."""
-    return t.reshape(t.shape[0], -1).sum(-1)
 
 
 def _replicate(x: jax.Array, m: int) -> jax.Array:
@@ -40,7 +36,7 @@ def _replicate(x: jax.Array, m: int) -> jax.Array:
 
 def _per_example_esm(fn, kind, x, **_):
     s, trace = d.hessian_trace(fn, kind, x)
-    return trace + 0.5 * _flat_sum(s * s)
+    return trace + 0.5 * d.flat_sum(s * s)
 
 
 def _per_example_ssm(fn, kind, x, *, v, **_):
@@ -51,12 +47,12 @@ def _per_example_ssm(fn, kind, x, *, v, **_):
 
 def _per_example_ssm_vr(fn, kind, x, *, v, **_):
     s, vhv = d.score_and_quadratic_forms(fn, kind, x, v)
-    return vhv.mean(0) + 0.5 * _flat_sum(s * s)
+    return vhv.mean(0) + 0.5 * d.flat_sum(s * s)
 
 
 def _per_example_dsm(fn, kind, x, *, noise, sigma, **_):
     s = d.score_fn(fn, kind)(x + sigma * noise)
-    return 0.5 * _flat_sum((s + noise / sigma) ** 2)
+    return 0.5 * d.flat_sum((s + noise / sigma) ** 2)
 
 
 def _fd_steps(x, u, eps):
@@ -79,7 +75,7 @@ def _per_example_fd_ssm(fn, kind, x, *, u, eps, **_):
     else:
         out = d.evaluate(fn, kind, jnp.concatenate([xr + v, xr - v]))
         sp, sm = out[: m * b], out[m * b :]
-        val = 0.125 * _flat_sum((sp + sm) ** 2) + 0.5 * c * _flat_sum((sp - sm) * v)
+        val = 0.125 * d.flat_sum((sp + sm) ** 2) + 0.5 * c * d.flat_sum((sp - sm) * v)
     return val.reshape(m, b).mean(0)
 
 
@@ -91,9 +87,9 @@ def _per_example_fd_dsm(fn, kind, x, *, u, noise, sigma, eps, **_):
     out = d.evaluate(fn, kind, jnp.concatenate([xt + v, xt - v]))
     fp, fm = out[: m * b], out[m * b :]
     if kind == "log_prob":
-        inner = 0.5 * (fp - fm) + _flat_sum(v * shift)
+        inner = 0.5 * (fp - fm) + d.flat_sum(v * shift)
     else:
-        inner = _flat_sum(v * (0.5 * (fp + fm) + shift))
+        inner = d.flat_sum(v * (0.5 * (fp + fm) + shift))
     return (0.5 * c * inner**2).reshape(m, b).mean(0)
 
 
@@ -122,19 +118,6 @@ def _warn_x64_once(name: str) -> None:
             UserWarning,
             stacklevel=4,
         )
-
-
-def _as_array(name: str, a, dtype=None) -> jax.Array:
-    if not isinstance(a, (jax.Array, np.ndarray)):
-        raise TypeError(f"argument {name!r} must be a jax.Array or numpy array, got {type(a).__name__}")
-    if dtype is None and a.dtype == np.float64 and not jax.config.jax_enable_x64:
-        _warn_x64_once(name)
-    a = jnp.asarray(a) if dtype is None else jnp.asarray(a, dtype=dtype)
-    # finiteness needs concrete values: checked eagerly, skipped under tracing. numpy, not
-    # jnp: inside a jit trace jnp ops on a closed-over concrete array return tracers.
-    if is_validation_enabled() and is_concrete(a) and not np.isfinite(np.asarray(a)).all():
-        raise ValueError(f"argument {name!r} contains non-finite values (nan or inf)")
-    return a
 
 
 def score_matching_loss(
@@ -185,12 +168,13 @@ def score_matching_loss(
     spec.check_reduction(reduction)
     if not callable(fn):
         raise TypeError(f"argument 'fn' must be callable, got {type(fn).__name__}")
-    x = _as_array("x", x)
-    spec.check_dtype(jnp.issubdtype(x.dtype, jnp.floating), x.dtype)
+    if isinstance(x, np.ndarray) and x.dtype == np.float64 and not jax.config.jax_enable_x64:
+        _warn_x64_once("x")
+    x = check_array("x", x)
     spec.check_x_shape(tuple(x.shape))
     spec.check_unused(resolved, projections is not None, noise is not None)
     opts = dict(resolved.options)
-    name, fd = resolved.method, resolved.method.startswith("fd_")
+    name, fd = resolved.method, resolved.spec.finite_difference
     kwargs = {k: opts[k] for k in ("sigma", "eps") if k in opts}
     needs_key = (resolved.spec.uses_projections and projections is None) or (resolved.spec.uses_noise and noise is None)
     if needs_key and key is None:
@@ -204,7 +188,7 @@ def score_matching_loss(
     key_proj, key_noise = jax.random.split(key) if needs_key else (None, None)
     if resolved.spec.uses_projections:
         if projections is not None:
-            projections = _as_array("projections", projections, x.dtype)
+            projections = check_array("projections", projections, dtype="real", cast=x.dtype)
             m = spec.check_projection_shape(resolved, tuple(projections.shape), tuple(x.shape))
             proj = projections.reshape(m, *x.shape)
             if fd and is_validation_enabled() and is_concrete(proj) and has_zero_direction(proj):
@@ -221,7 +205,7 @@ def score_matching_loss(
         kwargs["u" if fd else "v"] = proj
     if resolved.spec.uses_noise:
         if noise is not None:
-            noise = _as_array("noise", noise, x.dtype)
+            noise = check_array("noise", noise, dtype="real", cast=x.dtype)
             spec.check_noise_shape(resolved, tuple(noise.shape), tuple(x.shape))
         else:
             noise = draw_noise(key_noise, x.shape, x.dtype)

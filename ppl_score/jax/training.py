@@ -13,16 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import spec
+from ..common import objectives as spec
+from ..common import training as common
+from ..common.training import EVAL_CHUNK, LR_FLOOR
 from .objectives import score_matching_loss
+from .validate import check_array
 
 __all__ = ["FitResult", "fit_energy", "evaluator"]
 
-# Rows per chunk when evaluating the trained model (bounds the memory of esm's HVPs); the
-# last chunk is padded so each evaluator compiles once.
-EVAL_CHUNK = 512
-# The learning rate decays along a cosine to this fraction of ``lr``.
-LR_FLOOR = 0.05
 
 
 class FitResult(NamedTuple):
@@ -94,18 +92,12 @@ def fit_energy(
     """
     import optax
 
-    spec.resolve(method, "log_prob", options)  # fail before any work
+    lr = common.check_fit(method, options, steps, batch_size, lr)  # fail before any work
     if not callable(apply_fn):
         raise TypeError(f"argument 'apply_fn' must be callable, got {type(apply_fn).__name__}")
-    for name, value in (("steps", steps), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "steps" else 1):
-            raise ValueError(f"argument {name!r} must be an int >= {0 if name == 'steps' else 1}, got {value!r}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"argument 'lr' must be a finite number > 0, got {lr!r}")
     x = jnp.asarray(np.asarray(data), dtype)
     spec.check_x_shape(tuple(x.shape))
-    if not bool(jnp.isfinite(x).all()):
-        raise ValueError("argument 'data' contains non-finite values (nan or inf)")
+    check_array("data", x)
 
     params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
     optimizer = optax.adam(optax.cosine_decay_schedule(lr, max(steps, 1), alpha=LR_FLOOR))
@@ -124,7 +116,7 @@ def fit_energy(
     opt_state = optimizer.init(params)
     key = jax.random.PRNGKey(seed)
     losses = []
-    report = max(1, steps // 100)
+    report = common.report_every(steps)
 
     from tqdm.auto import tqdm
 
@@ -136,9 +128,7 @@ def fit_energy(
             if (t + 1) % report == 0 or t + 1 == steps:
                 value = float(loss)  # also waits for the step: the bar shows real progress
                 if not math.isfinite(value):
-                    raise FloatingPointError(
-                        f"the {method} loss became non-finite by step {t + 1}; lower 'lr' (or raise 'eps' / 'sigma')"
-                    )
+                    raise common.nonfinite_loss_error(method, t + 1)
                 bar.set_postfix(loss=f"{value:.4g}", refresh=False)
     jax.block_until_ready(params)
     seconds = time.perf_counter() - start

@@ -10,7 +10,7 @@ from .deq import deq_energy, deq_energy_module, deq_score, deq_score_module
 from .distributions import Unnormalized
 from .flows import InvertibleMLPTransform, RelativeGradientMLE, invertible_mlp
 from .implicit import ImplicitELBO, score_state
-from .sampling import langevin, nuts, potential_fn, site_log_density
+from .mcmc import langevin, nuts, potential_fn, site_log_density
 from .score_matching import ScoreMatching
 from .wae import WAE
 

@@ -6,6 +6,7 @@ r"""A calibrated generalized-Bayes weight for :class:`~ppl_score.numpyro.ScoreMa
 from __future__ import annotations
 
 import math
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -13,9 +14,9 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 
-from .. import calibration as shared
+from ..common import calibration as shared
 from ..jax import calibration as backend
-from ..jax.checks import check_key
+from ..jax.validate import check_key
 from .score_matching import ScoreMatching
 
 __all__ = ["calibrate_beta"]
@@ -23,20 +24,21 @@ __all__ = ["calibrate_beta"]
 
 def calibrate_beta(
     loss: ScoreMatching,
-    model,
-    latents: dict,
-    *args,
-    key=None,
+    model: Callable,
+    latents: Mapping[str, Any],
+    *args: Any,
+    key: jax.Array | None = None,
     params: dict | None = None,
     rule: str = "lyddon",
-    **kwargs,
+    **kwargs: Any,
 ) -> float:
     r"""The weight ``beta`` that calibrates the generalized posterior of ``loss``.
 
-    ``ScoreMatching(method, beta=beta)`` targets the generalized posterior
+    ``ScoreMatching(method, beta=beta)`` targets the generalized posterior [1]
     :math:`\pi_\beta(z) \propto p(z) \exp(-\beta \sum_i w_i \mathrm{SM}_i(z))`; ``beta``
-    matches its asymptotic covariance to the estimator's sandwich covariance by ``rule``
-    (the maths, both rules and their references: ``ppl_score.calibration``).
+    matches its asymptotic covariance to the estimator's sandwich covariance by ``rule``:
+    ``"lyddon"`` [2] or ``"magnitude"`` [3] (the maths of both rules:
+    ``ppl_score.common.calibration``).
 
     The per-datum losses are ``loss.datum_losses(key, params, model, guide, *args,
     **kwargs)`` with a guide that puts a point mass (``Delta``) on ``latents``, differentiated
@@ -46,7 +48,7 @@ def calibrate_beta(
 
     Args:
         loss: the :class:`~ppl_score.numpyro.ScoreMatching` loss (``method="esm"`` advised:
-            a stochastic method warns, see ``ppl_score.calibration``).
+            a stochastic method warns, see ``ppl_score.common.calibration``).
         model: the NumPyro model; its latent sites must be global (outside data plates).
         latents: ``{site name: value}`` for every latent sample site of ``model``: the
             point :math:`\hat z` (the score-matching estimate, or the generalized
@@ -72,6 +74,17 @@ def calibrate_beta(
             for a stochastic method, fewer than two data points, losses that do not depend on
             ``latents``, :math:`H` (or :math:`J` for ``"lyddon"``) not positive definite
             (``latents`` not at a minimum), a bad ``rule``.
+
+    References:
+        [1] T. Matsubara, J. Knoblauch, F.-X. Briol, C. J. Oates, "Robust generalised Bayesian
+        inference for intractable likelihoods", Journal of the Royal Statistical Society Series B,
+        2022.
+
+        [2] S. P. Lyddon, C. C. Holmes, S. G. Walker, "General Bayesian updating and the
+        loss-likelihood bootstrap", Biometrika, 2019.
+
+        [3] M. Ribatet, D. Cooley, A. C. Davison, "Bayesian inference from composite likelihoods,
+        with an application to spatial extremes", Statistica Sinica, 2012.
     """
     names, rule, stochastic = shared.check_calibrate_args(loss, ScoreMatching, "numpyro", latents, rule)
     if stochastic:

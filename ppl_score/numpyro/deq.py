@@ -16,11 +16,15 @@ The returned function is also a plain ``fn`` for ``ppl_score.jax.score_matching_
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 import numpyro
+from jax.typing import DTypeLike
 
-from ..jax import deq as _deq
+from ..common.validate import check_int
+from ..jax import deq as backend
 
 __all__ = ["deq_energy", "deq_score", "deq_energy_module", "deq_score_module"]
 
@@ -42,24 +46,28 @@ class _Init:
         dim = _event_size(input_shape)
         dtype = self.dtype or jnp.result_type(float)
         if self.kind == "energy":
-            return tuple(input_shape[:1]), _deq.deq_energy_init(rng_key, dim, self.width, dtype)
-        return tuple(input_shape), _deq.deq_score_init(rng_key, dim, self.width, dtype)
+            return tuple(input_shape[:1]), backend.deq_energy_init(rng_key, dim, self.width, dtype)
+        return tuple(input_shape), backend.deq_score_init(rng_key, dim, self.width, dtype)
 
 
 class _Apply:
     """``apply_fn(params, x) -> log p(x)`` (``kind="energy"``) or ``s(x)`` (``"score"``)."""
 
-    def __init__(self, kind: str, config: _deq.DEQConfig, quadratic: float = 0.0):
+    def __init__(self, kind: str, config: backend.DEQConfig, quadratic: float = 0.0):
         self.kind, self.config, self.quadratic = kind, config, quadratic
 
     def __call__(self, params, x, **_):
         if self.kind == "energy":
-            return _deq.deq_energy_apply(params, x, self.config, quadratic=self.quadratic)
-        return _deq.deq_score_apply(params, x, self.config)
+            return backend.deq_energy_apply(params, x, self.config, quadratic=self.quadratic)
+        return backend.deq_score_apply(params, x, self.config)
 
 
-def deq_energy(width: int = 512, *, quadratic: float = 0.0, dtype=None, **options):
-    """Stax-style ``(init_fn, apply_fn)`` of ``ppl_score.jax.deq.deq_energy_apply``.
+def deq_energy(
+    width: int = 512, *, quadratic: float = 0.0, dtype: DTypeLike | None = None, **options: Any
+) -> tuple[Callable, Callable]:
+    """Stax-style ``(init_fn, apply_fn)`` of ``ppl_score.jax.deq.deq_energy_apply``: the
+    energy ``log p(x) = w^T z*(x) + c - quadratic/2 ||x||^2 + const`` of the fixed point
+    ``z*(x)`` of a weight-tied layer (a deep equilibrium model [1], as a score model [2]).
 
     Args:
         width: the DEQ layer's width.
@@ -71,14 +79,22 @@ def deq_energy(width: int = 512, *, quadratic: float = 0.0, dtype=None, **option
 
     Returns:
         ``(init_fn, apply_fn)`` with ``apply_fn(params, x [B, *event]) -> [B]``; both pickle.
+
+    References:
+        [1] S. Bai, J. Z. Kolter, V. Koltun, "Deep equilibrium models", NeurIPS, 2019.
+
+        [2] Y. Huang, Q. Wang, A. Onwunta, B. Wang, "Efficient score matching with deep equilibrium
+        layers", ICLR, 2024.
     """
-    config = _deq.deq_config(**options)
-    width = _deq._positive_int("width", width)
+    config = backend.deq_config(**options)
+    width = check_int("width", width)
     return _Init("energy", width, dtype), _Apply("energy", config, quadratic)
 
 
-def deq_score(width: int = 256, *, dtype=None, **options):
-    """Stax-style ``(init_fn, apply_fn)`` of ``ppl_score.jax.deq.deq_score_apply``.
+def deq_score(width: int = 256, *, dtype: DTypeLike | None = None, **options: Any) -> tuple[Callable, Callable]:
+    """Stax-style ``(init_fn, apply_fn)`` of ``ppl_score.jax.deq.deq_score_apply``: a score
+    network read off the fixed point ``z*(x)`` of a weight-tied layer (a deep equilibrium
+    model [1], as a score model [2]).
 
     Args:
         width: the DEQ layer's width.
@@ -90,18 +106,26 @@ def deq_score(width: int = 256, *, dtype=None, **options):
     Returns:
         ``(init_fn, apply_fn)`` with ``apply_fn(params, x [B, *event]) -> [B, *event]``; both
         pickle.
+
+    References:
+        [1] S. Bai, J. Z. Kolter, V. Koltun, "Deep equilibrium models", NeurIPS, 2019.
+
+        [2] Y. Huang, Q. Wang, A. Onwunta, B. Wang, "Efficient score matching with deep equilibrium
+        layers", ICLR, 2024.
     """
-    config = _deq.deq_config(**options)
-    width = _deq._positive_int("width", width)
+    config = backend.deq_config(**options)
+    width = check_int("width", width)
     return _Init("score", width, dtype), _Apply("score", config)
 
 
-def deq_energy_module(name: str, dim: int, width: int = 512, *, quadratic: float = 0.0, **options):
+def deq_energy_module(
+    name: str, dim: int, width: int = 512, *, quadratic: float = 0.0, **options: Any
+) -> Callable[[jax.Array], jax.Array]:
     """``numpyro.module(name, deq_energy(...), input_shape=(1, dim))``: call inside a model
     (under a ``seed`` handler on first use, as ``numpyro.module`` requires)."""
     return numpyro.module(name, deq_energy(width, quadratic=quadratic, **options), input_shape=(1, dim))
 
 
-def deq_score_module(name: str, dim: int, width: int = 256, **options):
+def deq_score_module(name: str, dim: int, width: int = 256, **options: Any) -> Callable[[jax.Array], jax.Array]:
     """``numpyro.module(name, deq_score(...), input_shape=(1, dim))``."""
     return numpyro.module(name, deq_score(width, **options), input_shape=(1, dim))

@@ -3,11 +3,15 @@ model), to be fitted by :class:`~ppl_score.numpyro.ScoreMatching`."""
 
 from __future__ import annotations
 
+from typing import Callable, NoReturn, Sequence
+
+import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 from numpyro.distributions import Distribution, constraints
 
-from .. import frontend
-from .. import langevin as shared
+from ..common import frontend
+from ..common import langevin as shared
 
 __all__ = ["Unnormalized"]
 
@@ -75,14 +79,14 @@ class Unnormalized(Distribution):
 
     def __init__(
         self,
-        log_density_fn,
-        event_shape,
-        support=constraints.real,
+        log_density_fn: Callable[[jax.Array], jax.Array],
+        event_shape: int | Sequence[int],
+        support: constraints.Constraint = constraints.real,
         *,
-        batch_shape=(),
+        batch_shape: int | Sequence[int] = (),
         batched: bool = False,
-        validate_args=None,
-    ):
+        validate_args: bool | None = None,
+    ) -> None:
         event_shape, batch_shape, extra = frontend.check_unnormalized_args(
             log_density_fn, event_shape, support, batched, batch_shape, constraints.Constraint
         )
@@ -92,10 +96,10 @@ class Unnormalized(Distribution):
         super().__init__(batch_shape=batch_shape, event_shape=event_shape, validate_args=validate_args)
 
     @property
-    def support(self):
+    def support(self) -> constraints.Constraint:
         return self._support
 
-    def expand(self, batch_shape):
+    def expand(self, batch_shape: Sequence[int]) -> Unnormalized:
         """The same density with batch shape ``batch_shape`` (what plates call).
 
         Raises:
@@ -116,7 +120,7 @@ class Unnormalized(Distribution):
         self._support = support
         return self
 
-    def log_prob(self, value):
+    def log_prob(self, value: ArrayLike) -> jax.Array:
         """``log_density_fn`` at ``value [*lead, *event_shape]``: shape ``lead`` broadcast with
         ``batch_shape``.
 
@@ -130,7 +134,7 @@ class Unnormalized(Distribution):
         expected = shared.unnormalized_log_prob_shape(lead, self.batch_shape, self.event_shape)
         return self._evaluate(value, lead, expected)
 
-    def log_density(self, value):
+    def log_density(self, value: ArrayLike) -> jax.Array:
         """``log_density_fn`` at points ``value [*lead, *event_shape]``, ignoring ``batch_shape``
         (the plates' expansion): shape ``lead`` (row form), or ``lead`` broadcast with the
         parameters' batch dims (batched form). The density of new points, used to draw them.
@@ -143,10 +147,13 @@ class Unnormalized(Distribution):
     def _evaluate(self, value, lead, expected):
         return _OPS.evaluate(self.log_density_fn, self.batched, self.event_shape, value, lead, expected)
 
-    def sample(self, key, sample_shape=()):
+    def sample(self, key: jax.Array, sample_shape: tuple[int, ...] = ()) -> NoReturn:
+        """Raises ``NotImplementedError``: an unnormalized density has no sampler (see the
+        class docstring for how to draw from a fitted model)."""
         raise frontend.sampling_error("numpyro")
 
-    def rsample(self, key, sample_shape=()):
+    def rsample(self, key: jax.Array, sample_shape: tuple[int, ...] = ()) -> NoReturn:
+        """Raises ``NotImplementedError``, as :meth:`sample`."""
         raise frontend.sampling_error("numpyro")
 
     def __repr__(self) -> str:
@@ -154,7 +161,7 @@ class Unnormalized(Distribution):
 
 
 class _JaxOps(shared.UnnormalizedOps):
-    """``ppl_score.langevin.UnnormalizedOps`` for JAX arrays."""
+    """``ppl_score.common.langevin.UnnormalizedOps`` for JAX arrays."""
 
     xp = jnp
     call_errors = (TypeError, ValueError)

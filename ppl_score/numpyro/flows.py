@@ -17,15 +17,19 @@ the flow's exact density::
 
 ``RelativeGradientMLE.loss`` is built on ``ppl_score.jax.flows.relative_gradient_linear``
 (a ``custom_vjp``), so the gradient ``SVI`` takes of it, inside its jitted update, is the
-relative gradient ``grad_W(NLL) W^T W`` (Gresele et al. 2020), in ``O(B D^2)``. Outside
-NumPyro, ``InvertibleMLP.relative_gradient_loss`` is the same loss for a plain optax loop.
+relative gradient ``grad_W(NLL) W^T W`` (Gresele et al. 2020, reference in ``RelativeGradientMLE``),
+in ``O(B D^2)``. Outside NumPyro, ``InvertibleMLP.relative_gradient_loss`` is the same loss
+for a plain optax loop.
 """
 
 from __future__ import annotations
 
+from typing import Any, Callable, Mapping, Sequence
+
 import jax
 import jax.numpy as jnp
 import numpyro
+from jax.typing import DTypeLike
 from numpyro.distributions import (
     ExpandedDistribution,
     Independent,
@@ -38,14 +42,14 @@ from numpyro.distributions.util import sum_rightmost
 from numpyro.handlers import seed, substitute, trace
 from numpyro.infer.elbo import ELBO
 
-from .. import _flows
+from ..common import flows as common
 from ..jax.flows import FlowLayer, InvertibleMLP
 
 __all__ = ["InvertibleMLPTransform", "RelativeGradientMLE", "invertible_mlp"]
 
 
 class InvertibleMLPTransform(Transform):
-    """NumPyro transform for the full-Jacobian flow, base -> data direction.
+    """NumPyro transform for the full-Jacobian flow [1], base -> data direction.
 
     ``__call__(z) = g^{-1}(z)`` (Newton + linear solves, for sampling), ``_inverse(x) = g(x)``,
     ``log_abs_det_jacobian(z, x) = -log|det dg/dx|`` (exact, ``slogdet`` per layer).
@@ -53,17 +57,28 @@ class InvertibleMLPTransform(Transform):
     Args:
         flow (ppl_score.jax.flows.InvertibleMLP): the flow's configuration.
         params: its parameters ``(FlowLayer(W, b), ...)``.
+        inverse_kwargs: options of ``InvertibleMLP.inverse`` (``tol``, ``max_iter``).
+
+    Raises:
+        TypeError: ``flow`` is not a ``ppl_score.jax.flows.InvertibleMLP``.
+        ValueError: ``params`` do not fit ``flow``.
+
+    References:
+        [1] L. Gresele, G. Fissore, A. Javaloy, B. Schoelkopf, A. Hyvarinen, "Relative gradient
+        optimization of the Jacobian term in unsupervised deep learning", NeurIPS, 2020.
     """
 
     domain = constraints.real_vector
     codomain = constraints.real_vector
 
-    def __init__(self, flow: InvertibleMLP, params, inverse_kwargs=None):
+    def __init__(
+        self, flow: InvertibleMLP, params: Sequence[FlowLayer], inverse_kwargs: Mapping[str, Any] | None = None
+    ) -> None:
         if not isinstance(flow, InvertibleMLP):
             raise TypeError(f"argument 'flow' must be a ppl_score.jax.flows.InvertibleMLP, got {type(flow).__name__}")
         self.flow = flow
         self.params = tuple(FlowLayer(*layer) for layer in params)
-        flow._check_params(self.params)
+        flow.check_params(self.params)
         self.inverse_kwargs = dict(inverse_kwargs or {})
 
     def __call__(self, z):
@@ -72,13 +87,13 @@ class InvertibleMLPTransform(Transform):
     def _inverse(self, x):
         return self.flow.forward(self.params, x)
 
-    def log_abs_det_jacobian(self, z, x, intermediates=None):
+    def log_abs_det_jacobian(self, z: jax.Array, x: jax.Array, intermediates: Any = None) -> jax.Array:
         return -self.flow.forward_and_log_det(self.params, x)[1]
 
-    def tree_flatten(self):
+    def tree_flatten(self) -> tuple[tuple, tuple]:
         return (self.params,), (("params",), {"flow": self.flow, "inverse_kwargs": self.inverse_kwargs})
 
-    def eq(self, other, static: bool = False):
+    def eq(self, other: Any, static: bool = False) -> bool:
         return self is other
 
 
@@ -86,23 +101,32 @@ def invertible_mlp(
     name: str,
     dim: int,
     n_layers: int = 2,
-    alpha: float = _flows.DEFAULT_ALPHA,
+    alpha: float = common.DEFAULT_ALPHA,
     bias: bool = True,
     *,
-    init=None,
-    dtype=None,
-    **inverse_kwargs,
+    init: Sequence[FlowLayer] | None = None,
+    dtype: DTypeLike | None = None,
+    **inverse_kwargs: Any,
 ) -> InvertibleMLPTransform:
     """Register the flow's parameters (``{name}.weight{k}``, ``{name}.bias{k}``) with
     ``numpyro.param`` and return the ``InvertibleMLPTransform`` built from their values.
 
-    ``init``: initial parameters (e.g. ``InvertibleMLP.params_from(torch_flow.flow_params())``);
-    default: orthogonal weights and zero biases drawn from the seed handler's key.
+    Args:
+        name: the prefix of the parameters' names.
+        dim, n_layers, alpha, bias: as in ``ppl_score.jax.flows.InvertibleMLP``.
+        init: initial parameters (e.g.
+            ``InvertibleMLP.params_from(torch_flow.flow_params())``); default: orthogonal
+            weights and zero biases drawn from the seed handler's key.
+        dtype: of the default initial parameters; defaults to JAX's default float.
+        **inverse_kwargs: options of ``InvertibleMLP.inverse`` (``tol``, ``max_iter``).
+
+    Returns:
+        The ``InvertibleMLPTransform`` of the registered parameters' current values.
     """
     flow = InvertibleMLP(dim, n_layers, alpha, bias)
     if init is not None:
         init = tuple(FlowLayer(*layer) for layer in init)
-        flow._check_params(init)
+        flow.check_params(init)
     dtype = jnp.result_type(float) if dtype is None else dtype
     ortho = jax.nn.initializers.orthogonal()
     layers = []
@@ -159,8 +183,8 @@ def _training_log_prob(fn, value):
 
 
 class RelativeGradientMLE(ELBO):
-    """Maximum likelihood by relative gradient for NumPyro models whose observed sites are
-    ``TransformedDistribution``s with an ``InvertibleMLPTransform`` (Gresele et al. 2020).
+    """Maximum likelihood by relative gradient [1] for NumPyro models whose observed sites are
+    ``TransformedDistribution``s with an ``InvertibleMLPTransform``.
 
     ``loss`` is the TRAINING loss: ``-sum over data points of [log p(x) - sum_k log|det W_k|]``
     (site scales from subsampled plates and masks apply), i.e. the negative log-likelihood
@@ -174,9 +198,13 @@ class RelativeGradientMLE(ELBO):
     The model must be fully observed (no latent sample sites; the guide samples nothing).
     Supported site distributions: ``TransformedDistribution`` (transforms may include
     ``ComposeTransform``s), possibly wrapped by ``to_event``, plates (``expand``) and masks.
+
+    References:
+        [1] L. Gresele, G. Fissore, A. Javaloy, B. Schoelkopf, A. Hyvarinen, "Relative gradient
+        optimization of the Jacobian term in unsupervised deep learning", NeurIPS, 2020.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__(num_particles=1)
 
     @staticmethod
@@ -218,11 +246,27 @@ class RelativeGradientMLE(ELBO):
             )
         return loss
 
-    def loss(self, rng_key, param_map, model, guide, *args, **kwargs):
+    def loss(
+        self,
+        rng_key: jax.Array,
+        param_map: Mapping[str, Any],
+        model: Callable,
+        guide: Callable,
+        *args: Any,
+        **kwargs: Any,
+    ) -> jax.Array:
         """Training loss (the NLL without the ``log|det W_k|`` terms); its ``jax.grad`` in the
         flow weights is their relative gradient."""
         return self._nll(rng_key, param_map, model, guide, args, kwargs, exact=False)
 
-    def exact_nll(self, rng_key, param_map, model, guide, *args, **kwargs):
+    def exact_nll(
+        self,
+        rng_key: jax.Array,
+        param_map: Mapping[str, Any],
+        model: Callable,
+        guide: Callable,
+        *args: Any,
+        **kwargs: Any,
+    ) -> jax.Array:
         """Exact negative log-likelihood (``slogdet`` per layer), for evaluation."""
         return self._nll(rng_key, param_map, model, guide, args, kwargs, exact=True)

@@ -3,7 +3,7 @@
 An implicit guide site is ``numpyro.sample(name, dist.Delta(g(eps, ...), event_dim=k))``.
 For each one the surrogate loss gains ``stop_grad(s_hat(z))^T (z - stop_grad(z))``, whose
 gradient is the reparameterized entropy gradient ``-E[grad_z log q(z)^T dg/dphi]``
-(Song et al. 2019), with ``s_hat`` from:
+(Song et al. 2019, section 4.2; references in ``ImplicitELBO``), with ``s_hat`` from:
 
 * a learned estimator (``ppl_score.jax.estimators.learned_score_estimator``), whose state
   ``LearnedScoreState(params, opt_state)`` is NumPyro mutable state, so it works inside the
@@ -28,11 +28,12 @@ negative ELBO without the implicit sites' unknown entropy.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import random
+from jax.typing import DTypeLike
 from numpyro import primitives
 from numpyro.distributions import Delta, MaskedDistribution
 from numpyro.handlers import replay, seed, substitute
@@ -40,16 +41,19 @@ from numpyro.infer import ELBO
 from numpyro.infer.util import compute_log_probs
 from numpyro.util import check_model_guide_match
 
-from .. import implicit_spec as ispec
-from ..jax.estimators import LearnedScoreEstimator, check_scores_finite
+from ..common import implicit as common
+from ..common.validate import check_int, check_sites
+from ..jax.estimators import LearnedScoreEstimator, LearnedScoreState, check_scores_finite
 from ..jax.estimators import site_scores as backend_site_scores
 
 __all__ = ["ImplicitELBO", "implicit_site_names", "score_state", "score_state_name", "site_scores"]
 
-score_state_name = ispec.score_state_name
+score_state_name = common.score_state_name
 
 
-def score_state(site: str, estimator: LearnedScoreEstimator, seed: int = 0, dtype=jnp.float32):
+def score_state(
+    site: str, estimator: LearnedScoreEstimator, seed: int = 0, dtype: DTypeLike = jnp.float32
+) -> LearnedScoreState:
     """Declare (in the guide) the learned estimator state of implicit site ``site`` as
     NumPyro mutable state ``score_state_name(site)``; returns the current state.
 
@@ -81,17 +85,27 @@ def _mask_of(fn):
     return mask
 
 
-def implicit_site_names(guide_trace, sites=None) -> list[str]:
+def implicit_site_names(guide_trace: Mapping[str, dict], sites: Sequence[str] | None = None) -> list[str]:
     """Names of the guide's implicit (``Delta``) sample sites, or the ``sites`` given, which
     must be such sites.
 
     Raises:
         ValueError: a name of ``sites`` is not a sample site of the guide, or not implicit.
     """
-    return ispec.implicit_site_names(guide_trace, sites, Delta, "numpyro")
+    return common.implicit_site_names(guide_trace, sites, Delta, "numpyro")
 
 
-def site_scores(name, est, options, z, batch_ndim, context, params, key, train):
+def site_scores(
+    name: str,
+    est: Any,
+    options: Mapping[str, Any],
+    z: jax.Array,
+    batch_ndim: int,
+    context: jax.Array | None,
+    params: Mapping[str, Any],
+    key: jax.Array,
+    train: bool,
+) -> tuple[jax.Array, LearnedScoreState | None]:
     """Estimated ``grad_z log q`` for ``z [P, *batch, *event]`` (stop-gradient) of implicit
     site ``name``; returns ``(scores, new_learned_state_or_None)``. Shared with ``WAE``.
 
@@ -101,7 +115,7 @@ def site_scores(name, est, options, z, batch_ndim, context, params, key, train):
     """
     state = None
     if isinstance(est, LearnedScoreEstimator):
-        state = ispec.learned_state(params, name)
+        state = common.learned_state(params, name)
     elif callable(est):
         user_fn = est
 
@@ -114,6 +128,12 @@ def site_scores(name, est, options, z, batch_ndim, context, params, key, train):
 
 class ImplicitELBO(ELBO):
     """The ELBO for guides with implicit sites ``sample(name, Delta(g(eps, ...), event_dim=k))``.
+
+    The entropy of an implicit site enters through its reparameterized gradient
+    ``grad_phi E_q[-log q_phi(z)] = -E_eps[grad_z log q_phi(z)^T dg_phi(eps)/dphi]``, section
+    4.2 of [1], with ``grad_z log q_phi`` estimated from the guide's samples by a learned
+    score network (trained by sliced score matching [1]), the Stein gradient estimator [2]
+    or the spectral estimator (SSGE) [3]; see the module docstring.
 
     Args:
         estimator: per implicit site (or a dict ``{site: ...}``): a ``LearnedScoreEstimator``
@@ -133,6 +153,15 @@ class ImplicitELBO(ELBO):
 
     Tuning a learned estimator (defaults: ``n_steps=10`` Adam steps at 3e-3 per SVI step;
     signs of a collapsing guide and the remedies): see ``ppl_score.pyro.implicit.ImplicitELBO``.
+
+    References:
+        [1] Y. Song, S. Garg, J. Shi, S. Ermon, "Sliced score matching: a scalable approach to
+        density and score estimation", UAI, 2019.
+
+        [2] Y. Li, R. E. Turner, "Gradient estimators for implicit models", ICLR, 2018.
+
+        [3] J. Shi, S. Sun, J. Zhu, "A spectral approach to gradient estimation for implicit
+        distributions", ICML, 2018.
     """
 
     def __init__(
@@ -140,21 +169,32 @@ class ImplicitELBO(ELBO):
         estimator: Any = "stein",
         *,
         num_particles: int = 1,
-        sites=None,
+        sites: str | Iterable[str] | None = None,
         context: Callable | Mapping | None = None,
         estimator_options: Mapping | None = None,
         update_estimator: bool = True,
-    ):
-        num_particles = ispec.check_int("num_particles", num_particles)
+    ) -> None:
+        num_particles = check_int("num_particles", num_particles)
         super().__init__(num_particles=num_particles)
-        ispec.check_estimators(estimator, LearnedScoreEstimator, num_particles)
+        common.check_estimators(estimator, LearnedScoreEstimator, num_particles)
         self.estimator = estimator
-        self.sites = ispec.check_sites(sites)
-        self.context = ispec.check_context(context)
+        self.sites = check_sites(sites, "latent")
+        self.context = common.check_context(context)
         self.estimator_options = estimator_options
         self.update_estimator = bool(update_estimator)
 
-    def loss_with_mutable_state(self, rng_key, param_map, model, guide, *args, **kwargs):
+    def loss_with_mutable_state(
+        self,
+        rng_key: jax.Array,
+        param_map: Mapping[str, Any],
+        model: Callable,
+        guide: Callable,
+        *args: Any,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """The loss (``{"loss", "mutable_state"}``, as every NumPyro ELBO): the negative ELBO
+        without the implicit sites' entropy, plus the entropy surrogate (value zero); the
+        mutable state carries the learned estimators' updated states."""
         info = {}  # static structure recorded while tracing
 
         def particle(key):
@@ -193,7 +233,7 @@ class ImplicitELBO(ELBO):
         new_state = {}
         surrogate = jnp.array(0.0)
         for i, name in enumerate(values):
-            est, opts, ctx_fn = ispec.site_options(self.estimator, self.estimator_options, self.context, name)
+            est, opts, ctx_fn = common.site_options(self.estimator, self.estimator_options, self.context, name)
             z, event_dim = values[name], info[name]
             context = None if ctx_fn is None else jax.lax.stop_gradient(jnp.asarray(ctx_fn(*args, **kwargs)))
             s_hat, state = site_scores(

@@ -1,13 +1,14 @@
 """Score matching as a NumPyro SVI loss: :class:`ScoreMatching`, a ``numpyro.infer.ELBO``.
 
 This module only translates NumPyro traces; the site handling (which sites are matched, data
-blocks, masks and weights, dependencies, the joint log density) is ``ppl_score.sites``.
+blocks, masks and weights, dependencies, the joint log density) is ``ppl_score.common.sites``.
 """
 
 from __future__ import annotations
 
 import numbers
 import warnings
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -20,9 +21,9 @@ from numpyro.infer.elbo import ELBO
 from numpyro.ops.provenance import eval_provenance
 from numpyro.util import check_model_guide_match
 
-from .. import frontend, sites, validation
+from ..common import frontend, sites, validate
 from ..jax import score_matching_loss
-from ..jax.checks import is_concrete
+from ..jax.validate import is_concrete
 
 __all__ = ["ScoreMatching"]
 
@@ -31,22 +32,23 @@ _ELBO_KWARGS = ("vectorize_particles",)
 
 
 class ScoreMatching(ELBO):
-    r"""Score matching (Hyvarinen 2005) and its scalable variants as an SVI loss, used
-    exactly like :class:`~numpyro.infer.Trace_ELBO` (``svi.run``, ``svi.update`` under
-    ``jit``, ``svi.stable_update``)::
+    r"""Score matching [1] and its scalable variants (sliced [2], denoising [3],
+    finite-difference [4]) as an SVI loss, used exactly like
+    :class:`~numpyro.infer.Trace_ELBO` (``svi.run``, ``svi.update`` under ``jit``,
+    ``svi.stable_update``)::
 
         svi = SVI(model, guide, optax.adam(1e-2), loss=ScoreMatching("ssm_vr"))
 
     It fits models whose likelihood is known only up to a normalizing constant (energy
-    models, e.g. :class:`~ppl_score.numpyro.Unnormalized`), since the objectives of SPEC.md
-    section 1 need only :math:`s(x) = \nabla_x \log p(x)` and its derivatives. With
-    latent sites :math:`z` and guide :math:`q(z)` the loss is
+    models, e.g. :class:`~ppl_score.numpyro.Unnormalized`), since the objectives of the
+    spec (docs page *Spec*, section 1) need only :math:`s(x) = \nabla_x \log p(x)` and its
+    derivatives. With latent sites :math:`z` and guide :math:`q(z)` the loss is
 
     .. math::
 
         L = \mathbb{E}_{q(z)}\Big[\beta \sum_i w_i\, \mathrm{SM}_i(z) + \log q(z) - \log p(z)\Big],
 
-    whose minimizer over all :math:`q` is the generalized Bayes (Hyvarinen-score) posterior
+    whose minimizer over all :math:`q` is the generalized Bayes (Hyvarinen-score) posterior [5]
     :math:`p(z) \exp(-\beta \sum_i \mathrm{SM}_i(z))`; with no latent sites it is
     :math:`\beta \sum_i w_i\, \mathrm{SM}_i`, score-matching estimation of the parameters.
 
@@ -57,7 +59,7 @@ class ScoreMatching(ELBO):
       re-executing the model with the matched values substituted (``handlers.substitute``
       and ``replay``, ``vmap``-ed over the copies the objectives stack, all under ``jit``);
       unmatched observed sites are conditioned on. Every plate dimension of a matched site
-      indexes data points and its event dimensions are the :math:`x` of SPEC.md; when a
+      indexes data points and its event dimensions are the :math:`x` of the spec; when a
       site couples data points (it is not inside every plate of the matched sites) the
       batch is one data point. A site with constrained support is matched in the
       unconstrained space of ``biject_to(support)``, log-abs-det-Jacobian added. Several
@@ -65,7 +67,7 @@ class ScoreMatching(ELBO):
       unconstrained values). Log densities are unscaled. The dependencies are found at
       trace time by provenance tracking (no run-time cost); without dependent sites the
       matched sites' own distributions are evaluated in one batched call. See
-      ``ppl_score.sites``.
+      ``ppl_score.common.sites``.
     - :math:`w_i` is the site's ``scale`` (``N / B`` in a subsampled plate, as in
       ``Trace_ELBO``) times its mask (``handlers.mask``, ``obs_mask``, ``fn.mask``): a
       masked data point contributes nothing.
@@ -88,14 +90,35 @@ class ScoreMatching(ELBO):
         **options: the method's options (``n_projections``, ``projection``, ``sigma``,
             ``eps``); unknown options or bad values raise here.
 
-    References: Hyvarinen (2005) JMLR 6; Song, Garg, Shi, Ermon (2019) UAI; Vincent
-    (2011) Neural Computation 23; Pang et al. (2020) NeurIPS; generalized Bayes with the
-    Hyvarinen score: Matsubara, Knoblauch, Briol, Oates (2022) JRSS-B.
+    References:
+        [1] A. Hyvarinen, "Estimation of non-normalized statistical models by score matching",
+        Journal of Machine Learning Research, 2005.
+
+        [2] Y. Song, S. Garg, J. Shi, S. Ermon, "Sliced score matching: a scalable approach to
+        density and score estimation", UAI, 2019.
+
+        [3] P. Vincent, "A connection between score matching and denoising autoencoders", Neural
+        Computation, 2011.
+
+        [4] T. Pang, K. Xu, C. Li, Y. Song, S. Ermon, J. Zhu, "Efficient learning of generative
+        models via finite-difference score matching", NeurIPS, 2020.
+
+        [5] T. Matsubara, J. Knoblauch, F.-X. Briol, C. J. Oates, "Robust generalised Bayesian
+        inference for intractable likelihoods", Journal of the Royal Statistical Society Series B,
+        2022.
     """
 
     can_infer_discrete = False
 
-    def __init__(self, method: str = "ssm_vr", *, sites=None, beta: float = 1.0, num_particles: int = 1, **options):
+    def __init__(
+        self,
+        method: str = "ssm_vr",
+        *,
+        sites: str | Iterable[str] | None = None,
+        beta: float = 1.0,
+        num_particles: int = 1,
+        **options: Any,
+    ) -> None:
         elbo_kwargs, options = frontend.split_elbo_kwargs(options, _ELBO_KWARGS)
         self.config = frontend.make_config(method, sites, beta, num_particles, options)
         vectorize = elbo_kwargs.get("vectorize_particles", True)
@@ -144,13 +167,21 @@ class ScoreMatching(ELBO):
     def _datum_values(self, dens, key):
         with warnings.catch_warnings():
             # a non-finite loss is reported once, by the loss, naming the sites
-            warnings.simplefilter("ignore", validation.NonFiniteWarning)
+            warnings.simplefilter("ignore", validate.NonFiniteWarning)
             return score_matching_loss(dens.fn, dens.x, self.method, key=key, reduction="none", **self.options)
 
-    def loss_with_mutable_state(self, rng_key, param_map, model, guide, *args, **kwargs):
+    def loss_with_mutable_state(
+        self,
+        rng_key: jax.Array,
+        param_map: Mapping[str, Any],
+        model: Callable,
+        guide: Callable,
+        *args: Any,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
         """The loss (``{"loss", "mutable_state"}``, as every NumPyro ELBO).
 
-        Eagerly (not under ``jit``/``vmap``) and under ``ppl_score.validation``, a non-finite
+        Eagerly (not under ``jit``/``vmap``) and with validation on (``ppl_score.set_validation``), a non-finite
         loss warns (``NonFiniteWarning``) naming the method and the matched sites.
         """
         matched_names = []  # filled at trace time (names are static)
@@ -171,7 +202,15 @@ class ScoreMatching(ELBO):
         self._warn_if_nonfinite(loss, matched_names)
         return {"loss": loss, "mutable_state": mutable}
 
-    def datum_losses(self, rng_key, param_map, model, guide, *args, **kwargs):
+    def datum_losses(
+        self,
+        rng_key: jax.Array,
+        param_map: Mapping[str, Any],
+        model: Callable,
+        guide: Callable,
+        *args: Any,
+        **kwargs: Any,
+    ) -> tuple[jax.Array, jax.Array | None]:
         """The per-datum objectives of one draw of the guide (for calibration and diagnostics).
 
         Returns:
@@ -186,11 +225,11 @@ class ScoreMatching(ELBO):
 
     def _warn_if_nonfinite(self, loss, matched) -> None:
         # eagerly only: under jit / vmap the value is a tracer and cannot be inspected
-        if validation.is_validation_enabled() and is_concrete(loss) and not np.isfinite(np.asarray(loss)).all():
+        if validate.is_validation_enabled() and is_concrete(loss) and not np.isfinite(np.asarray(loss)).all():
             what, cause = frontend.nonfinite_loss_warning(
                 f"ScoreMatching(method={self.method!r})", matched, self.config.resolved
             )
-            validation.warn_nonfinite(what, cause, stacklevel=4)
+            validate.warn_nonfinite(what, cause, stacklevel=4)
 
     def _particle_loss(self, model_trace, guide_trace, key, rerun):
         """The loss of one particle and the names of its matched sites."""
@@ -257,12 +296,12 @@ def _log_prob_sum(site):
 
 
 # ---------------------------------------------------------------------------------------
-# Translation: JAX arrays and NumPyro traces for ppl_score.sites
+# Translation: JAX arrays and NumPyro traces for ppl_score.common.sites
 # ---------------------------------------------------------------------------------------
 
 
 class _JaxOps(sites.ArrayOps):
-    """``ppl_score.sites.ArrayOps`` for JAX arrays and NumPyro distributions."""
+    """``ppl_score.common.sites.ArrayOps`` for JAX arrays and NumPyro distributions."""
 
     xp = jnp
     masked_type = MaskedDistribution

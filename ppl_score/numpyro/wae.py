@@ -6,7 +6,7 @@ score estimator keeps its state in NumPyro's mutable state, declared in the guid
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -14,26 +14,35 @@ from jax import random
 from numpyro.handlers import replay, seed, substitute, trace
 from numpyro.infer import ELBO
 
-from .. import implicit_spec as ispec
-from .. import validation
-from ..implicit_spec import MMD_SCALES
+from ..common import validate
+from ..common import wae as common
+from ..common.mmd import MMD_SCALES
 from ..jax import mmd as backend
-from ..jax.checks import is_concrete
 from ..jax.estimators import LearnedScoreEstimator, check_scores_finite
 from ..jax.mmd import imq_mmd2
+from ..jax.validate import is_concrete
 from .implicit import score_state_name, site_scores
 
 __all__ = ["WAE", "imq_mmd2", "MMD_SCALES"]
 
 
-class WAE(ispec.WAEOptions, ELBO):
-    """Wasserstein auto-encoder loss for a (decoder model, encoder guide) pair.
+class WAE(common.WAEOptions, ELBO):
+    """Wasserstein auto-encoder loss [1] for a (decoder model, encoder guide) pair:
+    ``mean_i c(x_i, z_i) + lam * D(q_Z, p_Z)``, with ``D`` the KL divergence through an
+    estimated score of the aggregate posterior [2] or the MMD [1] (see
+    ``ppl_score.pyro.wae``).
 
-    Arguments as ``ppl_score.pyro.wae.WAE``: ``regularizer`` (``"score"`` | ``"mmd"``),
-    ``lam``, ``estimator`` (``"stein"``, ``"spectral"``, a ``LearnedScoreEstimator`` with
-    ``context_dim=0`` whose state the guide declares with ``score_state``, or a callable),
-    ``estimator_options``, ``reconstruction`` (``"likelihood"`` | ``"squared_error"``),
-    ``sites``, ``mmd_scales``, ``update_estimator``.
+    Args:
+        regularizer: ``"score"`` or ``"mmd"``.
+        lam: weight of the divergence (default 10, as in [1] and [2]).
+        estimator: for ``"score"``: ``"stein"``, ``"spectral"``, a ``LearnedScoreEstimator``
+            with ``context_dim=0`` whose state the guide declares with ``score_state``, a
+            callable ``score(z, None)``, or a dict per site.
+        estimator_options: kernel options (``eta``, ``bandwidth``, ``n_eigen``, ``threshold``).
+        reconstruction: ``"likelihood"`` or ``"squared_error"``.
+        sites: the code sites (default: every unobserved sample site of the guide).
+        mmd_scales: the IMQ scales ``s``.
+        update_estimator: take a learned-estimator step in every loss evaluation.
 
     ``terms(rng_key, params, model, guide, *args)`` returns the reconstruction, the reported
     divergence and the MMD^2 of the codes to prior draws (with a learned estimator,
@@ -41,7 +50,14 @@ class WAE(ispec.WAEOptions, ELBO):
 
     Raises:
         TypeError, ValueError: as the Pyro ``WAE`` (the same checks and messages, from
-            ``ppl_score.implicit_spec``).
+            ``ppl_score.common.wae``).
+
+    References:
+        [1] I. Tolstikhin, O. Bousquet, S. Gelly, B. Schoelkopf, "Wasserstein auto-encoders", ICLR,
+        2018.
+
+        [2] Y. Song, S. Garg, J. Shi, S. Ermon, "Sliced score matching: a scalable approach to
+        density and score estimation", UAI, 2019.
     """
 
     mmd_backend = backend
@@ -56,10 +72,10 @@ class WAE(ispec.WAEOptions, ELBO):
         estimator: Any = "stein",
         estimator_options: Mapping | None = None,
         reconstruction: str = "likelihood",
-        sites=None,
-        mmd_scales=MMD_SCALES,
+        sites: str | Iterable[str] | None = None,
+        mmd_scales: Sequence[float] = MMD_SCALES,
         update_estimator: bool = True,
-    ):
+    ) -> None:
         super().__init__(num_particles=1)
         self.set_options(
             regularizer, lam, estimator, estimator_options, reconstruction, sites, mmd_scales, update_estimator
@@ -102,17 +118,33 @@ class WAE(ispec.WAEOptions, ELBO):
             state_out.update(new_state)
         return loss, terms, state_out, t["names"]
 
-    def loss_with_mutable_state(self, rng_key, param_map, model, guide, *args, **kwargs):
-        """The loss (``{"loss", "mutable_state"}``); eagerly and under ``ppl_score.validation``,
+    def loss_with_mutable_state(
+        self,
+        rng_key: jax.Array,
+        param_map: Mapping[str, Any],
+        model: Callable,
+        guide: Callable,
+        *args: Any,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """The loss (``{"loss", "mutable_state"}``); eagerly and with validation on (``ppl_score.set_validation``),
         a non-finite value warns (``NonFiniteWarning``) naming the code sites."""
         loss, terms, state, names = self._terms(rng_key, param_map, model, guide, args, kwargs, self.update_estimator)
         value = terms["reconstruction"] + self.lam * terms["divergence"]
-        if validation.is_validation_enabled() and is_concrete(value):
+        if validate.is_validation_enabled() and is_concrete(value):
             if not np.isfinite(np.asarray(value)).all():
                 what, cause = self.nonfinite_warning(names)
-                validation.warn_nonfinite(what, cause, stacklevel=3)
+                validate.warn_nonfinite(what, cause, stacklevel=3)
         return {"loss": loss, "mutable_state": state}
 
-    def terms(self, rng_key, param_map, model, guide, *args, **kwargs) -> dict:
+    def terms(
+        self,
+        rng_key: jax.Array,
+        param_map: Mapping[str, Any],
+        model: Callable,
+        guide: Callable,
+        *args: Any,
+        **kwargs: Any,
+    ) -> dict[str, jax.Array]:
         """``{"reconstruction", "divergence", "mmd"}`` at one draw (no estimator update)."""
         return self._terms(rng_key, param_map, model, guide, args, kwargs, False)[1]

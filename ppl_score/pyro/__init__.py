@@ -10,7 +10,7 @@ from .deq import DEQEnergy, DEQScore
 from .distributions import Unnormalized
 from .flows import InvertibleMLPTransform, RelativeGradientMLE
 from .implicit import ImplicitELBO
-from .sampling import langevin, nuts, potential_fn, site_log_density
+from .mcmc import langevin, nuts, potential_fn, site_log_density
 from .score_matching import ScoreMatching
 from .wae import WAE
 

@@ -6,25 +6,34 @@ r"""A calibrated generalized-Bayes weight for :class:`~ppl_score.pyro.ScoreMatch
 from __future__ import annotations
 
 import math
+from typing import Any, Callable, Mapping
 
 import pyro
 import pyro.distributions as dist
 import torch
 
-from .. import calibration as shared
+from ..common import calibration as shared
 from ..torch import calibration as backend
 from .score_matching import ScoreMatching
 
 __all__ = ["calibrate_beta"]
 
 
-def calibrate_beta(loss: ScoreMatching, model, latents: dict, *args, rule: str = "lyddon", **kwargs) -> float:
+def calibrate_beta(
+    loss: ScoreMatching,
+    model: Callable,
+    latents: Mapping[str, Any],
+    *args: Any,
+    rule: str = "lyddon",
+    **kwargs: Any,
+) -> float:
     r"""The weight ``beta`` that calibrates the generalized posterior of ``loss``.
 
-    ``ScoreMatching(method, beta=beta)`` targets the generalized posterior
+    ``ScoreMatching(method, beta=beta)`` targets the generalized posterior [1]
     :math:`\pi_\beta(z) \propto p(z) \exp(-\beta \sum_i w_i \mathrm{SM}_i(z))`; ``beta``
-    matches its asymptotic covariance to the estimator's sandwich covariance by ``rule``
-    (the maths, both rules and their references: ``ppl_score.calibration``).
+    matches its asymptotic covariance to the estimator's sandwich covariance by ``rule``:
+    ``"lyddon"`` [2] or ``"magnitude"`` [3] (the maths of both rules:
+    ``ppl_score.common.calibration``).
 
     The per-datum losses are ``loss.datum_losses(model, guide, *args, **kwargs)`` with a
     guide that puts a point mass (``Delta``) on ``latents``; ``loss.beta`` is not used
@@ -33,7 +42,7 @@ def calibrate_beta(loss: ScoreMatching, model, latents: dict, *args, rule: str =
 
     Args:
         loss: the :class:`~ppl_score.pyro.ScoreMatching` loss (``method="esm"`` advised:
-            a stochastic method warns, see ``ppl_score.calibration``).
+            a stochastic method warns, see ``ppl_score.common.calibration``).
         model: the Pyro model; its latent sites must be global (outside data plates).
         latents: ``{site name: value}`` for every latent sample site of ``model``: the
             point :math:`\hat z` (the score-matching estimate, or the generalized
@@ -56,6 +65,17 @@ def calibrate_beta(loss: ScoreMatching, model, latents: dict, *args, rule: str =
             ``"lyddon"``) not positive definite (``latents`` not at a minimum), a bad
             ``rule``.
         RuntimeError: under ``torch.inference_mode()``.
+
+    References:
+        [1] T. Matsubara, J. Knoblauch, F.-X. Briol, C. J. Oates, "Robust generalised Bayesian
+        inference for intractable likelihoods", Journal of the Royal Statistical Society Series B,
+        2022.
+
+        [2] S. P. Lyddon, C. C. Holmes, S. G. Walker, "General Bayesian updating and the
+        loss-likelihood bootstrap", Biometrika, 2019.
+
+        [3] M. Ribatet, D. Cooley, A. C. Davison, "Bayesian inference from composite likelihoods,
+        with an application to spatial extremes", Statistica Sinica, 2012.
     """
     names, rule, stochastic = shared.check_calibrate_args(loss, ScoreMatching, "pyro", latents, rule)
     if stochastic:

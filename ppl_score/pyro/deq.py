@@ -16,10 +16,11 @@ attribute path, e.g. ``energy.deq.weight``) that ``SVI`` optimizes::
 from __future__ import annotations
 
 import copyreg
+from typing import Any
 
 from pyro.nn.module import PyroModule, to_pyro_module_
 
-from ..torch import deq as _deq
+from ..torch import deq as backend
 
 __all__ = ["DEQEnergy", "DEQScore"]
 
@@ -39,31 +40,46 @@ class _Picklable:
         return copyreg.__newobj__, (type(self),), state
 
 
-class DEQEnergy(_Picklable, PyroModule[_deq.DEQEnergy]):
+class DEQEnergy(_Picklable, PyroModule[backend.DEQEnergy]):
     """``PyroModule`` version of ``ppl_score.torch.deq.DEQEnergy``: ``x [B, *event] -> [B]``,
-    ``log p(x) = w^T z*(x) + c - quadratic/2 ||x||^2 + const``.
+    ``log p(x) = w^T z*(x) + c - quadratic/2 ||x||^2 + const``, where ``z*(x)`` is the fixed
+    point of a weight-tied layer (a deep equilibrium model [1]) used as a score model as in
+    [2].
 
     Args:
         dim, width, quadratic: as there.
         **options: see ``ppl_score.torch.deq.deq_config``; defaults ``solver="iteration"``,
             ``tol=1e-4``, ``gamma=0.9`` (their trade-off: ``ppl_score.torch.deq.DEQLayer``).
+
+    References:
+        [1] S. Bai, J. Z. Kolter, V. Koltun, "Deep equilibrium models", NeurIPS, 2019.
+
+        [2] Y. Huang, Q. Wang, A. Onwunta, B. Wang, "Efficient score matching with deep equilibrium
+        layers", ICLR, 2024.
     """
 
-    def __init__(self, dim: int, width: int = 512, quadratic: float = 0.0, **options):
+    def __init__(self, dim: int, width: int = 512, quadratic: float = 0.0, **options: Any) -> None:
         super().__init__(dim, width, quadratic, **options)
         _convert_children(self)
 
 
-class DEQScore(_Picklable, PyroModule[_deq.DEQScore]):
+class DEQScore(_Picklable, PyroModule[backend.DEQScore]):
     """``PyroModule`` version of ``ppl_score.torch.deq.DEQScore``: ``x [B, *event] ->
-    [B, *event]``.
+    [B, *event]``, a score network read off the fixed point ``z*(x)`` of a weight-tied layer
+    (a deep equilibrium model [1], as a score model [2]).
 
     Args:
         dim, width: as there.
         **options: see ``ppl_score.torch.deq.deq_config``; defaults ``solver="iteration"``,
             ``tol=1e-4``, ``gamma=0.9`` (their trade-off: ``ppl_score.torch.deq.DEQLayer``).
+
+    References:
+        [1] S. Bai, J. Z. Kolter, V. Koltun, "Deep equilibrium models", NeurIPS, 2019.
+
+        [2] Y. Huang, Q. Wang, A. Onwunta, B. Wang, "Efficient score matching with deep equilibrium
+        layers", ICLR, 2024.
     """
 
-    def __init__(self, dim: int, width: int = 256, **options):
+    def __init__(self, dim: int, width: int = 256, **options: Any) -> None:
         super().__init__(dim, width, **options)
         _convert_children(self)

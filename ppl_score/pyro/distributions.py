@@ -3,11 +3,13 @@ model), to be fitted by :class:`~ppl_score.pyro.ScoreMatching`."""
 
 from __future__ import annotations
 
+from typing import Callable, NoReturn, Sequence
+
 import torch
 from pyro.distributions import TorchDistribution, constraints
 
-from .. import frontend
-from .. import langevin as shared
+from ..common import frontend
+from ..common import langevin as shared
 
 __all__ = ["Unnormalized"]
 
@@ -73,14 +75,14 @@ class Unnormalized(TorchDistribution):
 
     def __init__(
         self,
-        log_density_fn,
-        event_shape,
-        support=constraints.real,
+        log_density_fn: Callable[[torch.Tensor], torch.Tensor],
+        event_shape: int | Sequence[int],
+        support: constraints.Constraint = constraints.real,
         *,
-        batch_shape=(),
+        batch_shape: int | Sequence[int] = (),
         batched: bool = False,
-        validate_args=None,
-    ):
+        validate_args: bool | None = None,
+    ) -> None:
         event_shape, batch_shape, extra = frontend.check_unnormalized_args(
             log_density_fn, event_shape, support, batched, batch_shape, constraints.Constraint
         )
@@ -91,10 +93,10 @@ class Unnormalized(TorchDistribution):
         super().__init__(batch_shape, event_shape, validate_args=validate_args)
 
     @property
-    def support(self):
+    def support(self) -> constraints.Constraint:
         return self._support
 
-    def expand(self, batch_shape, _instance=None):
+    def expand(self, batch_shape: Sequence[int], _instance: Unnormalized | None = None) -> Unnormalized:
         """The same density with batch shape ``batch_shape`` (what plates call).
 
         Raises:
@@ -136,10 +138,13 @@ class Unnormalized(TorchDistribution):
     def _evaluate(self, value, lead, expected):
         return _OPS.evaluate(self.log_density_fn, self.batched, self.event_shape, value, lead, expected)
 
-    def sample(self, sample_shape=torch.Size()):
+    def sample(self, sample_shape: torch.Size = torch.Size()) -> NoReturn:
+        """Raises ``NotImplementedError``: an unnormalized density has no sampler (see the
+        class docstring for how to draw from a fitted model)."""
         raise frontend.sampling_error("pyro")
 
-    def rsample(self, sample_shape=torch.Size()):
+    def rsample(self, sample_shape: torch.Size = torch.Size()) -> NoReturn:
+        """Raises ``NotImplementedError``, as :meth:`sample`."""
         raise frontend.sampling_error("pyro")
 
     def __repr__(self) -> str:
@@ -147,7 +152,7 @@ class Unnormalized(TorchDistribution):
 
 
 class _TorchOps(shared.UnnormalizedOps):
-    """``ppl_score.langevin.UnnormalizedOps`` for torch tensors."""
+    """``ppl_score.common.langevin.UnnormalizedOps`` for torch tensors."""
 
     xp = torch
     call_errors = (RuntimeError,)

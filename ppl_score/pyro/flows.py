@@ -14,40 +14,52 @@ so ``TransformedDistribution(base, [transform])`` has the flow's exact density::
 
     svi = SVI(model, lambda x: None, pyro.optim.Adam({"lr": 1e-3}), RelativeGradientMLE())
 
-``RelativeGradientMLE`` trains it by maximum likelihood with relative gradients
-(Gresele et al. 2020): ``loss_and_grads`` leaves ``grad_W(NLL) W^T W`` in each weight's
-``.grad`` for the optimizer, computed from the batch's activations in ``O(B D^2)`` per layer,
-without a determinant or an inverse.
+``RelativeGradientMLE`` trains it by maximum likelihood with relative gradients (Gresele et
+al. 2020, reference in ``RelativeGradientMLE``): ``loss_and_grads`` leaves
+``grad_W(NLL) W^T W`` in each weight's ``.grad`` for the optimizer, computed from the batch's
+activations in ``O(B D^2)`` per layer, without a determinant or an inverse.
 """
 
 from __future__ import annotations
+
+from typing import Any, Callable
 
 import torch
 from pyro import poutine
 from pyro.distributions import constraints
 from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
 from pyro.distributions.torch_transform import TransformModule
-from pyro.distributions.util import scale_and_mask
+from pyro.distributions.util import scale_and_mask, sum_rightmost
 from pyro.infer.elbo import ELBO
 from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import ComposeTransform, Independent, TransformedDistribution
-from torch.distributions.utils import _sum_rightmost
 
-from .. import _flows
+from ..common import flows as common
 from ..torch.flows import InvertibleMLP
 
 __all__ = ["InvertibleMLPTransform", "RelativeGradientMLE"]
 
 
 class InvertibleMLPTransform(TransformModule):
-    """Pyro ``TransformModule`` for the full-Jacobian flow, base -> data direction.
+    """Pyro ``TransformModule`` for the full-Jacobian flow [1], base -> data direction.
 
     ``_call(z) = g^{-1}(z)`` (Newton + linear solves, for sampling), ``_inverse(x) = g(x)`` and
     ``log_abs_det_jacobian(z, x) = -log|det dg/dx|`` (exact, ``slogdet`` per layer).
 
-    Args: ``dim, n_layers, alpha, bias, dtype, generator`` as in
-    ``ppl_score.torch.flows.InvertibleMLP``, or ``flow=`` an existing ``InvertibleMLP``.
-    ``inverse_kwargs`` (``tol``, ``max_iter``) go to ``InvertibleMLP.inverse``.
+    Args:
+        dim: the dimension ``D`` of the data (required unless ``flow`` is given).
+        n_layers, alpha, bias, dtype, generator: as in ``ppl_score.torch.flows.InvertibleMLP``.
+        flow: an existing ``InvertibleMLP`` to wrap instead (the arguments above are then
+            not used).
+        **inverse_kwargs: ``tol``, ``max_iter``: options of ``InvertibleMLP.inverse``.
+
+    Raises:
+        ValueError: neither ``dim`` nor ``flow`` is given.
+        TypeError: ``flow`` is not a ``ppl_score.torch.flows.InvertibleMLP``.
+
+    References:
+        [1] L. Gresele, G. Fissore, A. Javaloy, B. Schoelkopf, A. Hyvarinen, "Relative gradient
+        optimization of the Jacobian term in unsupervised deep learning", NeurIPS, 2020.
     """
 
     domain = constraints.real_vector
@@ -58,14 +70,14 @@ class InvertibleMLPTransform(TransformModule):
         self,
         dim: int | None = None,
         n_layers: int = 2,
-        alpha: float = _flows.DEFAULT_ALPHA,
+        alpha: float = common.DEFAULT_ALPHA,
         bias: bool = True,
         *,
         flow: InvertibleMLP | None = None,
-        dtype=None,
-        generator=None,
-        **inverse_kwargs,
-    ):
+        dtype: torch.dtype | None = None,
+        generator: torch.Generator | None = None,
+        **inverse_kwargs: Any,
+    ) -> None:
         # cache_size=0: a cached g(x) would go stale when the same data tensor is scored
         # again after a parameter update.
         super().__init__(cache_size=0)
@@ -84,7 +96,7 @@ class InvertibleMLPTransform(TransformModule):
     def _inverse(self, x):
         return self.flow(x)
 
-    def log_abs_det_jacobian(self, z, x):
+    def log_abs_det_jacobian(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return -self.flow.forward_and_log_det(x)[1]
 
 
@@ -112,16 +124,16 @@ def _training_log_prob(fn, value):
     for t in reversed(transforms):
         if isinstance(t, InvertibleMLPTransform):
             x, log_det = t.flow.relative_gradient_forward(y)  # log|det dg/dy|, event summed
-            log_prob = log_prob + _sum_rightmost(log_det, event_dim - 1)
+            log_prob = log_prob + sum_rightmost(log_det, event_dim - 1)
         else:
             x = t.inv(y)
             event_dim += t.domain.event_dim - t.codomain.event_dim
-            log_prob = log_prob - _sum_rightmost(t.log_abs_det_jacobian(x, y), event_dim - t.domain.event_dim)
+            log_prob = log_prob - sum_rightmost(t.log_abs_det_jacobian(x, y), event_dim - t.domain.event_dim)
         y = x
-    log_prob = log_prob + _sum_rightmost(d.base_dist.log_prob(y), event_dim - len(d.base_dist.event_shape))
+    log_prob = log_prob + sum_rightmost(d.base_dist.log_prob(y), event_dim - len(d.base_dist.event_shape))
     for w in reversed(wrappers):  # innermost first, as each wrapper's own log_prob would
         if isinstance(w, Independent):
-            log_prob = _sum_rightmost(log_prob, w.reinterpreted_batch_ndims)
+            log_prob = sum_rightmost(log_prob, w.reinterpreted_batch_ndims)
         elif isinstance(w, ExpandedDistribution):
             batch = value.shape[: value.dim() - len(w.event_shape)]
             log_prob = log_prob.expand(torch.broadcast_shapes(w.batch_shape, batch))
@@ -131,8 +143,8 @@ def _training_log_prob(fn, value):
 
 
 class RelativeGradientMLE(ELBO):
-    """Maximum likelihood by relative gradient for models whose observed sites are
-    ``TransformedDistribution``s with an ``InvertibleMLPTransform`` (Gresele et al. 2020).
+    """Maximum likelihood by relative gradient [1] for models whose observed sites are
+    ``TransformedDistribution``s with an ``InvertibleMLPTransform``.
 
     For such a site the training loss uses ``log N(g(x)) + sum_k sum_i log sigma'(y_ki)`` and a
     zero-valued placeholder per layer for ``log|det W_k|``; backpropagation gives every flow
@@ -152,9 +164,13 @@ class RelativeGradientMLE(ELBO):
     observed sites contribute their ordinary ``log_prob``. Supported site distributions:
     ``TransformedDistribution`` (transforms may include ``ComposeTransform``s), possibly
     wrapped by ``to_event``, ``expand`` and ``mask``.
+
+    References:
+        [1] L. Gresele, G. Fissore, A. Javaloy, B. Schoelkopf, A. Hyvarinen, "Relative gradient
+        optimization of the Jacobian term in unsupervised deep learning", NeurIPS, 2020.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__(num_particles=1)
 
     def _get_trace(self, model, guide, args, kwargs):
@@ -193,24 +209,24 @@ class RelativeGradientMLE(ELBO):
             )
         return loss if isinstance(loss, torch.Tensor) else torch.tensor(loss)
 
-    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+    def differentiable_loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The training loss (see the class docstring) as a tensor whose ``backward()`` gives
         relative gradients; also what ``ELBOModule`` (``loss(model, guide)``) returns."""
         return self._nll(model, guide, args, kwargs, exact=False)
 
-    def loss(self, model, guide, *args, **kwargs) -> float:
+    def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """Training loss value: the NLL without the ``log|det W_k|`` terms."""
         with torch.no_grad():
             return self._nll(model, guide, args, kwargs, exact=False).item()
 
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+    def loss_and_grads(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """Training loss value; leaves relative gradients in the flow weights' ``.grad``."""
         loss = self._nll(model, guide, args, kwargs, exact=False)
         if loss.requires_grad:
             loss.backward()
         return loss.item()
 
-    def exact_nll(self, model, guide, *args, **kwargs) -> float:
+    def exact_nll(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """Exact negative log-likelihood (``slogdet`` per layer), for evaluation."""
         with torch.no_grad():
             return self._nll(model, guide, args, kwargs, exact=True).item()

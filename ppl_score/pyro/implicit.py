@@ -4,7 +4,8 @@ An implicit guide site is written ``pyro.sample(name, dist.Delta(g(eps, ...), ev
 its value ``z = g_phi(eps)`` is a differentiable transform of noise, its density ``q_phi``
 is unknown. ``Trace_ELBO`` would take ``log q = 0`` for it (``Delta.log_prob``) and drop
 the entropy. ``ImplicitELBO`` restores the entropy's gradient by reparameterization
-(Song et al. 2019, section 4.2; Li & Turner 2018; Shi et al. 2018):
+(Song et al. 2019, section 4.2; Li and Turner 2018; Shi et al. 2018; references in
+``ImplicitELBO``):
 
     grad_phi E_q[-log q_phi(z)] = -E_eps[ grad_z log q_phi(z)^T dg_phi(eps)/dphi ]
 
@@ -30,32 +31,40 @@ terms have value zero.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from pyro.distributions import Delta
 from pyro.infer import Trace_ELBO
 from pyro.infer.util import torch_item
+from pyro.poutine.trace_struct import Trace
 from pyro.util import warn_if_nan
 
-from .. import implicit_spec as ispec
+from ..common import implicit as common
+from ..common.validate import check_int, check_sites
 from ..torch.estimators import LearnedScoreEstimator, check_scores_finite, site_scores
 
 __all__ = ["ImplicitELBO", "implicit_sites"]
 
 
-def implicit_sites(guide_trace, sites=None) -> list[str]:
+def implicit_sites(guide_trace: Trace, sites: Sequence[str] | None = None) -> list[str]:
     """Names of the guide's implicit sites: unobserved sample sites whose distribution is a
     ``Delta`` (or the ``sites`` given, which must be such sites).
 
     Raises:
         ValueError: a name of ``sites`` is not a sample site of the guide, or not implicit.
     """
-    return ispec.implicit_site_names(guide_trace.nodes, sites, Delta, "pyro")
+    return common.implicit_site_names(guide_trace.nodes, sites, Delta, "pyro")
 
 
 class ImplicitELBO(Trace_ELBO):
     """The ELBO for guides with implicit sites ``sample(name, Delta(g(eps, ...), event_dim=k))``.
+
+    The entropy of an implicit site enters through its reparameterized gradient
+    ``grad_phi E_q[-log q_phi(z)] = -E_eps[grad_z log q_phi(z)^T dg_phi(eps)/dphi]``, section
+    4.2 of [1], with ``grad_z log q_phi`` estimated from the guide's samples by a learned
+    score network (trained by sliced score matching [1]), the Stein gradient estimator [2]
+    or the spectral estimator (SSGE) [3]; see the module docstring.
 
     Args:
         estimator: the score estimator of every implicit site, or a dict ``{site: estimator}``:
@@ -83,18 +92,21 @@ class ImplicitELBO(Trace_ELBO):
     A learned estimator must keep up with the guide it scores. Its defaults (10 Adam steps
     at lr 3e-3 per SVI step, two hidden layers of 128) recover the posterior sd of Bayesian
     logistic regressions and of a conjugate Gaussian to within about 10%; the former
-    default, one step at 1e-3, shrank it to as little as 0.09-0.39 of it (README, "Tuning a
-    learned estimator"). Signs of such a collapse: a guide spread that keeps shrinking
+    default, one step at 1e-3, shrank it to as little as 0.09-0.39 of it (docs page *Score
+    estimators, implicit VI and WAE*, section "Tuning a learned estimator"). Signs of such a collapse: a guide spread that keeps shrinking
     below a reference's (a short NUTS run, a Gaussian guide), an ELBO that improves while
     it does. Remedies: more estimator steps per SVI step
     (``n_steps``), a higher ``lr`` (to about 1e-2), more ``num_particles`` (more samples per
     estimator update), a lower SVI learning rate; see ``LearnedScoreEstimator``.
 
     References:
-        Song, Garg, Shi, Ermon. Sliced score matching. UAI 2019 (section 4.2).
-        Li, Turner. Gradient estimators for implicit models. ICLR 2018.
-        Shi, Sun, Zhu. A spectral approach to gradient estimation for implicit
-        distributions. ICML 2018.
+        [1] Y. Song, S. Garg, J. Shi, S. Ermon, "Sliced score matching: a scalable approach to
+        density and score estimation", UAI, 2019.
+
+        [2] Y. Li, R. E. Turner, "Gradient estimators for implicit models", ICLR, 2018.
+
+        [3] J. Shi, S. Sun, J. Zhu, "A spectral approach to gradient estimation for implicit
+        distributions", ICML, 2018.
     """
 
     def __init__(
@@ -103,20 +115,20 @@ class ImplicitELBO(Trace_ELBO):
         *,
         num_particles: int = 1,
         vectorize_particles: bool = False,
-        sites=None,
+        sites: str | Iterable[str] | None = None,
         context: Callable | Mapping | None = None,
         estimator_options: Mapping | None = None,
         update_estimator: bool = True,
-        **kwargs,
-    ):
-        num_particles = ispec.check_int("num_particles", num_particles)
+        **kwargs: Any,
+    ) -> None:
+        num_particles = check_int("num_particles", num_particles)
         super().__init__(num_particles=num_particles, vectorize_particles=bool(vectorize_particles), **kwargs)
-        ispec.check_estimators(estimator, LearnedScoreEstimator, num_particles)  # fail early
-        self.sites = ispec.check_sites(sites)
+        common.check_estimators(estimator, LearnedScoreEstimator, num_particles)  # fail early
+        self.sites = check_sites(sites, "latent")
         self._estimator_arg = estimator
         self._options_arg = estimator_options
         self.update_estimator = bool(update_estimator)
-        self.context = ispec.check_context(context)
+        self.context = common.check_context(context)
 
     def _context_for(self, ctx, args, kwargs):
         if ctx is None:
@@ -151,7 +163,7 @@ class ImplicitELBO(Trace_ELBO):
             else:
                 stacked = torch.stack([site["value"] for site in nodes])  # [P, *site_shape]
                 batch_ndim = stacked.dim() - 1 - event_dim
-            est, options, ctx = ispec.site_options(self._estimator_arg, self._options_arg, self.context, name)
+            est, options, ctx = common.site_options(self._estimator_arg, self._options_arg, self.context, name)
             context = self._context_for(ctx, args, kwargs)
             s_hat = site_scores(name, est, stacked.detach(), batch_ndim, context, options=options, train=train)
             check_scores_finite(name, s_hat)
@@ -174,7 +186,7 @@ class ImplicitELBO(Trace_ELBO):
         surrogate = surrogate + self._implicit_surrogate(traces, args, kwargs, train)
         return loss, surrogate, traces
 
-    def loss(self, model, guide, *args, **kwargs):
+    def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """The negative ELBO without the implicit sites' entropy (a float); estimators untouched."""
         with torch.no_grad():
             traces = list(self._get_traces(model, guide, args, kwargs))
@@ -185,12 +197,17 @@ class ImplicitELBO(Trace_ELBO):
         warn_if_nan(loss, "loss")
         return loss
 
-    def differentiable_loss(self, model, guide, *args, **kwargs):
+    def differentiable_loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The loss as a differentiable tensor: its value is that of :meth:`loss`, its gradient
+        includes the implicit sites' entropy gradient (learned estimators are updated first
+        when ``update_estimator``)."""
         loss, surrogate, _ = self._losses(model, guide, args, kwargs, self.update_estimator)
         warn_if_nan(surrogate, "loss")
         return loss + (surrogate - torch_item(surrogate))
 
-    def loss_and_grads(self, model, guide, *args, **kwargs):
+    def loss_and_grads(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
+        """The loss as a float (as :meth:`loss`); backpropagates the surrogate, entropy
+        gradient included, into the parameters."""
         loss, surrogate, traces = self._losses(model, guide, args, kwargs, self.update_estimator)
         trainable = any(site["type"] == "param" for pair in traces for trace in pair for site in trace.nodes.values())
         if trainable and getattr(surrogate, "requires_grad", False):

@@ -1,12 +1,13 @@
 """Score matching as a Pyro SVI loss: :class:`ScoreMatching`, a ``pyro.infer.ELBO``.
 
 This module only translates Pyro traces; the site handling (which sites are matched, data
-blocks, masks and weights, dependencies, the joint log density) is ``ppl_score.sites``.
+blocks, masks and weights, dependencies, the joint log density) is ``ppl_score.common.sites``.
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import Any, Callable, Iterable
 
 import pyro
 import torch
@@ -20,7 +21,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import check_model_guide_match, check_site_shape
 
-from .. import frontend, sites, validation
+from ..common import frontend, sites, validate
 from ..torch import score_matching_loss
 
 __all__ = ["ScoreMatching"]
@@ -38,21 +39,21 @@ _COPIES = "_ppl_score_copies"
 
 
 class ScoreMatching(ELBO):
-    r"""Score matching (Hyvarinen 2005) and its scalable variants as an SVI loss, used
-    exactly like :class:`~pyro.infer.Trace_ELBO`::
+    r"""Score matching [1] and its scalable variants (sliced [2], denoising [3],
+    finite-difference [4]) as an SVI loss, used exactly like :class:`~pyro.infer.Trace_ELBO`::
 
         svi = SVI(model, guide, Adam({"lr": 1e-2}), loss=ScoreMatching("ssm_vr"))
 
     It fits models whose likelihood is known only up to a normalizing constant (energy
-    models, e.g. :class:`~ppl_score.pyro.Unnormalized`), since the objectives of SPEC.md
-    section 1 need only :math:`s(x) = \nabla_x \log p(x)` and its derivatives. With
-    latent sites :math:`z` and guide :math:`q(z)` the loss is
+    models, e.g. :class:`~ppl_score.pyro.Unnormalized`), since the objectives of the
+    spec (docs page *Spec*, section 1) need only :math:`s(x) = \nabla_x \log p(x)` and its
+    derivatives. With latent sites :math:`z` and guide :math:`q(z)` the loss is
 
     .. math::
 
         L = \mathbb{E}_{q(z)}\Big[\beta \sum_i w_i\, \mathrm{SM}_i(z) + \log q(z) - \log p(z)\Big],
 
-    whose minimizer over all :math:`q` is the generalized Bayes (Hyvarinen-score) posterior
+    whose minimizer over all :math:`q` is the generalized Bayes (Hyvarinen-score) posterior [5]
     :math:`p(z) \exp(-\beta \sum_i \mathrm{SM}_i(z))`; with no latent sites it is
     :math:`\beta \sum_i w_i\, \mathrm{SM}_i`, score-matching estimation of the parameters.
 
@@ -63,13 +64,13 @@ class ScoreMatching(ELBO):
       re-executing the model with the matched values substituted (``poutine.condition`` and
       ``replay``); unmatched observed sites are conditioned on. Every plate dimension of a
       matched site indexes data points and its event dimensions are the :math:`x` of
-      SPEC.md; when a site couples data points (it is not inside every plate of the matched
+      the spec; when a site couples data points (it is not inside every plate of the matched
       sites) the batch is one data point. A site with constrained support is matched in the
       unconstrained space of ``biject_to(support)``, log-abs-det-Jacobian added. Several
       matched sites are matched jointly (:math:`x` concatenates their flattened
       unconstrained values). Log densities are unscaled. Without dependent sites (checked
       every step) no re-execution happens: the matched sites' own distributions are
-      evaluated in one batched call. See ``ppl_score.sites``.
+      evaluated in one batched call. See ``ppl_score.common.sites``.
     - :math:`w_i` is the site's ``scale`` (``N / B`` in a subsampled plate, as in
       ``Trace_ELBO``) times its mask (``poutine.mask``, ``obs_mask``, ``fn.mask``): a
       masked data point contributes nothing.
@@ -94,12 +95,33 @@ class ScoreMatching(ELBO):
         **options: the method's options (``n_projections``, ``projection``, ``sigma``,
             ``eps``); unknown options or bad values raise here.
 
-    References: Hyvarinen (2005) JMLR 6; Song, Garg, Shi, Ermon (2019) UAI; Vincent
-    (2011) Neural Computation 23; Pang et al. (2020) NeurIPS; generalized Bayes with the
-    Hyvarinen score: Matsubara, Knoblauch, Briol, Oates (2022) JRSS-B.
+    References:
+        [1] A. Hyvarinen, "Estimation of non-normalized statistical models by score matching",
+        Journal of Machine Learning Research, 2005.
+
+        [2] Y. Song, S. Garg, J. Shi, S. Ermon, "Sliced score matching: a scalable approach to
+        density and score estimation", UAI, 2019.
+
+        [3] P. Vincent, "A connection between score matching and denoising autoencoders", Neural
+        Computation, 2011.
+
+        [4] T. Pang, K. Xu, C. Li, Y. Song, S. Ermon, J. Zhu, "Efficient learning of generative
+        models via finite-difference score matching", NeurIPS, 2020.
+
+        [5] T. Matsubara, J. Knoblauch, F.-X. Briol, C. J. Oates, "Robust generalised Bayesian
+        inference for intractable likelihoods", Journal of the Royal Statistical Society Series B,
+        2022.
     """
 
-    def __init__(self, method: str = "ssm_vr", *, sites=None, beta: float = 1.0, num_particles: int = 1, **options):
+    def __init__(
+        self,
+        method: str = "ssm_vr",
+        *,
+        sites: str | Iterable[str] | None = None,
+        beta: float = 1.0,
+        num_particles: int = 1,
+        **options: Any,
+    ) -> None:
         elbo_kwargs, options = frontend.split_elbo_kwargs(options, _ELBO_KWARGS)
         self.config = frontend.make_config(method, sites, beta, num_particles, options)
         vectorize = elbo_kwargs.pop("vectorize_particles", None)
@@ -177,7 +199,7 @@ class ScoreMatching(ELBO):
     def _datum_values(self, dens) -> torch.Tensor:
         with warnings.catch_warnings():
             # a non-finite loss is reported once, by the loss, naming the sites
-            warnings.simplefilter("ignore", validation.NonFiniteWarning)
+            warnings.simplefilter("ignore", validate.NonFiniteWarning)
             return score_matching_loss(dens.fn, dens.x, self.method, reduction="none", **self.options)
 
     def _particle_loss(self, model_trace, guide_trace, context) -> tuple:
@@ -210,18 +232,20 @@ class ScoreMatching(ELBO):
     def _check_grad_mode(self) -> None:
         # no_grad is fine (grad is switched back on below); inference mode cannot be undone
         if torch.is_inference_mode_enabled():
-            raise validation.inference_mode_error(
+            raise validate.inference_mode_error(
                 f"ScoreMatching(method={self.method!r})", "the scores of the model's log density in the observed values"
             )
 
     def _warn_if_nonfinite(self, loss, matched) -> None:
-        if validation.is_validation_enabled() and not bool(torch.isfinite(torch.as_tensor(loss)).all()):
+        if validate.is_validation_enabled() and not bool(torch.isfinite(torch.as_tensor(loss)).all()):
             what, cause = frontend.nonfinite_loss_warning(
                 f"ScoreMatching(method={self.method!r})", matched, self.config.resolved
             )
-            validation.warn_nonfinite(what, cause, stacklevel=4)
+            validate.warn_nonfinite(what, cause, stacklevel=4)
 
-    def datum_losses(self, model, guide, *args, **kwargs) -> tuple:
+    def datum_losses(
+        self, model: Callable, guide: Callable, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The per-datum objectives of one draw of the guide (for calibration and diagnostics).
 
         Returns:
@@ -239,7 +263,7 @@ class ScoreMatching(ELBO):
             dens, _ = self._matched(model_trace, context)
             return self._datum_values(dens), dens.weight
 
-    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+    def differentiable_loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The loss as a differentiable tensor (the ``ELBOModule`` route).
 
         Returns:
@@ -260,7 +284,7 @@ class ScoreMatching(ELBO):
         self._warn_if_nonfinite(loss.detach(), matched)
         return loss
 
-    def loss(self, model, guide, *args, **kwargs) -> float:
+    def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """The loss estimate as a float (the same under ``torch.no_grad()``).
 
         Raises:
@@ -268,7 +292,7 @@ class ScoreMatching(ELBO):
         """
         return torch_item(self.differentiable_loss(model, guide, *args, **kwargs))
 
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+    def loss_and_grads(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """The loss estimate as a float; backpropagates it into the parameters.
 
         Raises:
@@ -290,12 +314,12 @@ class ScoreMatching(ELBO):
 
 
 # ---------------------------------------------------------------------------------------
-# Translation: torch arrays and Pyro traces for ppl_score.sites
+# Translation: torch arrays and Pyro traces for ppl_score.common.sites
 # ---------------------------------------------------------------------------------------
 
 
 class _TorchOps(sites.ArrayOps):
-    """``ppl_score.sites.ArrayOps`` for torch tensors and Pyro distributions."""
+    """``ppl_score.common.sites.ArrayOps`` for torch tensors and Pyro distributions."""
 
     xp = torch
     masked_type = MaskedDistribution

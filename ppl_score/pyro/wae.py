@@ -4,7 +4,7 @@ A (decoder model, encoder guide) pair: the model draws codes from a prior and de
 (``pyro.sample("z", prior)``, ``pyro.sample("x", likelihood(decoder(z)), obs=x)`` in a data
 plate); the guide encodes, deterministically ``pyro.sample("z", Delta(encoder(x),
 event_dim=1))`` or implicitly ``Delta(encoder(x, eps), ...)``. With ``B`` codes ``z_i`` in
-the minibatch (Tolstikhin et al. 2018; Song et al. 2019, section 4.2)::
+the minibatch (Tolstikhin et al. 2018; Song et al. 2019, section 4.2; references in ``WAE``)::
 
     loss = mean_i c(x_i, z_i) + lam * D(q_Z, p_Z)
 
@@ -31,7 +31,7 @@ value zero). Scales and masks of plates are not used: both terms are minibatch m
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from pyro import poutine
@@ -39,9 +39,9 @@ from pyro.infer import ELBO
 from pyro.infer.util import torch_item
 from pyro.poutine.util import prune_subsample_sites
 
-from .. import implicit_spec as ispec
-from .. import validation
-from ..implicit_spec import MMD_SCALES
+from ..common import validate
+from ..common import wae as common
+from ..common.mmd import MMD_SCALES
 from ..torch import mmd as backend
 from ..torch.estimators import LearnedScoreEstimator, check_scores_finite, site_scores
 from ..torch.mmd import imq_mmd2
@@ -49,13 +49,15 @@ from ..torch.mmd import imq_mmd2
 __all__ = ["WAE", "imq_mmd2", "MMD_SCALES"]
 
 
-class WAE(ispec.WAEOptions, ELBO):
-    """Wasserstein auto-encoder loss for a (decoder model, encoder guide) pair.
+class WAE(common.WAEOptions, ELBO):
+    """Wasserstein auto-encoder loss [1] for a (decoder model, encoder guide) pair:
+    ``mean_i c(x_i, z_i) + lam * D(q_Z, p_Z)``, with ``D`` the KL divergence through an
+    estimated score of the aggregate posterior [2] or the MMD [1] (see the module docstring).
 
     Args:
         regularizer: ``"score"`` (KL through an estimated score of the aggregate posterior)
             or ``"mmd"`` (IMQ-kernel MMD).
-        lam: weight of the divergence (default 10, as in Tolstikhin et al. and Song et al.).
+        lam: weight of the divergence (default 10, as in [1] and [2]).
         estimator: for ``"score"``: a ``LearnedScoreEstimator`` (unconditional), ``"stein"``,
             ``"spectral"``, a callable ``score(z, None)``, or a dict per site.
         estimator_options: kernel options (``eta``, ``bandwidth``, ``n_eigen``, ``threshold``).
@@ -67,13 +69,16 @@ class WAE(ispec.WAEOptions, ELBO):
 
     Raises:
         TypeError, ValueError: a bad argument, named (checked once for both PPLs by
-            ``ppl_score.implicit_spec.WAEOptions``); at a step, a code site that is not
+            ``ppl_score.common.wae.WAEOptions``); at a step, a code site that is not
             reparameterizable, has no prior, or holds fewer than 2 codes, or code sites with
             different numbers of codes.
 
     References:
-        Tolstikhin, Bousquet, Gelly, Schoelkopf. Wasserstein auto-encoders. ICLR 2018.
-        Song, Garg, Shi, Ermon. Sliced score matching. UAI 2019 (section 4.2).
+        [1] I. Tolstikhin, O. Bousquet, S. Gelly, B. Schoelkopf, "Wasserstein auto-encoders", ICLR,
+        2018.
+
+        [2] Y. Song, S. Garg, J. Shi, S. Ermon, "Sliced score matching: a scalable approach to
+        density and score estimation", UAI, 2019.
     """
 
     mmd_backend = backend
@@ -88,10 +93,10 @@ class WAE(ispec.WAEOptions, ELBO):
         estimator: Any = "stein",
         estimator_options: Mapping | None = None,
         reconstruction: str = "likelihood",
-        sites=None,
-        mmd_scales=MMD_SCALES,
+        sites: str | Iterable[str] | None = None,
+        mmd_scales: Sequence[float] = MMD_SCALES,
         update_estimator: bool = True,
-    ):
+    ) -> None:
         super().__init__(num_particles=1)
         self.set_options(
             regularizer, lam, estimator, estimator_options, reconstruction, sites, mmd_scales, update_estimator
@@ -106,9 +111,9 @@ class WAE(ispec.WAEOptions, ELBO):
         model_trace, guide_trace = self._get_trace(model, guide, args, kwargs)
         if train and self.regularizer == "score" and torch.is_inference_mode_enabled():
             # a learned estimator's update is score matching on the codes: derivatives in z
-            names = ispec.code_site_names(guide_trace.nodes, model_trace.nodes, self.sites)
+            names = common.code_site_names(guide_trace.nodes, model_trace.nodes, self.sites)
             if any(isinstance(self.code_estimator(n)[0], LearnedScoreEstimator) for n in names):
-                raise validation.inference_mode_error(
+                raise validate.inference_mode_error(
                     "WAE(regularizer='score') with a learned estimator",
                     "the score matching that updates the estimator (derivatives in the codes z)",
                 )
@@ -131,24 +136,26 @@ class WAE(ispec.WAEOptions, ELBO):
         return loss, value, terms, (model_trace, guide_trace), t["names"]
 
     def _warn_if_nonfinite(self, value, names) -> None:
-        if validation.is_validation_enabled() and not math.isfinite(value):
+        if validate.is_validation_enabled() and not math.isfinite(value):
             what, cause = self.nonfinite_warning(names)
-            validation.warn_nonfinite(what, cause, stacklevel=4)
+            validate.warn_nonfinite(what, cause, stacklevel=4)
 
-    def terms(self, model, guide, *args, **kwargs) -> dict:
+    def terms(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> dict[str, float]:
         """``{"reconstruction", "divergence", "mmd"}`` at one draw (no estimator update):
         the two terms of the loss (divergence as reported, see the module docstring) and the
         MMD^2 of the codes to prior draws (a monitor for either regularizer)."""
         with torch.no_grad():
             return self._terms(model, guide, args, kwargs, False)[2]
 
-    def loss(self, model, guide, *args, **kwargs):
+    def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
+        """The loss as a float, at one draw (no estimator update): the reconstruction plus
+        ``lam`` times the reported divergence (see the module docstring)."""
         with torch.no_grad():
             _, value, _, _, names = self._terms(model, guide, args, kwargs, False)
         self._warn_if_nonfinite(value, names)
         return value
 
-    def differentiable_loss(self, model, guide, *args, **kwargs):
+    def differentiable_loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The loss as a differentiable tensor (updates a learned estimator first).
 
         Raises:
@@ -159,7 +166,7 @@ class WAE(ispec.WAEOptions, ELBO):
         self._warn_if_nonfinite(value, names)
         return loss
 
-    def loss_and_grads(self, model, guide, *args, **kwargs):
+    def loss_and_grads(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """The loss as a float; backpropagates it into the parameters.
 
         Raises:

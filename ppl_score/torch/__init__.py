@@ -1,6 +1,6 @@
 """The torch backend: score-matching objectives as differentiable torch functions."""
 
-from ..spec import OBJECTIVES
+from ..common.objectives import OBJECTIVES
 from .deq import DEQEnergy, DEQLayer, DEQScore, deq_params, fixed_point
 from .flows import InvertibleMLP
 from .objectives import score_matching_loss

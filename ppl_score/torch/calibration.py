@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .. import calibration as shared
+from ..common import calibration as shared
 
 __all__ = ["Sandwich", "sandwich", "sandwich_beta", "calibrate_beta"]
 

@@ -43,7 +43,7 @@ warns (``FixedPointWarning``), raises (``FixedPointError``) or is ignored, per
 ``on_nonconvergence``.
 
 Faults: Anderson's least-squares step is regularized relative to the dtype and to the size
-of the residuals (``_deq.anderson_reg``: ``max(1e-8, 10 eps)`` of the normalized Gram
+of the residuals (``common.anderson_reg``: ``max(1e-8, 10 eps)`` of the normalized Gram
 matrix), and an example whose step is still singular or non-finite takes a plain step
 instead (``solve_ex``, no host synchronisation). A map that returns NaN or inf (a NaN
 weight, a NaN input) stops the solve at once and goes through the same policy, with a
@@ -64,8 +64,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import _deq
-from .._deq import (  # noqa: F401  (re-exported: the framework-free part, shared with ppl_score.jax.deq)
+from ..common import deq as common
+from ..common.deq import (  # noqa: F401  (re-exported: the framework-free part, shared with ppl_score.jax.deq)
     ANDERSON_REG,
     BACKWARDS,
     DEFAULT_GAMMA,
@@ -83,8 +83,8 @@ from .._deq import (  # noqa: F401  (re-exported: the framework-free part, share
     SolverConfig,
     solver_config,
 )
-from .._deq import check_choice as _choice
-from .._deq import check_positive_int as _positive_int
+from ..common.validate import check_choice as _choice
+from ..common.validate import check_int
 
 __all__ = [
     "SOLVERS",
@@ -107,24 +107,24 @@ __all__ = [
     "deq_params",
 ]
 
-ACTIVATIONS = {"softplus": F.softplus, "tanh": torch.tanh}  # keys: _deq.ACTIVATION_NAMES
+ACTIVATIONS = {"softplus": F.softplus, "tanh": torch.tanh}  # keys: common.ACTIVATION_NAMES
 # torch activation classes accepted for parity with ``nets.MLPEnergy(activation=...)``
 _ACTIVATION_CLASSES = {nn.Softplus: "softplus", nn.Tanh: "tanh"}
 
 
-@functools.wraps(_deq.deq_config, assigned=())  # signature: that of the shared deq_config
+@functools.wraps(common.deq_config, assigned=())  # signature: that of the shared deq_config
 def deq_config(activation="softplus", *args, **kwargs) -> DEQConfig:
     """Validated ``DEQConfig``. ``gamma`` in (0, 1) bounds the Lipschitz constant of the map.
     ``activation`` is ``"softplus"`` / ``"tanh"`` or ``nn.Softplus`` / ``nn.Tanh``."""
     if isinstance(activation, type) and activation in _ACTIVATION_CLASSES:
         activation = _ACTIVATION_CLASSES[activation]
-    return _deq.deq_config(activation, *args, **kwargs)
+    return common.deq_config(activation, *args, **kwargs)
 
 
 def _report(info: FixedPointInfo, cfg: SolverConfig, what: str) -> None:
     if info.converged:
         return
-    _deq.report_nonconvergence(what, info.residual, info.iterations, cfg, stacklevel=3)
+    common.report_nonconvergence(what, info.residual, info.iterations, cfg, stacklevel=3)
 
 
 # ---------------------------------------------------------------------------------------
@@ -142,7 +142,7 @@ def _check_output(fz, z) -> None:
     """The first map evaluation of a solve: ``f(z)`` must be a tensor shaped like ``z``."""
     if not isinstance(fz, torch.Tensor):
         raise TypeError(f"argument 'f' must return a torch.Tensor, got {type(fz).__name__}")
-    _deq.check_map_output(fz.shape, fz.dtype, z.shape, z.dtype)
+    common.check_map_output(fz.shape, fz.dtype, z.shape, z.dtype)
 
 
 def _iteration(step, z0, cfg: SolverConfig, fresh: bool = False):
@@ -182,7 +182,7 @@ def _anderson_mix(xs, fs, k: int, m: int):
     gram = gram / scale.clamp_min(tiny)[:, None, None]
     eye = torch.eye(m, dtype=xs.dtype, device=xs.device)
     outer = valid[:, None] * valid[None, :]
-    reg = _deq.anderson_reg(torch.finfo(xs.dtype).eps)
+    reg = common.anderson_reg(torch.finfo(xs.dtype).eps)
     a = gram * outer + eye * (reg * valid + (1 - valid))
     alpha, info = torch.linalg.solve_ex(a, valid.expand(b, m))
     total = alpha.sum(-1, keepdim=True)  # finite iff every coefficient is
@@ -388,7 +388,7 @@ def fixed_point(
         ``(z, FixedPointInfo)``.
     """
     backward = _choice("backward", backward, BACKWARDS)
-    phantom_steps = _positive_int("phantom_steps", phantom_steps)
+    phantom_steps = check_int("phantom_steps", phantom_steps)
     cfg = solver_config(**solver_options)
     return _fixed_point(_Map(f), z0, tuple(params), backward, phantom_steps, cfg)
 
@@ -456,7 +456,7 @@ def lipschitz_scaled(weight: torch.Tensor, gamma: float, norm: str = "spectral")
         raise TypeError(f"argument 'weight' must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dim() != 2:
         raise ValueError(f"argument 'weight' must be a matrix [n, k], got shape {tuple(weight.shape)}")
-    gamma = _deq.check_gamma(gamma)
+    gamma = common.check_gamma(gamma)
     norm = _choice("norm", norm, NORMS)
     n = _spectral_norm(weight) if norm == "spectral" else torch.linalg.matrix_norm(weight, ord="fro")
     return weight / torch.clamp(n / gamma, min=1.0)
@@ -508,7 +508,7 @@ class DEQLayer(nn.Module):
     Args:
         in_dim: the input size.
         width: the number of hidden units (the fixed point's size).
-        **options: see ``deq_config``. The defaults (``_deq.DEFAULT_*``, the same in JAX)
+        **options: see ``deq_config``. The defaults (``common.DEFAULT_*``, the same in JAX)
             are ``solver="iteration"``, ``tol=1e-4``, ``gamma=0.9``, ``max_iter=100``,
             ``backward="implicit"``. Their cost against a depth-2 MLP step of the same width
             (``ssm_vr``, width 128, CPU; ``benchmarks/deq_defaults.py``, README table):
@@ -530,7 +530,7 @@ class DEQLayer(nn.Module):
 
     def __init__(self, in_dim: int, width: int, **options):
         super().__init__()
-        in_dim, width = _positive_int("in_dim", in_dim), _positive_int("width", width)
+        in_dim, width = check_int("in_dim", in_dim), check_int("width", width)
         self.config = deq_config(**options)
         bound = 1.0 / math.sqrt(width)
         self.weight = nn.Parameter(torch.empty(width, width).uniform_(-bound, bound))
@@ -574,7 +574,7 @@ class DEQEnergy(nn.Module):
 
     def __init__(self, dim: int, width: int = 512, quadratic: float = 0.0, **options):
         super().__init__()
-        self.dim = _positive_int("dim", dim)
+        self.dim = check_int("dim", dim)
         self.deq = DEQLayer(self.dim, width, **options)
         self.readout = nn.Linear(self.deq.width, 1)
         if isinstance(quadratic, bool) or not isinstance(quadratic, numbers.Real) or not quadratic >= 0:
@@ -606,7 +606,7 @@ class DEQScore(nn.Module):
 
     def __init__(self, dim: int, width: int = 256, **options):
         super().__init__()
-        self.dim = _positive_int("dim", dim)
+        self.dim = check_int("dim", dim)
         self.deq = DEQLayer(self.dim, width, **options)
         self.readout = nn.Linear(self.deq.width, self.dim)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import spec
+from ..common import objectives as spec
 
 # Working-set budget of the exact Hessian trace, in elements. A chunk of ``c`` basis
 # vectors is one vmapped reverse pass whose buffers hold about ``c * B * max(D, 512)``
@@ -21,6 +21,11 @@ from .. import spec
 # largest that fits, at least 1 and at most ``D``. Never a ``D x D`` identity. Measured on
 # CPU (``benchmarks/objectives.py --explore``): larger chunks lose to cache misses.
 ESM_MEMORY_BUDGET = 2**20
+
+
+def flat_sum(t: torch.Tensor) -> torch.Tensor:
+    """Per-example sum over the event dims: ``[N, *event] -> [N]``."""
+    return t.reshape(t.shape[0], -1).sum(-1)
 
 
 def esm_chunk(batch: int, dim: int, budget: int | None = None) -> int:

@@ -30,9 +30,10 @@ import math
 import torch
 from torch import nn
 
-from .. import implicit_spec as ispec
-from ..validation import is_validation_enabled
+from ..common import estimators as common
+from ..common.validate import is_validation_enabled
 from .objectives import score_matching_loss
+from .validate import check_array
 
 __all__ = [
     "stein_scores",
@@ -61,7 +62,7 @@ def _median_bandwidth(d2: torch.Tensor) -> torch.Tensor:
     n = d2.shape[-1]
     iu = torch.triu_indices(n, n, offset=1, device=d2.device)
     pairs = torch.sort(d2[..., iu[0], iu[1]].sqrt(), dim=-1).values
-    lo, hi = ispec.median_positions(pairs.shape[-1])
+    lo, hi = common.median_positions(pairs.shape[-1])
     return 0.5 * (pairs[..., lo] + pairs[..., hi])
 
 
@@ -89,7 +90,7 @@ def _prepare(samples, at, bandwidth):
     else:
         h = torch.as_tensor(bandwidth, dtype=x.dtype, device=x.device).expand(x.shape[:-2])
         if float(h.reshape(-1)[0]) == 0.0:
-            raise ValueError(ispec.bandwidth_underflow_message(bandwidth, str(x.dtype).replace("torch.", "")))
+            raise ValueError(common.bandwidth_underflow_message(bandwidth, str(x.dtype).replace("torch.", "")))
     hh = h[..., None, None]
     kxx = _kernel(d2, hh)
     # <grad, K>_i = sum_m grad_{x_m} k(x_m, x_i) = sum_m (x_i - x_m) k_im / h^2
@@ -101,7 +102,7 @@ def _prepare(samples, at, bandwidth):
 def _singular(pivots: torch.Tensor, eta: float, n: int) -> bool:
     """Whether a Cholesky factor's squared pivots show ``K + eta I`` numerically singular
     (see ``ppl_score.implicit_spec.singular_tolerance``)."""
-    return bool((pivots <= ispec.singular_tolerance(n, torch.finfo(pivots.dtype).eps, eta)).any())
+    return bool((pivots <= common.singular_tolerance(n, torch.finfo(pivots.dtype).eps, eta)).any())
 
 
 def _stein(samples, at, eta, bandwidth):
@@ -111,7 +112,7 @@ def _stein(samples, at, eta, bandwidth):
     # one host sync, as torch.linalg.cholesky's own check: a numerically singular K + eta I
     # (duplicate samples with a tiny eta) gives round-off, not an estimate
     if bool((info != 0).any()) or _singular(torch.diagonal(chol, dim1=-2, dim2=-1) ** 2, eta, n):
-        raise ValueError(ispec.singular_message(eta, bandwidth, str(x.dtype).replace("torch.", "")))
+        raise ValueError(common.singular_message(eta, bandwidth, str(x.dtype).replace("torch.", "")))
     g = -torch.cholesky_solve(grad_k, chol)
     if xa is None:
         return g
@@ -119,7 +120,7 @@ def _stein(samples, at, eta, bandwidth):
     a = torch.cholesky_solve(kax.transpose(-1, -2), chol).transpose(-1, -2)  # k* (K + eta I)^{-1}
     schur = 1.0 + eta - (a * kax).sum(-1, keepdim=True)  # k(x*, x*) = 1; >= eta > 0
     if _singular(schur, eta, n):  # a row of `at` on a sample, with a tiny eta
-        raise ValueError(ispec.singular_message(eta, bandwidth, str(x.dtype).replace("torch.", ""), "at"))
+        raise ValueError(common.singular_message(eta, bandwidth, str(x.dtype).replace("torch.", ""), "at"))
     w = (a + 1.0) * kax
     # sum_m (1 + a_m) grad_{x*} k(x*, x_m) = -sum_m w_m (x* - x_m) / h^2
     wgrad = -(xa * w.sum(-1, keepdim=True) - w @ x) / hh / hh
@@ -148,22 +149,13 @@ def _spectral(samples, at, n_eigen, threshold, bandwidth):
     return -(kax @ u) @ coef
 
 
-def _check_array(name: str, t) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"argument {name!r} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"argument {name!r} must have a floating dtype, got {t.dtype}")
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"argument {name!r} contains non-finite values (nan or inf)")
-    return t
-
 
 def _check_inputs(samples, at):
-    samples = _check_array("samples", samples)
-    n, d = ispec.check_samples_shape(tuple(samples.shape))
+    samples = check_array("samples", samples)
+    n, d = common.check_samples_shape(tuple(samples.shape))
     if at is not None:
-        at = _check_array("at", at)
-        ispec.check_at_shape(tuple(at.shape), d)
+        at = check_array("at", at)
+        common.check_at_shape(tuple(at.shape), d)
         at = at.to(dtype=samples.dtype, device=samples.device)
     return samples, at, n
 
@@ -201,8 +193,8 @@ def stein_scores(samples: torch.Tensor, at: torch.Tensor | None = None, *, eta: 
             raises the same error, and returns NaN under tracing).
     """
     samples, at, _ = _check_inputs(samples, at)
-    eta = ispec.check_eta(eta)
-    bandwidth = ispec.check_bandwidth(bandwidth)
+    eta = common.check_eta(eta)
+    bandwidth = common.check_bandwidth(bandwidth)
     return _stein(samples, at, eta, bandwidth)
 
 
@@ -217,9 +209,9 @@ def spectral_scores(
     eigenvalues below ``N * machine-eps * lambda_max`` are numerically zero and never kept.
     """
     samples, at, n = _check_inputs(samples, at)
-    n_eigen = ispec.check_n_eigen(n_eigen, n)
-    threshold = ispec.check_threshold(threshold)
-    bandwidth = ispec.check_bandwidth(bandwidth)
+    n_eigen = common.check_n_eigen(n_eigen, n)
+    threshold = common.check_threshold(threshold)
+    bandwidth = common.check_bandwidth(bandwidth)
     return _spectral(samples, at, n_eigen, threshold, bandwidth)
 
 
@@ -228,16 +220,16 @@ def kernel_scores_batched(kind: str, samples: torch.Tensor, **options) -> torch.
     distribution per leading index); used by the implicit ELBO across particles."""
     if kind == "stein":
         return _stein(
-            samples, None, ispec.check_eta(options.get("eta", 0.1)), ispec.check_bandwidth(options.get("bandwidth"))
+            samples, None, common.check_eta(options.get("eta", 0.1)), common.check_bandwidth(options.get("bandwidth"))
         )
-    ispec.check_kernel_name(kind)
+    common.check_kernel_name(kind)
     n = samples.shape[-2]
     return _spectral(
         samples,
         None,
-        ispec.check_n_eigen(options.get("n_eigen"), n),
-        ispec.check_threshold(options.get("threshold", 0.99)),
-        ispec.check_bandwidth(options.get("bandwidth")),
+        common.check_n_eigen(options.get("n_eigen"), n),
+        common.check_threshold(options.get("threshold", 0.99)),
+        common.check_bandwidth(options.get("bandwidth")),
     )
 
 
@@ -253,8 +245,8 @@ class ScoreMLP(nn.Module):
 
     def __init__(self, dim: int, context_dim: int = 0, hidden=(128, 128), activation=nn.Softplus):
         super().__init__()
-        self.dim = ispec.check_int("dim", dim)
-        self.context_dim = ispec.check_int("context_dim", context_dim, 0)
+        self.dim = common.check_int("dim", dim)
+        self.context_dim = common.check_int("context_dim", context_dim, 0)
         sizes = (self.dim + self.context_dim, *hidden)
         layers = []
         for a, b in zip(sizes[:-1], sizes[1:]):
@@ -335,21 +327,21 @@ class LearnedScoreEstimator:
         net: nn.Module | None = None,
         method: str = "ssm_vr",
         optimizer=torch.optim.Adam,
-        lr: float = ispec.LEARNED_LR,
-        n_steps: int = ispec.LEARNED_N_STEPS,
+        lr: float = common.LEARNED_LR,
+        n_steps: int = common.LEARNED_N_STEPS,
         generator: torch.Generator | None = None,
         dtype: torch.dtype | None = None,
         **options,
     ):
-        from ..spec import resolve
+        from ..common.objectives import resolve
 
-        self.dim = ispec.check_int("dim", dim)
-        self.context_dim = ispec.check_int("context_dim", context_dim, 0)
-        self.method = ispec.check_learned_method(method)
+        self.dim = common.check_int("dim", dim)
+        self.context_dim = common.check_int("context_dim", context_dim, 0)
+        self.method = common.check_learned_method(method)
         resolve(self.method, "score", options)  # unknown / bad options fail here, not at the first step
         self.options = dict(options)
-        self.n_steps = ispec.check_int("n_steps", n_steps)
-        lr = ispec.check_positive("lr", lr)
+        self.n_steps = common.check_int("n_steps", n_steps)
+        lr = common.check_positive("lr", lr)
         if net is None:
             net = ScoreMLP(self.dim, self.context_dim, hidden, activation)
         elif not isinstance(net, nn.Module):
@@ -498,7 +490,7 @@ class LearnedScoreEstimator:
         if not ok:
             self.optimizer.zero_grad(set_to_none=True)  # the step is refused: weights, moments untouched
             if is_validation_enabled():
-                raise ValueError(ispec.refused_step_message(value))
+                raise ValueError(common.refused_step_message(value))
             return value
         self.optimizer.step()
         return value
@@ -539,10 +531,10 @@ class LearnedScoreEstimator:
         generator: torch.Generator | None = None,
     ) -> list[float]:
         """``n_steps`` steps on minibatches of ``batch_size`` rows drawn from ``samples``."""
-        n_steps = ispec.check_int("n_steps", n_steps)
+        n_steps = common.check_int("n_steps", n_steps)
         self._check(samples, context)
         n = samples.shape[0]
-        batch_size = n if batch_size is None else ispec.check_int("batch_size", batch_size, 1, n)
+        batch_size = n if batch_size is None else common.check_int("batch_size", batch_size, 1, n)
         losses = []
         for _ in range(n_steps):
             idx = torch.randperm(n, generator=generator)[:batch_size]
@@ -589,26 +581,26 @@ def site_scores(
             kernel estimator, an event size other than the learned estimator's ``dim``, a
             context of the wrong number of rows, a callable's output of the wrong shape.
     """
-    kind = ispec.estimator_kind(estimator, LearnedScoreEstimator)
+    kind = common.estimator_kind(estimator, LearnedScoreEstimator)
     p, batch = z.shape[0], tuple(z.shape[1 : 1 + batch_ndim])
     n_batch = math.prod(batch)
     flat = z.reshape(p, n_batch, -1)
     if kind == "callable":
         out = estimator(z, context)
-        ispec.check_callable_scores(name, out, tuple(z.shape), torch.Tensor)
+        common.check_callable_scores(name, out, tuple(z.shape), torch.Tensor)
         return out.detach()
     if kind != "learned":
-        ispec.check_kernel_particles(name, kind, p)
+        common.check_kernel_particles(name, kind, p)
         g = kernel_scores_batched(kind, flat.transpose(0, 1), **(options or {}))
         return g.transpose(0, 1).reshape(z.shape)
     d = flat.shape[-1]
-    ispec.check_learned_dim(name, estimator.dim, d)
+    common.check_learned_dim(name, estimator.dim, d)
     ctx = None
     if context is not None:
         ctx = context.reshape(-1, context.shape[-1]) if context.dim() > 1 else context[None]
         if ctx.shape[0] == 1 and n_batch > 1:
             ctx = ctx.expand(n_batch, -1)
-        ispec.check_context_rows(name, ctx.shape[0], n_batch, batch)
+        common.check_context_rows(name, ctx.shape[0], n_batch, batch)
         ctx = ctx.unsqueeze(0).expand(p, -1, -1).reshape(p * n_batch, -1)
     samples = flat.reshape(p * n_batch, d)
     if train:
@@ -621,4 +613,4 @@ def check_scores_finite(name: str, scores: torch.Tensor) -> None:
     """Under ``ppl_score.validation`` (the default), non-finite estimated scores of site
     ``name`` raise ``ValueError`` naming it (one host sync)."""
     if is_validation_enabled() and not bool(torch.isfinite(scores).all()):
-        raise ValueError(ispec.nonfinite_scores_message(name))
+        raise ValueError(common.nonfinite_scores_message(name))

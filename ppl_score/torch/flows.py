@@ -26,8 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import _flows, spec
-from ..validation import is_validation_enabled
+from ..common import flows as common
+from ..common import objectives as spec
+from .validate import check_array
 
 __all__ = ["InvertibleMLP", "relative_gradient_linear", "smooth_leaky_relu"]
 
@@ -109,7 +110,7 @@ class InvertibleMLP(nn.Module):
         self,
         dim: int,
         n_layers: int = 2,
-        alpha: float = _flows.DEFAULT_ALPHA,
+        alpha: float = common.DEFAULT_ALPHA,
         bias: bool = True,
         *,
         dtype=None,
@@ -117,7 +118,7 @@ class InvertibleMLP(nn.Module):
         generator: torch.Generator | None = None,
     ):
         super().__init__()
-        self.dim, self.n_layers, self.alpha = _flows.check_config(dim, n_layers, alpha)
+        self.dim, self.n_layers, self.alpha = common.check_config(dim, n_layers, alpha)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"argument 'generator' must be a torch.Generator, got {type(generator).__name__}")
         weights = []
@@ -173,15 +174,9 @@ class InvertibleMLP(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------
     def _check(self, name: str, x) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"argument {name!r} must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"argument {name!r} must have a floating dtype, got {x.dtype}")
-        _flows.check_event(name, x.shape, self.dim)
-        # a host synchronisation: behind the validation switch (ppl_score.set_validation)
-        if is_validation_enabled() and not torch.isfinite(x).all():
-            raise ValueError(f"argument {name!r} contains non-finite values (nan or inf)")
-        return x
+        check_array(name, x, finite=False)
+        common.check_event(name, x.shape, self.dim)
+        return check_array(name, x)
 
     def _run(self, x: torch.Tensor, relative: bool):
         """``(z, sum_k sum_i log sigma'(y_ki), ld)`` on flattened ``x [N, D]``; ``ld`` is the
@@ -222,7 +217,7 @@ class InvertibleMLP(nn.Module):
 
     @staticmethod
     def _log_normal(z: torch.Tensor) -> torch.Tensor:
-        return -0.5 * (z * z).sum(-1) - z.shape[-1] * _flows.HALF_LOG_2PI
+        return -0.5 * (z * z).sum(-1) - z.shape[-1] * common.HALF_LOG_2PI
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Exact ``log p(x)``, ``[..., D] -> [...]``."""
@@ -290,11 +285,11 @@ class InvertibleMLP(nn.Module):
             rel = (smooth_leaky_relu(y, a) - t0).abs() / (1.0 + t0.abs())
             if not bool((rel <= tol).all()):
                 bad = ~(rel <= tol)  # NaN counts as unconverged
-                raise _flows.newton_error(max_iter, int(bad.sum()), float(rel.max()), tol, layer)
+                raise common.newton_error(max_iter, int(bad.sum()), float(rel.max()), tol, layer)
         return y - (smooth_leaky_relu(y, a) - t) / _dact(y, a)
 
     def inverse(
-        self, z: torch.Tensor, *, tol: float | None = None, max_iter: int = _flows.NEWTON_MAX_ITER
+        self, z: torch.Tensor, *, tol: float | None = None, max_iter: int = common.NEWTON_MAX_ITER
     ) -> torch.Tensor:
         """``x = g^{-1}(z)``, ``[..., D] -> [..., D]``: per layer a Newton inverse of the
         activation (relative residual ``<= tol``, default ``64 eps``) and one batched linear
@@ -308,8 +303,8 @@ class InvertibleMLP(nn.Module):
                 the host at every Newton step anyway.
         """
         flat, batch = self._flat("z", z)
-        tol = _flows.newton_tolerance(tol, torch.finfo(flat.dtype).eps)
-        max_iter = _flows.check_max_iter(max_iter)
+        tol = common.newton_tolerance(tol, torch.finfo(flat.dtype).eps)
+        max_iter = common.check_max_iter(max_iter)
         self.check_invertible()
         h = flat
         for k in reversed(range(self.n_layers)):
@@ -333,7 +328,7 @@ class InvertibleMLP(nn.Module):
             b = self._bias(k)
             finite_w = bool(torch.isfinite(w).all())
             s = torch.linalg.svdvals(w) if finite_w else None
-            _flows.check_layer(
+            common.check_layer(
                 k,
                 finite_w,
                 b is None or bool(torch.isfinite(b).all()),
@@ -355,7 +350,7 @@ class InvertibleMLP(nn.Module):
             TypeError: ``n`` is not an integer.
             ValueError: ``n < 1``, or the flow cannot be inverted (see ``inverse``).
         """
-        n = _flows.check_n_samples(n)
+        n = common.check_n_samples(n)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"argument 'generator' must be a torch.Generator, got {type(generator).__name__}")
         w = self.weights[0]

@@ -15,14 +15,16 @@ output may depend only on ``x[c]``.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
-from .. import langevin as shared
-from .. import spec
-from ..validation import inference_mode_error
+from ..common import langevin as shared
+from ..common import objectives as spec
+from .derivatives import flat_sum
+from .validate import check_array, check_grad_mode
 
 __all__ = ["LangevinState", "LangevinInfo", "LangevinResult", "init", "step", "ula", "mala"]
 
@@ -51,8 +53,8 @@ def _evaluate(fn, kind: str, x: torch.Tensor):
     ``torch.inference_mode()``, which cannot be left from inside, ``kind="log_prob"`` is a
     ``RuntimeError`` (a score network, ``kind="score"``, needs no autograd and runs).
     """
-    if kind == "log_prob" and torch.is_inference_mode_enabled():
-        raise inference_mode_error("Langevin sampling", "the score of the log density in x")
+    if kind == "log_prob":
+        check_grad_mode("Langevin sampling", "the score of the log density in x")
     with torch.enable_grad():
         xg = x.detach()
         if xg.is_inference():  # made under inference_mode: a normal tensor can require grad
@@ -68,9 +70,6 @@ def _evaluate(fn, kind: str, x: torch.Tensor):
     return out.detach(), s.detach()
 
 
-def _flat_sum(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(t.shape[0], -1).sum(-1)
-
 
 def init(fn, x: torch.Tensor, kind: str = "log_prob") -> LangevinState:
     """The state at ``x[C, *event]``: its log density and score."""
@@ -79,15 +78,28 @@ def init(fn, x: torch.Tensor, kind: str = "log_prob") -> LangevinState:
 
 
 def step(
-    fn,
     state: LangevinState,
+    fn,
     step_size: float,
     *,
     adjusted: bool = True,
     kind: str = "log_prob",
     generator: torch.Generator | None = None,
 ):
-    """One Langevin transition of every chain; returns ``(state, info)``."""
+    """One Langevin transition of every chain; returns ``(state, info)``.
+
+    The arguments come in the order of ``ppl_score.jax.langevin.step(key, state, fn,
+    step_size)``, whose randomness (``key``) torch takes as ``generator=``. The former order
+    ``step(fn, state, step_size)`` still works, with a ``DeprecationWarning``.
+    """
+    if isinstance(fn, LangevinState) and not isinstance(state, LangevinState):
+        warnings.warn(
+            "ppl_score.torch.langevin.step(fn, state, step_size) is deprecated: pass step(state, fn, "
+            "step_size), the order of ppl_score.jax.langevin.step(key, state, fn, step_size)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        state, fn = fn, state
     x, log_prob, score = state
     h = step_size
     z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
@@ -104,9 +116,9 @@ def step(
         ones = x.new_ones(c)
         return LangevinState(proposal, prop_log_prob, prop_score), LangevinInfo(ones, ones.bool())
     # log q(x'|x) = -||z||^2 / 2 and log q(x|x') = -||x - x' - h s(x')||^2 / (4 h), up to the same constant
-    log_fwd = -0.5 * _flat_sum(z * z)
+    log_fwd = -0.5 * flat_sum(z * z)
     back = x - proposal - h * prop_score
-    log_bwd = -_flat_sum(back * back) / (4.0 * h)
+    log_bwd = -flat_sum(back * back) / (4.0 * h)
     log_alpha = prop_log_prob - log_prob + log_bwd - log_fwd
     # a non-finite proposal (nan log density or score) is rejected, never accepted
     log_alpha = torch.where(torch.isnan(log_alpha), torch.full_like(log_alpha, -math.inf), log_alpha)
@@ -122,22 +134,14 @@ def step(
     return new, LangevinInfo(accept_prob, accepted)
 
 
-def _check_x0(x0) -> None:
-    if not isinstance(x0, torch.Tensor):
-        raise TypeError(f"argument 'x0' must be a torch.Tensor, got {type(x0).__name__}")
-    if not x0.is_floating_point():
-        raise TypeError(f"argument 'x0' must have a floating dtype, got {x0.dtype}")
-    shared.check_chains_shape(tuple(x0.shape), "x0")
-    if not torch.isfinite(x0).all():
-        raise ValueError("argument 'x0' contains non-finite values (nan or inf)")
-
 
 def _run(fn, x0, step_size, num_steps, *, adjusted, kind, num_warmup, thin, generator, progress_bar) -> LangevinResult:
     if not callable(fn):
         raise TypeError(f"argument 'fn' must be callable, got {type(fn).__name__}")
     plan = shared.check_plan(step_size, num_steps, num_warmup, thin)
     shared.check_kind(kind, adjusted)
-    _check_x0(x0)
+    check_array("x0", x0)
+    shared.check_chains_shape(tuple(x0.shape), "x0")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"argument 'generator' must be a torch.Generator, got {type(generator).__name__}")
     state = init(fn, x0, kind)
@@ -149,7 +153,7 @@ def _run(fn, x0, step_size, num_steps, *, adjusted, kind, num_warmup, thin, gene
         total=plan.num_warmup + plan.num_steps, disable=not progress_bar, desc="warmup" if plan.num_warmup else "sample"
     ) as bar:
         for i in range(plan.num_warmup + plan.num_steps):
-            state, info = step(fn, state, plan.step_size, adjusted=adjusted, kind=kind, generator=generator)
+            state, info = step(state, fn, plan.step_size, adjusted=adjusted, kind=kind, generator=generator)
             j = i - plan.num_warmup
             if j >= 0:
                 accept_sum += info.accept_prob

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import torch
 
-from ..implicit_spec import MMD_SCALES
+from ..common.mmd import MMD_SCALES
 
 __all__ = ["MMD_SCALES", "imq_mmd2", "imq_constant", "prior_variance", "stop_gradient"]
 
 
-def stop_gradient(t: torch.Tensor) -> torch.Tensor:
-    """``t`` cut from the autograd graph (``t.detach()``; the name the JAX mirror uses)."""
-    return t.detach()
+def stop_gradient(x: torch.Tensor) -> torch.Tensor:
+    """``x`` cut from the autograd graph (``x.detach()``; the name the JAX mirror uses)."""
+    return x.detach()
 
 
 def imq_mmd2(x: torch.Tensor, y: torch.Tensor, c, scales=MMD_SCALES) -> torch.Tensor:

@@ -11,17 +11,14 @@ import weakref
 
 import torch
 
-from .. import spec
-from ..validation import inference_mode_error, is_validation_enabled, warn_nonfinite
+from ..common import objectives as spec
+from ..common.validate import warn_nonfinite
 from . import derivatives as d
-from .sampling import draw_directions, draw_noise, draw_projections, has_zero_direction, unit_directions
+from .projections import draw_directions, draw_noise, draw_projections, has_zero_direction, unit_directions
+from .validate import all_finite, check_array, check_grad_mode, validating
 
 __all__ = ["score_matching_loss"]
 
-
-def _flat_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over all but the first dim (event dims of ``[N, *event]``)."""
-    return t.reshape(t.shape[0], -1).sum(-1)
 
 
 def _replicate(x: torch.Tensor, m: int) -> torch.Tensor:
@@ -49,12 +46,12 @@ def _per_example_esm(fn, kind, x, **_):
     if key not in _NOT_VMAPPABLE:
         try:  # per-example torch.func transforms: the fastest exact trace (benchmarks/objectives.py)
             s, trace = d.score_and_trace(fn, kind, x)
-            return trace + 0.5 * _flat_sum(s * s)
+            return trace + 0.5 * d.flat_sum(s * s)
         except Exception:  # noqa: BLE001 - fn does not run under torch.func.vmap: plain autograd
             _NOT_VMAPPABLE[key] = True
     xg = d.differentiable_input(x)
     s = d.score(fn, kind, xg)
-    return d.hessian_trace(s, xg) + 0.5 * _flat_sum(s * s)
+    return d.hessian_trace(s, xg) + 0.5 * d.flat_sum(s * s)
 
 
 def _sliced(fn, kind, x, v, variance_reduced):
@@ -66,8 +63,8 @@ def _sliced(fn, kind, x, v, variance_reduced):
     if variance_reduced:
         # the M copies of s are equal; averaging them (not slicing one) keeps the backward
         # free of the zero-filled copy a slice's backward makes
-        return _mean_over_projections(vhv + 0.5 * _flat_sum(s * s), m)
-    return _mean_over_projections(vhv + 0.5 * _flat_sum(s * vf) ** 2, m)
+        return _mean_over_projections(vhv + 0.5 * d.flat_sum(s * s), m)
+    return _mean_over_projections(vhv + 0.5 * d.flat_sum(s * vf) ** 2, m)
 
 
 def _per_example_ssm(fn, kind, x, *, v, **_):
@@ -81,7 +78,7 @@ def _per_example_ssm_vr(fn, kind, x, *, v, **_):
 def _per_example_dsm(fn, kind, x, *, noise, sigma, **_):
     xg = d.differentiable_input(x + sigma * noise)
     s = d.score(fn, kind, xg)
-    return 0.5 * _flat_sum((s + noise / sigma) ** 2)
+    return 0.5 * d.flat_sum((s + noise / sigma) ** 2)
 
 
 def _fd_steps(x, u, eps):
@@ -104,7 +101,7 @@ def _per_example_fd_ssm(fn, kind, x, *, u, eps, **_):
     else:
         out = d.evaluate(fn, kind, torch.cat([xr + v, xr - v]))
         sp, sm = out[: m * b], out[m * b :]
-        val = 0.125 * _flat_sum((sp + sm) ** 2) + 0.5 * c * _flat_sum((sp - sm) * v)
+        val = 0.125 * d.flat_sum((sp + sm) ** 2) + 0.5 * c * d.flat_sum((sp - sm) * v)
     return _mean_over_projections(val, m)
 
 
@@ -116,9 +113,9 @@ def _per_example_fd_dsm(fn, kind, x, *, u, noise, sigma, eps, **_):
     out = d.evaluate(fn, kind, torch.cat([xt + v, xt - v]))
     fp, fm = out[: m * b], out[m * b :]
     if kind == "log_prob":
-        inner = 0.5 * (fp - fm) + _flat_sum(v * shift)
+        inner = 0.5 * (fp - fm) + d.flat_sum(v * shift)
     else:
-        inner = _flat_sum(v * (0.5 * (fp + fm) + shift))
+        inner = d.flat_sum(v * (0.5 * (fp + fm) + shift))
     return _mean_over_projections(0.5 * c * inner**2, m)
 
 
@@ -130,36 +127,6 @@ _PER_EXAMPLE = {
     "fd_ssm": _per_example_fd_ssm,
     "fd_dsm": _per_example_fd_dsm,
 }
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    """Whether every entry is finite: one sum (nan/inf propagate) and one host sync in the
-    usual case; the elementwise test only when the sum is not finite (it may overflow)."""
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
-
-
-def _check_x(x) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"argument 'x' must be a torch.Tensor, got {type(x).__name__}")
-    spec.check_dtype(x.is_floating_point(), x.dtype)
-    spec.check_x_shape(tuple(x.shape))
-    if _validating() and not _all_finite(x):
-        raise ValueError("argument 'x' contains non-finite values (nan or inf)")
-
-
-def _check_tensor(name: str, t, x: torch.Tensor) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"argument {name!r} must be a torch.Tensor, got {type(t).__name__}")
-    if not (t.is_floating_point() or t.dtype in (torch.int8, torch.int16, torch.int32, torch.int64)):
-        raise TypeError(f"argument {name!r} must be a real tensor, got dtype {t.dtype}")
-    if _validating() and not _all_finite(t):
-        raise ValueError(f"argument {name!r} contains non-finite values (nan or inf)")
-    return t.to(dtype=x.dtype, device=x.device)
-
-
-def _validating() -> bool:
-    """Host-syncing checks run: validation on, and not while ``torch.compile`` traces."""
-    return is_validation_enabled() and not torch.compiler.is_compiling()
 
 
 def score_matching_loss(
@@ -209,20 +176,20 @@ def score_matching_loss(
     spec.check_reduction(reduction)
     if not callable(fn):
         raise TypeError(f"argument 'fn' must be callable, got {type(fn).__name__}")
-    _check_x(x)
+    check_array("x", x)
+    spec.check_x_shape(tuple(x.shape))
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"argument 'generator' must be a torch.Generator, got {type(generator).__name__}")
     spec.check_unused(resolved, projections is not None, noise is not None)
-    if torch.is_inference_mode_enabled():
-        raise inference_mode_error("score_matching_loss")
+    check_grad_mode("score_matching_loss")
     opts = dict(resolved.options)
     draw = dict(generator=generator, dtype=x.dtype, device=x.device)
-    name, fd = resolved.method, resolved.method.startswith("fd_")
+    name, fd = resolved.method, resolved.spec.finite_difference
     kwargs = {key: opts[key] for key in ("sigma", "eps") if key in opts}
-    validate = _validating()
+    validate = validating()
     if resolved.spec.uses_projections:
         if projections is not None:
-            projections = _check_tensor("projections", projections, x)
+            projections = check_array("projections", projections, dtype="real").to(dtype=x.dtype, device=x.device)
             m = spec.check_projection_shape(resolved, tuple(projections.shape), tuple(x.shape))
             proj = projections.reshape(m, *x.shape)
             if fd and validate and has_zero_direction(proj):
@@ -235,7 +202,7 @@ def score_matching_loss(
         kwargs["u" if fd else "v"] = proj
     if resolved.spec.uses_noise:
         if noise is not None:
-            noise = _check_tensor("noise", noise, x)
+            noise = check_array("noise", noise, dtype="real").to(dtype=x.dtype, device=x.device)
             spec.check_noise_shape(resolved, tuple(noise.shape), tuple(x.shape))
         else:
             noise = draw_noise(x.shape, **draw)
@@ -248,7 +215,7 @@ def score_matching_loss(
         per_example = _PER_EXAMPLE[name](fn, resolved.kind, x, **kwargs)
     if not grad_mode:
         per_example = per_example.detach()
-    if validate and not _all_finite(per_example):
+    if validate and not all_finite(per_example):
         warn_nonfinite(f"score_matching_loss(method={name!r})", spec.nonfinite_cause(name, opts))
     if reduction == "none":
         return per_example

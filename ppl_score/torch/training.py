@@ -13,15 +13,14 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
-from .. import spec
+from ..common import objectives as spec
+from ..common import training as common
+from ..common.training import EVAL_CHUNK, LR_FLOOR
 from .objectives import score_matching_loss
+from .validate import check_array
 
 __all__ = ["FitResult", "fit_energy", "evaluator"]
 
-# Rows per chunk when evaluating the trained model (bounds the memory of esm's HVPs).
-EVAL_CHUNK = 512
-# The learning rate decays along a cosine to this fraction of ``lr``.
-LR_FLOOR = 0.05
 
 
 class FitResult(NamedTuple):
@@ -94,18 +93,12 @@ def fit_energy(
         FloatingPointError: the loss became non-finite (lower ``lr``, or raise ``eps`` /
             ``sigma`` for the finite-difference and denoising methods).
     """
-    spec.resolve(method, "log_prob", options)  # fail before any work
+    lr = common.check_fit(method, options, steps, batch_size, lr)  # fail before any work
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"argument 'model' must be a torch.nn.Module, got {type(model).__name__}")
-    for name, value in (("steps", steps), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "steps" else 1):
-            raise ValueError(f"argument {name!r} must be an int >= {0 if name == 'steps' else 1}, got {value!r}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"argument 'lr' must be a finite number > 0, got {lr!r}")
     x = torch.as_tensor(np.asarray(data), dtype=dtype)
     spec.check_x_shape(tuple(x.shape))
-    if not torch.isfinite(x).all():
-        raise ValueError("argument 'data' contains non-finite values (nan or inf)")
+    check_array("data", x)
 
     model = copy.deepcopy(model).to(dtype)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -117,7 +110,7 @@ def fit_energy(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
     generator = torch.Generator().manual_seed(seed)
     losses = torch.empty(steps, dtype=torch.float64)
-    report = max(1, steps // 100)
+    report = common.report_every(steps)
 
     from tqdm.auto import tqdm
 
@@ -134,9 +127,7 @@ def fit_energy(
             if (t + 1) % report == 0 or t + 1 == steps:
                 value = float(losses[t])
                 if not math.isfinite(value):
-                    raise FloatingPointError(
-                        f"the {method} loss became non-finite by step {t + 1}; lower 'lr' (or raise 'eps' / 'sigma')"
-                    )
+                    raise common.nonfinite_loss_error(method, t + 1)
                 bar.set_postfix(loss=f"{value:.4g}", refresh=False)
     seconds = time.perf_counter() - start
     model.eval()

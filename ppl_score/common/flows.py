@@ -20,9 +20,8 @@ data term ``delta^T h W^T W`` is formed as ``delta^T ((h W^T) W)``: ``O(B D^2)``
 from __future__ import annotations
 
 import math
-import numbers
 
-from ._validate import check_int
+from .validate import check_int, check_positive_float, check_real_in
 
 __all__ = [
     "DEFAULT_ALPHA",
@@ -45,19 +44,7 @@ HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 def check_config(dim, n_layers, alpha) -> tuple[int, int, float]:
     """Validate ``(dim, n_layers, alpha)``; ``alpha`` in ``(0, 1]`` keeps ``sigma'`` positive."""
-    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
-        raise TypeError(f"argument 'dim' must be an int, got {type(dim).__name__}")
-    if dim < 1:
-        raise ValueError(f"argument 'dim' must be >= 1, got {dim}")
-    if isinstance(n_layers, bool) or not isinstance(n_layers, numbers.Integral):
-        raise TypeError(f"argument 'n_layers' must be an int, got {type(n_layers).__name__}")
-    if n_layers < 1:
-        raise ValueError(f"argument 'n_layers' must be >= 1, got {n_layers}")
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
-        raise TypeError(f"argument 'alpha' must be a float, got {type(alpha).__name__}")
-    if not 0.0 < float(alpha) <= 1.0:
-        raise ValueError(f"argument 'alpha' must be in (0, 1] (the activation's slope bound), got {alpha}")
-    return int(dim), int(n_layers), float(alpha)
+    return check_int("dim", dim), check_int("n_layers", n_layers), check_real_in("alpha", alpha, 0.0, 1.0)
 
 
 def check_event(name: str, shape: tuple, dim: int) -> None:
@@ -81,9 +68,7 @@ def newton_tolerance(tol, dtype_eps: float) -> float:
     """
     if tol is None:
         return 64.0 * dtype_eps
-    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol > 0:
-        raise ValueError(f"argument 'tol' must be a positive float, got {tol!r}")
-    return float(tol)
+    return check_positive_float("tol", tol)
 
 
 def newton_error(max_iter: int, n_bad: int, residual: float, tol: float, layer: int | None = None) -> ValueError:

@@ -32,8 +32,8 @@ sites at the values in ``latents`` (shared by every chain) or drawn once per cha
 point in draws mode) from ``guide``, so the chains sample the posterior predictive;
 parameters are read from the param store. A subsampling plate keeps the indices of the
 first trace. The result, ``SiteSamples(samples, accept_rate, layout)``, has samples
-``[num_samples, num_chains, *layout.shape]``; ``layout`` (``ppl_score.langevin.SiteLayout``)
-says what the dims are.
+``[num_samples, num_chains, *layout.shape]``; ``layout``
+(``ppl_score.common.langevin.SiteLayout``) says what the dims are.
 
 - ``langevin(model, site, *args, num_samples=1000, num_warmup=500, num_chains=1,
   num_draws=None, ...)``: MALA / ULA chains (``ppl_score.torch.langevin``)::
@@ -55,6 +55,8 @@ says what the dims are.
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import pyro
 import pyro.poutine as poutine
 import torch
@@ -64,9 +66,9 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
 
-from .. import langevin as shared
+from ..common import langevin as shared
+from ..common.validate import inference_mode_error
 from ..torch import langevin as backend
-from ..validation import inference_mode_error
 from .distributions import Unnormalized
 
 SiteSamples = shared.SiteSamples  # the draws of ``langevin`` and ``nuts``, written once
@@ -77,7 +79,7 @@ _CHAINS = "_ppl_score_chains"
 
 
 class _TorchSiteOps(shared.SiteOps):
-    """``ppl_score.langevin.SiteOps`` for torch tensors and Pyro transforms."""
+    """``ppl_score.common.langevin.SiteOps`` for torch tensors and Pyro transforms."""
 
     xp = torch
 
@@ -112,7 +114,7 @@ _OPS = _TorchSiteOps()
 class SiteDensity(shared.SiteDensity):
     """A site's log density in unconstrained coordinates, over a batch of independent rows
     (torch tensors; ``shape`` and ``unconstrained_shape`` are ``torch.Size``): the fields,
-    ``num_rows`` and ``init_unconstrained`` of ``ppl_score.langevin.SiteDensity``."""
+    ``num_rows`` and ``init_unconstrained`` of ``ppl_score.common.langevin.SiteDensity``."""
 
     __slots__ = ()
     ops = _OPS
@@ -142,14 +144,14 @@ def _to_chains(lp: torch.Tensor, c: int, depth: int) -> torch.Tensor:
 
 
 def site_log_density(
-    model,
+    model: Callable,
     site: str,
-    *args,
+    *args: Any,
     num_chains: int = 1,
     num_draws: int | None = None,
-    guide=None,
+    guide: Callable | None = None,
     latents: dict | None = None,
-    **kwargs,
+    **kwargs: Any,
 ) -> SiteDensity:
     r"""The log density of the observed ``site`` of ``model(*args, **kwargs)`` in
     unconstrained coordinates, vectorized over rows (see the module doc).
@@ -158,8 +160,8 @@ def site_log_density(
         model, site, \*args, \*\*kwargs: the model, its observed site, and its arguments.
         num_chains: independent chains.
         num_draws: ``None`` (site mode) or the new points each chain holds (draws mode, an
-            ``Unnormalized`` site); the module doc and ``ppl_score.langevin.SiteLayout`` say
-            what each mode samples.
+            ``Unnormalized`` site); the module doc and
+            ``ppl_score.common.langevin.SiteLayout`` say what each mode samples.
         guide: draws each row's latent values once (under a plate over rows).
         latents: values of the model's latent sites, shared by all rows.
 
@@ -249,9 +251,9 @@ def _site_density(model, site, args, kwargs, node, fixed, transform, c, depth) -
 
 
 def langevin(
-    model,
+    model: Callable,
     site: str,
-    *args,
+    *args: Any,
     num_samples: int | None = None,
     num_warmup: int = 500,
     num_chains: int = 1,
@@ -261,11 +263,11 @@ def langevin(
     init: torch.Tensor | None = None,
     thin: int = 1,
     num_steps: int | None = None,
-    guide=None,
+    guide: Callable | None = None,
     latents: dict | None = None,
     generator: torch.Generator | None = None,
     progress_bar: bool = False,
-    **kwargs,
+    **kwargs: Any,
 ) -> SiteSamples:
     r"""Langevin chains (MALA, or ULA with ``adjusted=False``) on the observed ``site`` of a
     fitted ``model(*args, **kwargs)`` (see the module doc).
@@ -300,7 +302,7 @@ def langevin(
             ``torch.no_grad()`` the result is the same as outside it).
 
     A MALA run that accepts (almost) nothing warns with its acceptance rate
-    (``ppl_score.langevin.LowAcceptanceWarning``).
+    (``ppl_score.common.langevin.LowAcceptanceWarning``).
     """
     adjusted = shared.check_adjusted(adjusted)
     plan = shared.check_sampling_run(step_size, num_samples, num_steps, num_warmup, thin)
@@ -323,8 +325,14 @@ def langevin(
 
 
 def potential_fn(
-    model, site: str, *args, num_draws: int | None = None, guide=None, latents: dict | None = None, **kwargs
-):
+    model: Callable,
+    site: str,
+    *args: Any,
+    num_draws: int | None = None,
+    guide: Callable | None = None,
+    latents: dict | None = None,
+    **kwargs: Any,
+) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
     """``params -> -log p(transform(params[site])) - log|det J|``, a scalar: the potential
     energy of one chain's state of the observed ``site`` in unconstrained coordinates (site
     mode: the site's conditional given the rest; draws mode: ``num_draws`` new points) for
@@ -338,20 +346,20 @@ def potential_fn(
 
 
 def nuts(
-    model,
+    model: Callable,
     site: str,
-    *args,
+    *args: Any,
     num_samples: int = 500,
     num_warmup: int | None = None,
     num_chains: int = 1,
     num_draws: int | None = None,
     init: torch.Tensor | None = None,
-    guide=None,
+    guide: Callable | None = None,
     latents: dict | None = None,
     kernel_options: dict | None = None,
     progress_bar: bool = False,
     warmup_steps: int | None = None,
-    **kwargs,
+    **kwargs: Any,
 ) -> SiteSamples:
     r"""Pyro's ``NUTS`` on the observed ``site`` through ``potential_fn``.
 

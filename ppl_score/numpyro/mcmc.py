@@ -8,7 +8,7 @@ A model fitted by score matching, e.g. ::
 
 defines ``x`` only up to its normalizer, so ``numpyro.sample`` cannot draw it. Two things
 can be sampled, both by MCMC in the unconstrained space of ``T = biject_to(support)``
-(``u -> log p(T(u)) + log |det dT/du|``), as in ``ppl_score.pyro.sampling``:
+(``u -> log p(T(u)) + log |det dT/du|``), as in ``ppl_score.pyro.mcmc``:
 
 - **The observed site's conditional** (site mode, the default): each chain is a copy of the
   site's value, drawn from
@@ -53,17 +53,20 @@ accept_rate, layout)``, has samples ``[num_samples, num_chains, *layout.shape]``
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
+from jax.typing import ArrayLike
 from numpyro import handlers
 from numpyro.distributions import ExpandedDistribution
 from numpyro.distributions.transforms import biject_to
 
-from .. import langevin as shared
+from ..common import langevin as shared
 from ..jax import langevin as backend
-from ..jax.checks import check_key
+from ..jax.validate import check_key
 from .distributions import Unnormalized
 
 SiteSamples = shared.SiteSamples  # the draws of ``langevin`` and ``nuts``, written once
@@ -72,7 +75,7 @@ __all__ = ["SiteDensity", "SiteSamples", "site_log_density", "langevin", "potent
 
 
 class _JaxSiteOps(shared.SiteOps):
-    """``ppl_score.langevin.SiteOps`` for JAX arrays and NumPyro transforms."""
+    """``ppl_score.common.langevin.SiteOps`` for JAX arrays and NumPyro transforms."""
 
     xp = jnp
 
@@ -98,7 +101,7 @@ _OPS = _JaxSiteOps()
 class SiteDensity(shared.SiteDensity):
     """A site's log density in unconstrained coordinates, over a batch of independent rows
     (JAX arrays; ``shape`` and ``unconstrained_shape`` are tuples): the fields, ``num_rows``
-    and ``init_unconstrained`` of ``ppl_score.langevin.SiteDensity``."""
+    and ``init_unconstrained`` of ``ppl_score.common.langevin.SiteDensity``."""
 
     __slots__ = ()
     ops = _OPS
@@ -155,17 +158,17 @@ def _to_rows(lp: jax.Array, rows: int, depth: int) -> jax.Array:
 
 
 def site_log_density(
-    model,
+    model: Callable,
     site: str,
-    *args,
+    *args: Any,
     num_chains: int = 1,
     num_draws: int | None = None,
     params: dict | None = None,
-    guide=None,
+    guide: Callable | None = None,
     latents: dict | None = None,
-    key=None,
+    key: jax.Array | None = None,
     vectorize: str = "plate",
-    **kwargs,
+    **kwargs: Any,
 ) -> SiteDensity:
     r"""The log density of the observed ``site`` of ``model(*args, **kwargs)`` in
     unconstrained coordinates, vectorized over rows (see the module doc).
@@ -174,8 +177,8 @@ def site_log_density(
         model, site, \*args, \*\*kwargs: the model, its observed site, and its arguments.
         num_chains: independent chains.
         num_draws: ``None`` (site mode) or the new points each chain holds (draws mode, an
-            ``Unnormalized`` site); the module doc and ``ppl_score.langevin.SiteLayout`` say
-            what each mode samples.
+            ``Unnormalized`` site); the module doc and
+            ``ppl_score.common.langevin.SiteLayout`` say what each mode samples.
         params: the fitted parameters (``svi_result.params``), substituted into model and guide.
         guide: draws each row's latent values once (with ``key``).
         latents: values of the model's latent sites, shared by all rows.
@@ -304,25 +307,25 @@ def _site_density(model, site, args, kwargs, params, fixed, value, node, transfo
 
 
 def langevin(
-    model,
+    model: Callable,
     site: str,
-    *args,
-    key,
+    *args: Any,
+    key: jax.Array,
     num_samples: int | None = None,
     num_warmup: int = 500,
     num_chains: int = 1,
     num_draws: int | None = None,
     step_size: float = 1e-2,
     adjusted: bool = True,
-    init=None,
+    init: ArrayLike | None = None,
     thin: int = 1,
     num_steps: int | None = None,
     params: dict | None = None,
-    guide=None,
+    guide: Callable | None = None,
     latents: dict | None = None,
     vectorize: str = "plate",
     progress_bar: bool = False,
-    **kwargs,
+    **kwargs: Any,
 ) -> SiteSamples:
     r"""Langevin chains (MALA, or ULA with ``adjusted=False``) on the observed ``site`` of a
     fitted ``model(*args, **kwargs)`` (see the module doc).
@@ -357,8 +360,9 @@ def langevin(
             chains (decrease ``step_size``).
 
     A MALA run that accepts (almost) nothing warns with its acceptance rate
-    (``ppl_score.langevin.LowAcceptanceWarning``). Each call builds a new site density, so
-    it is compiled for that call and released afterwards (nothing is cached across calls).
+    (``ppl_score.common.langevin.LowAcceptanceWarning``). Each call builds a new site
+    density, so it is compiled for that call and released afterwards (nothing is cached
+    across calls).
     """
     adjusted = shared.check_adjusted(adjusted)
     plan = shared.check_sampling_run(step_size, num_samples, num_steps, num_warmup, thin)
@@ -394,17 +398,17 @@ def langevin(
 
 
 def potential_fn(
-    model,
+    model: Callable,
     site: str,
-    *args,
+    *args: Any,
     num_draws: int | None = None,
     params: dict | None = None,
-    guide=None,
+    guide: Callable | None = None,
     latents: dict | None = None,
-    key=None,
+    key: jax.Array | None = None,
     vectorize: str = "plate",
-    **kwargs,
-):
+    **kwargs: Any,
+) -> Callable[[dict[str, jax.Array]], jax.Array]:
     """``params_dict -> -log p(transform(params_dict[site])) - log|det J|``, a scalar: the
     potential energy of one chain's state of the observed ``site`` in unconstrained
     coordinates (site mode: the site's conditional given the rest; draws mode: ``num_draws``
@@ -428,22 +432,22 @@ def potential_fn(
 
 
 def nuts(
-    model,
+    model: Callable,
     site: str,
-    *args,
-    key,
+    *args: Any,
+    key: jax.Array,
     num_samples: int = 500,
     num_warmup: int = 500,
     num_chains: int = 1,
     num_draws: int | None = None,
-    init=None,
+    init: ArrayLike | None = None,
     params: dict | None = None,
-    guide=None,
+    guide: Callable | None = None,
     latents: dict | None = None,
     kernel_options: dict | None = None,
     vectorize: str = "plate",
     progress_bar: bool = False,
-    **kwargs,
+    **kwargs: Any,
 ) -> SiteSamples:
     r"""NumPyro's ``NUTS`` on the observed ``site`` through ``potential_fn``.
 

@@ -25,8 +25,8 @@ import sys
 
 import numpy as np
 
+from ..common.objectives import OBJECTIVES
 from . import datasets
-from .spec import OBJECTIVES
 
 __all__ = ["BACKENDS", "add_arguments", "check_args", "run"]
 
@@ -187,8 +187,8 @@ def _fit(args, data: datasets.Dataset, hidden: tuple, quadratic: float, options:
     if args.backend == "torch":
         import torch
 
-        from .torch.nets import MLPEnergy
-        from .torch.training import fit_energy
+        from ..torch.nets import MLPEnergy
+        from ..torch.training import fit_energy
 
         torch.manual_seed(args.seed)
         model = MLPEnergy(data.dim, hidden, torch.nn.Softplus, quadratic)
@@ -197,8 +197,8 @@ def _fit(args, data: datasets.Dataset, hidden: tuple, quadratic: float, options:
 
     import jax
 
-    from .jax.nets import energy_apply, energy_init
-    from .jax.training import fit_energy
+    from ..jax.nets import energy_apply, energy_init
+    from ..jax.training import fit_energy
 
     params = energy_init(jax.random.PRNGKey(args.seed), data.dim, hidden)
     apply_fn = functools.partial(energy_apply, activation=jax.nn.softplus, quadratic=quadratic)

@@ -9,8 +9,9 @@ observed-but-conditioned, latent or prior terms; the unconstrained data blocks a
 offsets; masks and per-datum weights (scale x mask); the dependency analysis; and the
 function ``x -> per-datum log joint density`` that the backend objectives consume.
 
-Semantics (SPEC.md section 3). The matched sites' score is the score of the model's *joint*
-log density in the matched values, with unmatched observed sites conditioned on::
+Semantics (the spec, docs page *Spec*, section 3). The matched sites' score is the score of
+the model's *joint* log density in the matched values, with unmatched observed sites
+conditioned on::
 
     log p(x_i, rest) = sum_{matched m} log p_m(x_{m,i} | parents)   (+ log|det J| of biject_to)
                      + sum_{sites j whose distribution depends on a matched value}
@@ -32,8 +33,8 @@ dimensions are ``x``. It holds when every dependent site lives in every plate th
 matched data dimension (plates declare conditional independence, so then datum ``i``'s
 density involves only datum ``i``). Otherwise (a site couples data points, e.g. a sequence
 observed along a plate, or matched sites in different plates) the whole batch is *one*
-data point whose ``x`` concatenates every value: still exact (the objectives of SPEC.md
-section 1 are sums over coordinates, so the expectation is unchanged), one datum instead of
+data point whose ``x`` concatenates every value: still exact (the objectives of the spec,
+section 1, are sums over coordinates, so the expectation is unchanged), one datum instead of
 ``n``.
 """
 
@@ -43,7 +44,7 @@ import abc
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 from . import frontend
-from .validation import is_validation_enabled
+from .validate import is_validation_enabled
 
 __all__ = [
     "ArrayOps",
@@ -247,7 +248,7 @@ class Block:
     )
 
 
-def combine_masks(ops: ArrayOps, name: str, batch: tuple, *masks) -> Any:
+def combine_masks(ops: ArrayOps, name: str, batch: tuple, *masks: Any) -> Any:
     """The conjunction of a site's masks as a boolean array of its batch shape (None: none).
 
     Raises:

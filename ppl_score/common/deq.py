@@ -16,7 +16,7 @@ import numbers
 import warnings
 from typing import Any, NamedTuple
 
-from ._validate import check_choice, check_int, check_positive_float
+from .validate import check_choice, check_int, check_positive_float
 
 __all__ = [
     "SOLVERS",
@@ -37,7 +37,6 @@ __all__ = [
     "FixedPointWarning",
     "FixedPointError",
     "check_choice",
-    "check_positive_int",
     "check_positive_float",
     "solver_config",
     "deq_config",
@@ -149,10 +148,6 @@ class DEQConfig(NamedTuple):
 # ---------------------------------------------------------------------------------------
 
 
-def check_positive_int(name: str, value) -> int:
-    return check_int(name, value)
-
-
 def solver_config(
     solver=DEFAULT_SOLVER,
     tol=DEFAULT_TOL,
@@ -179,8 +174,8 @@ def solver_config(
     return SolverConfig(
         check_choice("solver", solver, SOLVERS),
         check_positive_float("tol", tol),
-        check_positive_int("max_iter", max_iter),
-        check_positive_int("memory", memory),
+        check_int("max_iter", max_iter),
+        check_int("memory", memory),
         check_choice("on_nonconvergence", on_nonconvergence, POLICIES),
     )
 
@@ -226,7 +221,7 @@ def deq_config(
         gamma,
         check_choice("norm", norm, NORMS),
         check_choice("backward", backward, BACKWARDS),
-        check_positive_int("phantom_steps", phantom_steps),
+        check_int("phantom_steps", phantom_steps),
         solver_config(solver, tol, max_iter, memory, on_nonconvergence),
     )
 

@@ -3,12 +3,12 @@
 choice of matched sites, and every error message, so both front ends say the same thing.
 Imports neither torch nor JAX.
 
-The loss of ``ScoreMatching`` (SPEC.md section 3), for a model with observed sites ``x`` and
-latent sites ``z`` and a guide ``q(z)``::
+The loss of ``ScoreMatching`` (the spec, docs page *Spec*, section 3), for a model with
+observed sites ``x`` and latent sites ``z`` and a guide ``q(z)``::
 
     loss = E_q[ beta * sum_i w_i SM_i(z) + log q(z) - log p(z) ]
 
-where ``SM_i(z)`` is the per-example objective of SPEC.md section 1 of the joint per-datum
+where ``SM_i(z)`` is the per-example objective (the spec, section 1) of the joint per-datum
 log density of the matched sites (in the unconstrained space of ``biject_to(support)``, with
 the log-abs-det-Jacobian added), and ``w_i`` the datum's scale (``N / B`` in a subsampled
 plate) times its mask.
@@ -17,17 +17,17 @@ plate) times its mask.
 from __future__ import annotations
 
 import numbers
+from types import TracebackType
 from typing import Any, Collection, Mapping, NamedTuple, Sequence
 
-from . import spec
-from ._validate import check_int, check_positive_float
+from . import objectives as spec
+from .validate import check_int, check_positive_float, check_sites
 
 __all__ = [
     "Config",
     "make_config",
     "check_beta",
     "check_num_particles",
-    "check_sites",
     "split_elbo_kwargs",
     "check_vectorize_particles",
     "particles_fallback_message",
@@ -84,27 +84,6 @@ def check_beta(beta: Any) -> float:
 def check_num_particles(num_particles: Any) -> int:
     return check_int("num_particles", num_particles)
 
-
-def check_sites(sites: Any) -> tuple | None:
-    """``None`` (every observed site), a site name, or a non-empty collection of names."""
-    if sites is None:
-        return None
-    if isinstance(sites, str):
-        sites = (sites,)
-    try:
-        sites = tuple(sites)
-    except TypeError:
-        raise TypeError(
-            f"argument 'sites' must be None, a site name or a list of site names, got {type(sites).__name__}"
-        ) from None
-    if not sites:
-        raise ValueError("argument 'sites' must name at least one observed site (or be None for all of them)")
-    bad = [s for s in sites if not isinstance(s, str)]
-    if bad:
-        raise TypeError(f"argument 'sites' must hold site names (strings), got {bad!r}")
-    if len(set(sites)) != len(sites):
-        raise ValueError(f"argument 'sites' names a site twice: {list(sites)}")
-    return sites
 
 
 def make_config(method: Any, sites: Any, beta: Any, num_particles: Any, options: Mapping[str, Any]) -> Config:
@@ -412,7 +391,9 @@ def unnormalized_shape_error(value_shape: tuple, event_shape: tuple) -> ValueErr
     )
 
 
-def failing_sample_frames(tb):
+def failing_sample_frames(
+    tb: TracebackType | None,
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None, dict[str, Any] | None]:
     """Walk a traceback raised while a PPL handled a sample statement and return
     ``(observe_locals, msg, msg_locals)``: the locals of the innermost ``_masked_observe``
     frame (the ``obs_mask`` route) and the innermost sample message with its frame's locals,
@@ -445,7 +426,7 @@ def mask_shape_error(name: str, mask_shape: tuple, batch_shape: tuple) -> ValueE
 
 
 def nonfinite_loss_warning(what: str, sites: Sequence[str], resolved: spec.Resolved | None = None) -> tuple:
-    """``(what, cause)`` for :func:`ppl_score.validation.warn_nonfinite` when a front end's
+    """``(what, cause)`` for :func:`ppl_score.common.validate.warn_nonfinite` when a front end's
     loss is NaN or infinite.
 
     Args:

@@ -42,7 +42,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import frontend
-from ._validate import check_int, check_positive_float
+from .validate import check_int, check_positive_float
 
 __all__ = [
     "KINDS",
@@ -112,10 +112,6 @@ class Plan(NamedTuple):
         return self.num_steps // self.thin
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    return check_int(name, value, low=minimum)
-
-
 def check_step_size(step_size: Any) -> float:
     return check_positive_float("step_size", step_size)
 
@@ -125,9 +121,9 @@ def check_plan(step_size: Any, num_steps: Any, num_warmup: Any = 0, thin: Any = 
     that no step is run and silently dropped."""
     plan = Plan(
         step_size=check_step_size(step_size),
-        num_steps=_check_int("num_steps", num_steps, 1),
-        num_warmup=_check_int("num_warmup", num_warmup, 0),
-        thin=_check_int("thin", thin, 1),
+        num_steps=check_int("num_steps", num_steps, low=1),
+        num_warmup=check_int("num_warmup", num_warmup, low=0),
+        thin=check_int("thin", thin, low=1),
     )
     if plan.num_steps % plan.thin:
         raise ValueError(f"argument 'num_steps'={plan.num_steps} must be a multiple of argument 'thin'={plan.thin}")
@@ -157,7 +153,7 @@ def check_chains_shape(shape: tuple, name: str = "x0") -> None:
 
 
 def check_num_chains(num_chains: Any) -> int:
-    return _check_int("num_chains", num_chains, 1)
+    return check_int("num_chains", num_chains, low=1)
 
 
 def check_adjusted(adjusted: Any) -> bool:
@@ -198,7 +194,7 @@ def warn_low_acceptance(accept_rate: float, min_rate: float, step_size: float, s
 
 def check_nuts_run(num_samples: Any, num_warmup: Any, warmup_name: str = "num_warmup") -> tuple[int, int]:
     """``num_samples >= 1`` draws after ``num_warmup >= 0`` warmup steps (the NUTS helpers)."""
-    return _check_int("num_samples", num_samples, 1), _check_int(warmup_name, num_warmup, 0)
+    return check_int("num_samples", num_samples, low=1), check_int(warmup_name, num_warmup, low=0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -298,7 +294,7 @@ def draw_param_batch(out_shape, depth: int) -> tuple:
 
 def check_num_draws(num_draws: Any) -> int | None:
     """``None`` (site mode) or a positive int (draws mode)."""
-    return None if num_draws is None else _check_int("num_draws", num_draws, 1)
+    return None if num_draws is None else check_int("num_draws", num_draws, low=1)
 
 
 def check_vectorize(vectorize: Any) -> str:
@@ -322,9 +318,9 @@ def check_sampling_run(step_size: Any, num_samples: Any, num_steps: Any, num_war
             "pass one of 'num_samples' (kept states per chain) and 'num_steps' (steps after "
             "warm-up, a multiple of 'thin'), not both"
         )
-    thin = _check_int("thin", thin, 1)
+    thin = check_int("thin", thin, low=1)
     if num_steps is None:
-        num_steps = _check_int("num_samples", 1000 if num_samples is None else num_samples, 1) * thin
+        num_steps = check_int("num_samples", 1000 if num_samples is None else num_samples, low=1) * thin
     return check_plan(step_size, num_steps, num_warmup, thin)
 
 

@@ -5,17 +5,17 @@ NumPyro adapters (``ppl_score.pyro.calibrate_beta``, ``ppl_score.numpyro.calibra
 Imports neither torch nor JAX.
 
 The problem. ``ScoreMatching(beta=beta)`` with latent sites ``z`` targets the generalized
-Bayes posterior
+Bayes posterior [1]
 
     pi_beta(z)  ∝  p(z) exp(-beta L(z)),    L(z) = sum_i w_i SM_i(z),
 
-(SPEC.md section 3). ``L`` is a loss, not a log likelihood: its scale is arbitrary (the
-Hyvarinen score of a model is not in nats), so ``beta = 1`` has no reason to give credible
-sets of the right size. Both objects below are asymptotic (``n`` data, ``z`` of dimension
+(the spec, docs page *Spec*, section 3). ``L`` is a loss, not a log likelihood: its scale
+is arbitrary (the Hyvarinen score of a model is not in nats), so ``beta = 1`` has no reason
+to give credible sets of the right size. Both objects below are asymptotic (``n`` data, ``z`` of dimension
 ``D``, regular model, ``z_hat`` the minimizer of ``L``):
 
 - the generalized posterior is approximately ``N(z_hat, (beta H)^{-1})`` (a Bernstein-von
-  Mises theorem for Gibbs posteriors; Miller 2021), where
+  Mises theorem for Gibbs posteriors; Miller 2021 [2]), where
   ``H = grad_z^2 L(z_hat) = sum_i w_i grad_z^2 SM_i(z_hat)``;
 - the score-matching estimator ``z_hat`` (an M-estimator) has sampling covariance
   ``H^{-1} J H^{-1}`` (the sandwich), where
@@ -26,14 +26,14 @@ sets of the right size. Both objects below are asymptotic (``n`` data, ``z`` of 
 A scalar ``beta`` can make ``(beta H)^{-1}`` equal to ``H^{-1} J H^{-1}`` only when ``J`` is
 proportional to ``H``; in general it matches them in one summary. Two rules (``RULES``):
 
-- ``"lyddon"`` (default; Lyddon, Holmes & Walker 2019, section 3.3, the calibration
-  Jewson & Rossell 2022 use for Hyvarinen-score posteriors): match the traces of the two
+- ``"lyddon"`` (default; Lyddon, Holmes & Walker 2019 [3], section 3.3, the calibration
+  Jewson & Rossell 2022 [4] use for Hyvarinen-score posteriors): match the traces of the two
   precision matrices, ``beta tr(H) = tr(H J^{-1} H)``::
 
       beta = tr(H J^{-1} H) / tr(H)
 
 - ``"magnitude"`` (the "magnitude adjustment" of composite likelihoods, Ribatet, Cooley &
-  Davison 2012): the ratio of the two covariances, ``beta J H^{-1}``, has the eigenvalues
+  Davison 2012 [5]): the ratio of the two covariances, ``beta J H^{-1}``, has the eigenvalues
   ``beta lambda_k``, ``lambda_k`` those of ``H^{-1} J``; set their mean to one::
 
       beta = D / tr(H^{-1} J)
@@ -53,17 +53,21 @@ The prior does not enter (it is ``O(1)`` against ``O(n)``). With a stochastic ``
 too small: calibrate with ``method="esm"`` where the model allows.
 
 References:
-    Lyddon, S. P., Holmes, C. C. and Walker, S. G. (2019). General Bayesian updating and
-        the loss-likelihood bootstrap. Biometrika 106(2), 465-478.
-    Jewson, J. and Rossell, D. (2022). General Bayesian loss function selection and the
-        use of improper models. Journal of the Royal Statistical Society Series B 84(5).
-    Ribatet, M., Cooley, D. and Davison, A. C. (2012). Bayesian inference from composite
-        likelihoods, with an application to spatial extremes. Statistica Sinica 22, 813-845.
-    Miller, J. W. (2021). Asymptotic normality, concentration, and coverage of generalized
-        posteriors. Journal of Machine Learning Research 22(168).
-    Matsubara, T., Knoblauch, J., Briol, F.-X. and Oates, C. J. (2022). Robust generalised
-        Bayesian inference for intractable likelihoods. Journal of the Royal Statistical
-        Society Series B 84(3), 997-1022.
+    [1] T. Matsubara, J. Knoblauch, F.-X. Briol, C. J. Oates, "Robust generalised Bayesian
+    inference for intractable likelihoods", Journal of the Royal Statistical Society Series B,
+    2022.
+
+    [2] J. W. Miller, "Asymptotic normality, concentration, and coverage of generalized
+    posteriors", Journal of Machine Learning Research, 2021.
+
+    [3] S. P. Lyddon, C. C. Holmes, S. G. Walker, "General Bayesian updating and the
+    loss-likelihood bootstrap", Biometrika, 2019.
+
+    [4] J. Jewson, D. Rossell, "General Bayesian loss function selection and the use of improper
+    models", Journal of the Royal Statistical Society Series B, 2022.
+
+    [5] M. Ribatet, D. Cooley, A. C. Davison, "Bayesian inference from composite likelihoods,
+    with an application to spatial extremes", Statistica Sinica, 2012.
 """
 
 from __future__ import annotations
@@ -71,10 +75,10 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
-from . import spec
-from ._validate import check_choice
+from . import objectives as spec
+from .validate import check_choice
 
 __all__ = [
     "RULES",
@@ -239,7 +243,7 @@ def no_dependence_error() -> ValueError:
     )
 
 
-def unused_latents(names, sizes, used) -> None:
+def unused_latents(names: Sequence[str], sizes: Sequence[int], used: Sequence[bool]) -> None:
     """Raise when a site of ``latents`` does not enter the per-datum losses.
 
     Args:
