@@ -176,6 +176,7 @@ def _objective_options(args, scale: float) -> dict:
 
 
 def _fit(args, data: datasets.Dataset, hidden: tuple, quadratic: float, options: dict):
+    """The trained model (``FitResult``) and its log density as a backend callable."""
     common = dict(
         steps=args.steps,
         batch_size=args.batch_size,
@@ -192,7 +193,8 @@ def _fit(args, data: datasets.Dataset, hidden: tuple, quadratic: float, options:
 
         torch.manual_seed(args.seed)
         model = MLPEnergy(data.dim, hidden, torch.nn.Softplus, quadratic)
-        return fit_energy(model, data.train, args.method, **common)
+        fit = fit_energy(model, data.train, args.method, **common)
+        return fit, fit.model
     import functools
 
     import jax
@@ -202,7 +204,8 @@ def _fit(args, data: datasets.Dataset, hidden: tuple, quadratic: float, options:
 
     params = energy_init(jax.random.PRNGKey(args.seed), data.dim, hidden)
     apply_fn = functools.partial(energy_apply, activation=jax.nn.softplus, quadratic=quadratic)
-    return fit_energy(apply_fn, params, data.train, args.method, **common)
+    fit = fit_energy(apply_fn, params, data.train, args.method, **common)
+    return fit, functools.partial(apply_fn, fit.params)
 
 
 # --------------------------------------------------------------------------------------
@@ -235,26 +238,48 @@ def _grid_log_density(log_prob, gx, gy, points):
     return lp - log_z, log_z
 
 
-def _langevin(score, x0: np.ndarray, step: float, n_steps: int, seed: int, bound: float):
-    """Unadjusted Langevin ``x <- x + step/2 s(x) + sqrt(step) z`` from ``x0``, then one
-    noise-free step so the shown samples are not covered in the last noise.
+def _langevin(args, log_density, score, x0: np.ndarray, step: float, n_steps: int, bound: float):
+    """Unadjusted Langevin ``x <- x + step/2 s(x) + sqrt(step) z`` from ``x0`` with the
+    backend's sampler (``ppl_score.{torch,jax}.langevin.ula``, whose step ``h`` is ``step/2``),
+    then one noise-free step so the shown samples are not covered in the last noise.
 
-    Above the stability limit (``step > 4 / curvature``) the chain diverges; when it leaves
-    the box ``|x - x0.mean| <= bound`` the step is halved and the chain restarted.
+    Above the stability limit (``step > 4 / curvature``) the chain diverges; when it does, or
+    ends outside the box ``|x - x0.mean| <= bound``, the step is halved and the chain restarted.
     Returns the samples and the step used.
     """
     center = x0.mean(axis=0)
     for _ in range(30):
-        rng = np.random.default_rng(seed)
-        x = x0.copy()
-        for _ in range(n_steps):
-            x = x + 0.5 * step * score(x) + math.sqrt(step) * rng.standard_normal(x.shape)
-            if not (np.isfinite(x).all() and np.abs(x - center).max() <= bound):
-                break
-        else:
-            return x + 0.5 * step * score(x), step
+        try:
+            x = _ula(args, log_density, x0, 0.5 * step, n_steps)
+        except ValueError:  # the sampler's divergence error
+            x = None
+        if x is not None and np.isfinite(x).all() and np.abs(x - center).max() <= bound:
+            x = x + 0.5 * step * score(x)
+            if np.isfinite(x).all():
+                return x, step
         step /= 2
     raise FloatingPointError("Langevin sampling diverged even with a tiny step; the model's score is unstable")
+
+
+def _ula(args, log_density, x0: np.ndarray, h: float, n_steps: int) -> np.ndarray:
+    """The last state of ``n_steps`` of the backend's unadjusted Langevin sampler, float64."""
+    if args.backend == "torch":
+        import torch
+
+        from ..torch.langevin import ula
+
+        dtype = next(log_density.parameters()).dtype
+        generator = torch.Generator().manual_seed(args.seed)
+        out = ula(log_density, torch.as_tensor(x0, dtype=dtype), h, n_steps, thin=n_steps, generator=generator)
+        return out.samples[-1].to(torch.float64).numpy()
+    import jax
+    import jax.numpy as jnp
+
+    from ..jax.langevin import ula
+
+    dtype = jax.tree.leaves(log_density.args[0])[0].dtype
+    out = ula(log_density, jnp.asarray(x0, dtype), h, n_steps, key=jax.random.PRNGKey(args.seed), thin=n_steps)
+    return np.asarray(out.samples[-1], np.float64)
 
 
 # --------------------------------------------------------------------------------------
@@ -440,15 +465,15 @@ def run(args: argparse.Namespace, stream=None) -> dict:
     say(f"training: {args.steps} steps, batch {args.batch_size}, Adam lr {args.lr:g}, seed {args.seed}")
     os.makedirs(args.out, exist_ok=True)  # fail before training, not after
     with _torch_threads(args.backend, args.threads):
-        fit = _fit(args, data, hidden, quadratic, options)
+        fit, log_density = _fit(args, data, hidden, quadratic, options)
         say(
             f"training time: {fit.seconds:.2f} s ({1e3 * fit.seconds / args.steps:.2f} ms/step"
             + (", including jit compilation)" if args.backend == "jax" else ")")
         )
-        return _evaluate_and_report(args, data, fit, hidden, quadratic, options, scale, say)
+        return _evaluate_and_report(args, data, fit, log_density, hidden, quadratic, options, scale, say)
 
 
-def _evaluate_and_report(args, data, fit, hidden, quadratic, options, scale, say) -> dict:
+def _evaluate_and_report(args, data, fit, log_density, hidden, quadratic, options, scale, say) -> dict:
     """Held-out metrics, the figure and ``metrics.json``."""
     test = data.test[: args.eval_size]
     opts_text = _options_text(options)
@@ -516,7 +541,7 @@ def _evaluate_and_report(args, data, fit, hidden, quadratic, options, scale, say
         lo, hi = data.train.min(axis=0), data.train.max(axis=0)
         noise = rng.uniform(lo, hi, size=(64, *data.event_shape))
         samples, step = _langevin(
-            fit.score, noise, (0.25 * scale) ** 2, LANGEVIN_STEPS, args.seed, bound=2.0 * float((hi - lo).max())
+            args, log_density, fit.score, noise, (0.25 * scale) ** 2, LANGEVIN_STEPS, bound=2.0 * float((hi - lo).max())
         )
         metrics["langevin_step"] = step
         lp_test, lp_samples, lp_noise = fit.log_prob(test), fit.log_prob(samples), fit.log_prob(noise)
