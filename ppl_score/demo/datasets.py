@@ -25,6 +25,7 @@ __all__ = [
     "mixture_score",
     "mixture_hessian_trace",
     "mixture_sample",
+    "mixture_dataset",
     "make_mixture",
     "load_digits",
     "load_array",
