@@ -9,7 +9,6 @@ figures written to a scratch folder so that the committed full-run figures stay 
 from __future__ import annotations
 
 import inspect
-import logging
 import os
 import sys
 from pathlib import Path
@@ -93,18 +92,5 @@ def _skip_foreign(app, what, name, obj, skip, options):
     return None
 
 
-class _PrivateCanonicalDuplicate(logging.Filter):
-    """The torch and JAX ``deq`` modules both re-export the framework-free classes of the
-    private module ``ppl_score._deq``; autodoc gives each copy the private canonical name, and
-    Sphinx reports the second as a duplicate. The alias names a private module that no page
-    documents or links to, so the duplicate is harmless; the filter drops exactly that message
-    (it goes away once the shared half is a public module)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        return not (msg.startswith("duplicate object description of ppl_score._") and "use :no-index:" in msg)
-
-
 def setup(app):
     app.connect("autodoc-skip-member", _skip_foreign)
-    logging.getLogger("sphinx.sphinx.domains.python").addFilter(_PrivateCanonicalDuplicate())
