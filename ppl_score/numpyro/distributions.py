@@ -7,7 +7,6 @@ from typing import Callable, NoReturn, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.typing import ArrayLike
 from numpyro.distributions import Distribution, constraints
 
 from ..common import frontend
@@ -120,7 +119,7 @@ class Unnormalized(Distribution):
         self._support = support
         return self
 
-    def log_prob(self, value: ArrayLike) -> jax.Array:
+    def log_prob(self, value: jax.Array) -> jax.Array:
         """``log_density_fn`` at ``value [*lead, *event_shape]``: shape ``lead`` broadcast with
         ``batch_shape``.
 
@@ -134,7 +133,7 @@ class Unnormalized(Distribution):
         expected = shared.unnormalized_log_prob_shape(lead, self.batch_shape, self.event_shape)
         return self._evaluate(value, lead, expected)
 
-    def log_density(self, value: ArrayLike) -> jax.Array:
+    def log_density(self, value: jax.Array) -> jax.Array:
         """``log_density_fn`` at points ``value [*lead, *event_shape]``, ignoring ``batch_shape``
         (the plates' expansion): shape ``lead`` (row form), or ``lead`` broadcast with the
         parameters' batch dims (batched form). The density of new points, used to draw them.

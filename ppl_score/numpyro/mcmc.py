@@ -59,7 +59,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
-from jax.typing import ArrayLike
 from numpyro import handlers
 from numpyro.distributions import ExpandedDistribution
 from numpyro.distributions.transforms import biject_to
@@ -317,7 +316,7 @@ def langevin(
     num_draws: int | None = None,
     step_size: float = 1e-2,
     adjusted: bool = True,
-    init: ArrayLike | None = None,
+    init: jax.Array | np.ndarray | None = None,
     thin: int = 1,
     num_steps: int | None = None,
     params: dict | None = None,
@@ -440,7 +439,7 @@ def nuts(
     num_warmup: int = 500,
     num_chains: int = 1,
     num_draws: int | None = None,
-    init: ArrayLike | None = None,
+    init: jax.Array | np.ndarray | None = None,
     params: dict | None = None,
     guide: Callable | None = None,
     latents: dict | None = None,

@@ -49,8 +49,8 @@ class InvertibleMLPTransform(TransformModule):
     Args:
         dim: the dimension ``D`` of the data (required unless ``flow`` is given).
         n_layers, alpha, bias, dtype, generator: as in ``ppl_score.torch.flows.InvertibleMLP``.
-        flow: an existing ``InvertibleMLP`` to wrap instead (the arguments above are then
-            not used).
+        flow (ppl_score.torch.flows.InvertibleMLP): an existing flow to wrap instead (the
+            arguments above are then not used).
         **inverse_kwargs: ``tol``, ``max_iter``: options of ``InvertibleMLP.inverse``.
 
     Raises:
