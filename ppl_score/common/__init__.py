@@ -6,8 +6,9 @@ concern). It holds, once for both backends and both front ends, what does not de
 array library: the objectives registry and option resolution (``objectives``), argument
 validation, the validation switch and warnings (``validate``), the options of the score
 estimators (``estimators``, ``mmd``), the site logic of the front ends (``sites``,
-``frontend``, ``implicit``, ``wae``, ``calibration``), and the checks and plans of the
-Langevin samplers, DEQ solvers and flows (``langevin``, ``deq``, ``flows``).
+``frontend``, ``implicit``, ``wae``, ``calibration``), the checks and plans of the
+Langevin samplers, DEQ solvers and flows (``langevin``, ``deq``, ``flows``), and the
+training loops' settings and checks (``training``).
 ``ppl_score.torch`` and ``ppl_score.jax`` mirror each other file for file with the same
 public signatures; ``ppl_score.pyro`` and ``ppl_score.numpyro`` are thin adapters over them.
 """
