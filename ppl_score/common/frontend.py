@@ -85,7 +85,6 @@ def check_num_particles(num_particles: Any) -> int:
     return check_int("num_particles", num_particles)
 
 
-
 def make_config(method: Any, sites: Any, beta: Any, num_particles: Any, options: Mapping[str, Any]) -> Config:
     """Validate every constructor argument of ``ScoreMatching`` (unknown method, unknown
     option or bad option value raise here, at construction time)."""

@@ -25,7 +25,6 @@ __all__ = [
 ]
 
 
-
 def for_site(estimator: Any, options: Any, name: str, what: str = "implicit site") -> tuple[Any, Any]:
     """The estimator and kernel options of site ``name``: ``estimator`` may be a dict per
     site, ``options`` a dict of options or a dict of them per site."""
