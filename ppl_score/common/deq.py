@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence, SupportsFloat, SupportsInt
 
 from .validate import check_choice, check_int, check_positive_float
 
@@ -149,11 +149,11 @@ class DEQConfig(NamedTuple):
 
 
 def solver_config(
-    solver=DEFAULT_SOLVER,
-    tol=DEFAULT_TOL,
-    max_iter=DEFAULT_MAX_ITER,
-    memory=DEFAULT_MEMORY,
-    on_nonconvergence="warn",
+    solver: str = DEFAULT_SOLVER,
+    tol: float = DEFAULT_TOL,
+    max_iter: int = DEFAULT_MAX_ITER,
+    memory: int = DEFAULT_MEMORY,
+    on_nonconvergence: str = "warn",
 ) -> SolverConfig:
     """Validated ``SolverConfig``.
 
@@ -181,16 +181,16 @@ def solver_config(
 
 
 def deq_config(
-    activation="softplus",
-    gamma=DEFAULT_GAMMA,
-    norm="spectral",
-    backward="implicit",
-    phantom_steps=2,
-    solver=DEFAULT_SOLVER,
-    tol=DEFAULT_TOL,
-    max_iter=DEFAULT_MAX_ITER,
-    memory=DEFAULT_MEMORY,
-    on_nonconvergence="warn",
+    activation: str = "softplus",
+    gamma: float = DEFAULT_GAMMA,
+    norm: str = "spectral",
+    backward: str = "implicit",
+    phantom_steps: int = 2,
+    solver: str = DEFAULT_SOLVER,
+    tol: float = DEFAULT_TOL,
+    max_iter: int = DEFAULT_MAX_ITER,
+    memory: int = DEFAULT_MEMORY,
+    on_nonconvergence: str = "warn",
 ) -> DEQConfig:
     """Validated ``DEQConfig``; ``activation`` is a name (the backends' ``deq_config`` also
     map their activation classes / functions to it).
@@ -226,7 +226,7 @@ def deq_config(
     )
 
 
-def check_gamma(gamma, concrete: bool = True) -> float:
+def check_gamma(gamma: Any, concrete: bool = True) -> float:
     """``lipschitz_scaled``'s bound: a finite real number ``> 0``. ``concrete=False`` (a
     traced JAX value) skips the value check and returns ``gamma`` unchanged.
 
@@ -241,7 +241,9 @@ def check_gamma(gamma, concrete: bool = True) -> float:
     return check_positive_float("gamma", gamma)
 
 
-def check_map_output(out_shape, out_dtype, z_shape, z_dtype, name: str = "f") -> None:
+def check_map_output(
+    out_shape: Sequence[int], out_dtype: Any, z_shape: Sequence[int], z_dtype: Any, name: str = "f"
+) -> None:
     """A fixed-point map must return an array of the shape and dtype of its input ``z``.
 
     Raises:
@@ -265,7 +267,7 @@ def check_map_output(out_shape, out_dtype, z_shape, z_dtype, name: str = "f") ->
 # ---------------------------------------------------------------------------------------
 
 
-def nonconvergence_message(what: str, residual, iterations, cfg: SolverConfig) -> str:
+def nonconvergence_message(what: str, residual: SupportsFloat, iterations: SupportsInt, cfg: SolverConfig) -> str:
     """``residual`` / ``iterations``: the worst example's (a float / int, or a numpy scalar).
     A non-finite residual means the map itself returned NaN or inf (a NaN weight or input,
     or an overflow), which no number of iterations fixes: the message says so."""
@@ -283,7 +285,9 @@ def nonconvergence_message(what: str, residual, iterations, cfg: SolverConfig) -
     )
 
 
-def report_nonconvergence(what: str, residual, iterations, cfg: SolverConfig, stacklevel: int = 1) -> None:
+def report_nonconvergence(
+    what: str, residual: SupportsFloat, iterations: SupportsInt, cfg: SolverConfig, stacklevel: int = 1
+) -> None:
     """Apply ``cfg.on_nonconvergence`` to a solve that did not converge: raise
     ``FixedPointError``, warn ``FixedPointWarning`` or do nothing. ``stacklevel`` counts
     from the caller, as in ``warnings.warn``."""

@@ -20,6 +20,7 @@ data term ``delta^T h W^T W`` is formed as ``delta^T ((h W^T) W)``: ``O(B D^2)``
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from .validate import check_int, check_positive_float, check_real_in
 
@@ -42,7 +43,7 @@ NEWTON_MAX_ITER = 100
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
-def check_config(dim, n_layers, alpha) -> tuple[int, int, float]:
+def check_config(dim: Any, n_layers: Any, alpha: Any) -> tuple[int, int, float]:
     """Validate ``(dim, n_layers, alpha)``; ``alpha`` in ``(0, 1]`` keeps ``sigma'`` positive."""
     return check_int("dim", dim), check_int("n_layers", n_layers), check_real_in("alpha", alpha, 0.0, 1.0)
 
@@ -54,13 +55,13 @@ def check_event(name: str, shape: tuple, dim: int) -> None:
         raise ValueError(f"argument {name!r} must have shape [..., {dim}] (the flow's dim), got {shape}")
 
 
-def check_max_iter(max_iter) -> int:
+def check_max_iter(max_iter: Any) -> int:
     """Newton's step budget: an ``int >= 1`` (``TypeError`` for a non-integer, ``ValueError``
     for a value below 1)."""
     return check_int("max_iter", max_iter)
 
 
-def newton_tolerance(tol, dtype_eps: float) -> float:
+def newton_tolerance(tol: float | None, dtype_eps: float) -> float:
     """Residual tolerance of the activation's Newton inverse, relative to ``1 + |t|``.
 
     Default ``64 * machine-eps``: Newton converges quadratically, so the last step lands at
@@ -89,7 +90,7 @@ def newton_error(max_iter: int, n_bad: int, residual: float, tol: float, layer: 
     )
 
 
-def check_n_samples(n) -> int:
+def check_n_samples(n: Any) -> int:
     """The number of samples of ``sample``: an ``int >= 1`` (numpy integers too, not ``bool``).
 
     Raises:

@@ -37,7 +37,7 @@ import abc
 import contextlib
 import math
 import warnings
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
@@ -237,17 +237,17 @@ class SiteLayout(NamedTuple):
         return self.shape[1:] if self.mode == "draws" else self.shape
 
 
-def site_layout(shape, event_shape) -> SiteLayout:
+def site_layout(shape: Sequence[int], event_shape: Sequence[int]) -> SiteLayout:
     """The layout of site mode: every chain is a copy of the site's value ``[*shape]``."""
     return SiteLayout("site", tuple(shape), tuple(event_shape), None)
 
 
-def draws_layout(num_draws: int, param_batch, event_shape) -> SiteLayout:
+def draws_layout(num_draws: int, param_batch: Sequence[int], event_shape: Sequence[int]) -> SiteLayout:
     """The layout of draws mode: ``num_draws`` points ``[*param_batch, *event_shape]``."""
     return SiteLayout("draws", (num_draws, *tuple(param_batch), *tuple(event_shape)), tuple(event_shape), num_draws)
 
 
-def check_init_shape(init_shape, target) -> None:
+def check_init_shape(init_shape: Sequence[int], target: Sequence[int]) -> None:
     """``init`` must broadcast to ``target = [num_chains, *layout.shape]``.
 
     Raises:
@@ -274,7 +274,7 @@ def draws_site_error(site: str, fn: Any, frontend: str) -> ValueError:
     )
 
 
-def draw_param_batch(out_shape, depth: int) -> tuple:
+def draw_param_batch(out_shape: Sequence[int], depth: int) -> tuple:
     """The batch dims of one new point of a batched ``Unnormalized`` density: the output of
     ``log_density`` at ``x[R, 1, ..., 1, *event]`` (``depth`` ones) is ``[R, *pb]``; returns
     ``pb`` padded to ``depth`` dims.
@@ -342,7 +342,7 @@ def _broadcast(*shapes) -> tuple | None:
         return None
 
 
-def check_expand(batch_shape, new_batch_shape) -> tuple:
+def check_expand(batch_shape: Sequence[int], new_batch_shape: Any) -> tuple:
     """``Unnormalized.expand``: ``new_batch_shape`` must broadcast from ``batch_shape``.
 
     Raises:
@@ -354,7 +354,7 @@ def check_expand(batch_shape, new_batch_shape) -> tuple:
     return new
 
 
-def unnormalized_log_prob_shape(lead, batch_shape, event_shape) -> tuple:
+def unnormalized_log_prob_shape(lead: Sequence[int], batch_shape: Sequence[int], event_shape: Sequence[int]) -> tuple:
     """The shape of ``log_prob(value)`` for a value with leading shape ``lead``: ``lead``
     broadcast with ``batch_shape``, as for every distribution.
 
@@ -370,7 +370,7 @@ def unnormalized_log_prob_shape(lead, batch_shape, event_shape) -> tuple:
     return out
 
 
-def check_rows_output(out_shape, n: int) -> None:
+def check_rows_output(out_shape: Sequence[int], n: int) -> None:
     """The row form: ``log_density_fn(x[n, *event]) -> [n]``.
 
     Raises:
@@ -383,7 +383,7 @@ def check_rows_output(out_shape, n: int) -> None:
         )
 
 
-def check_batched_output(out_shape, lead, expected) -> None:
+def check_batched_output(out_shape: Sequence[int], lead: Sequence[int], expected: Sequence[int]) -> None:
     """The batched form: ``log_density_fn(x[*lead, *event])`` returns one value per point,
     shaped as ``lead`` broadcast with the parameters' batch dims; it must keep every dim of
     ``lead`` (no reduction over points) and broadcast to ``expected`` (``lead`` broadcast
@@ -422,7 +422,15 @@ class UnnormalizedOps:
     def check_output(self, out: Any) -> None:
         """The batched form's output is an array of the front end's library (default: any)."""
 
-    def evaluate(self, log_density_fn: Any, batched: bool, event_shape, value: Any, lead, expected) -> Any:
+    def evaluate(
+        self,
+        log_density_fn: Any,
+        batched: bool,
+        event_shape: Sequence[int],
+        value: Any,
+        lead: Sequence[int],
+        expected: Sequence[int] | None,
+    ) -> Any:
         """``log_density_fn`` at ``value [*lead, *event_shape]``: shape ``expected`` (``lead``
         broadcast with the batch shape, from ``unnormalized_log_prob_shape``), or, with
         ``expected=None`` (new points), ``lead`` (row form) / ``lead`` broadcast with the
@@ -745,7 +753,7 @@ def unnormalized_base(site: str, fn: Any, expanded_type: type, unnormalized_type
     return base
 
 
-def strip_leading_ones(shape) -> tuple:
+def strip_leading_ones(shape: Sequence[int]) -> tuple:
     """``shape`` without its leading dims of size 1."""
     shape = tuple(shape)
     while shape and shape[0] == 1:

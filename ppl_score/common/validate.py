@@ -30,7 +30,7 @@ import contextlib
 import math
 import numbers
 import warnings
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 __all__ = [
     "NonFiniteWarning",
@@ -74,7 +74,7 @@ def is_validation_enabled() -> bool:
 
 
 @contextlib.contextmanager
-def validation_enabled(enabled: bool = True):
+def validation_enabled(enabled: bool = True) -> Iterator[None]:
     """Context manager that sets the validation switch inside a block and restores it."""
     previous = _ENABLED
     set_validation(enabled)

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import math
 from functools import partial, wraps
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -109,13 +109,17 @@ __all__ = [
     "deq_score_apply",
 ]
 
+# a pytree of arrays (the parameters a fixed-point map is differentiated in)
+Params = Any
+
 ACTIVATIONS = {"softplus": jax.nn.softplus, "tanh": jnp.tanh}  # keys: common.ACTIVATION_NAMES
 # the functions themselves are accepted for parity with ``nets.energy_apply(activation=...)``
 _ACTIVATION_FUNCTIONS = {jax.nn.softplus: "softplus", jnp.tanh: "tanh"}
 
 
 @wraps(common.deq_config, assigned=())  # signature: that of the shared deq_config
-def deq_config(activation="softplus", *args, **kwargs) -> DEQConfig:
+# ``Any``: typing.get_type_hints reads a wrapper's annotations in the globals of ``common.deq``
+def deq_config(activation: Any = "softplus", *args: Any, **kwargs: Any) -> DEQConfig:
     """Validated ``DEQConfig`` (hashable: pass it as a static argument under ``jit``).
     ``gamma`` in (0, 1) bounds the Lipschitz constant of the map. ``activation`` is
     ``"softplus"`` / ``"tanh"`` or ``jax.nn.softplus`` / ``jnp.tanh``."""
@@ -239,7 +243,9 @@ def _anderson(step, z0, cfg: SolverConfig):
 _SOLVE = {"iteration": _iteration, "anderson": _anderson}
 
 
-def solve(step: Callable, z0: jax.Array, cfg: SolverConfig = SolverConfig(), what: str = "forward"):
+def solve(
+    step: Callable[[jax.Array], jax.Array], z0: jax.Array, cfg: SolverConfig = SolverConfig(), what: str = "forward"
+) -> tuple[jax.Array, FixedPointInfo]:
     """Fixed point of ``step`` from ``z0`` ``[B, *shape]`` (not differentiated): ``(z, info)``,
     with the non-convergence policy of ``cfg`` applied."""
     z, info = _SOLVE[cfg.solver](step, lax.stop_gradient(z0), cfg)
@@ -304,7 +310,15 @@ def _unrolled(f, z0, params, cfg: SolverConfig):
     return z, info
 
 
-def fixed_point(f: Callable, z0, params=(), *, backward: str = "implicit", phantom_steps: int = 2, **solver_options):
+def fixed_point(
+    f: Callable[[jax.Array, Params], jax.Array],
+    z0: jax.Array,
+    params: Params = (),
+    *,
+    backward: str = "implicit",
+    phantom_steps: int = 2,
+    **solver_options: Any,
+) -> tuple[jax.Array, FixedPointInfo]:
     """Differentiable fixed point ``z* = f(z*, params)`` of a contraction ``f`` in ``z``.
 
     Args:
@@ -410,7 +424,7 @@ def _linear_init(key, a: int, b: int, dtype):
     return _uniform(kw, (a, b), bound, dtype), _uniform(kb, (b,), bound, dtype)
 
 
-def deq_layer_init(key, in_dim: int, width: int, dtype=jnp.float32) -> dict:
+def deq_layer_init(key: jax.Array, in_dim: int, width: int, dtype: jnp.dtype | type = jnp.float32) -> dict[str, Any]:
     """``{"weight": W [width, width], "inject": (U [in_dim, width], b [width])}``."""
     in_dim, width = check_int("in_dim", in_dim), check_int("width", width)
     kw, ki = jax.random.split(check_key(key))
@@ -420,7 +434,9 @@ def deq_layer_init(key, in_dim: int, width: int, dtype=jnp.float32) -> dict:
     }
 
 
-def deq_layer_apply(params: dict, x: jax.Array, config: DEQConfig = DEQConfig()):
+def deq_layer_apply(
+    params: dict[str, Any], x: jax.Array, config: DEQConfig = DEQConfig()
+) -> tuple[jax.Array, FixedPointInfo]:
     """``x [B, in_dim] -> (z* [B, width], FixedPointInfo)`` with
     ``z* = act(z* W_hat + x U + b)``; mirrors ``torch.deq.DEQLayer``.
 
@@ -463,7 +479,9 @@ def _check_input(x, dim: int) -> jax.Array:
     return x.reshape(x.shape[0], -1)
 
 
-def deq_energy_init(key, dim: int, width: int = 512, dtype=jnp.float32) -> dict:
+def deq_energy_init(
+    key: jax.Array, dim: int, width: int = 512, dtype: jnp.dtype | type = jnp.float32
+) -> dict[str, Any]:
     """Parameters of ``deq_energy_apply``: a DEQ layer ``dim -> width`` and a linear
     readout ``width -> 1``."""
     k1, k2 = jax.random.split(check_key(key))
@@ -473,8 +491,12 @@ def deq_energy_init(key, dim: int, width: int = 512, dtype=jnp.float32) -> dict:
 
 
 def deq_energy_apply(
-    params: dict, x: jax.Array, config: DEQConfig = DEQConfig(), quadratic: float = 0.0, return_info: bool = False
-):
+    params: dict[str, Any],
+    x: jax.Array,
+    config: DEQConfig = DEQConfig(),
+    quadratic: float = 0.0,
+    return_info: bool = False,
+) -> jax.Array | tuple[jax.Array, FixedPointInfo]:
     """``log p(x) = w^T z*(x) + c - quadratic/2 ||x||^2 + const`` for ``x [B, *event] -> [B]``
     (with the ``FixedPointInfo`` when ``return_info``); mirrors ``torch.deq.DEQEnergy``.
 
@@ -496,7 +518,7 @@ def deq_energy_apply(
     return (out, info) if return_info else out
 
 
-def deq_score_init(key, dim: int, width: int = 256, dtype=jnp.float32) -> dict:
+def deq_score_init(key: jax.Array, dim: int, width: int = 256, dtype: jnp.dtype | type = jnp.float32) -> dict[str, Any]:
     """Parameters of ``deq_score_apply``: a DEQ layer ``dim -> width`` and a linear
     readout ``width -> dim``."""
     k1, k2 = jax.random.split(check_key(key))
@@ -505,7 +527,9 @@ def deq_score_init(key, dim: int, width: int = 256, dtype=jnp.float32) -> dict:
     return params
 
 
-def deq_score_apply(params: dict, x: jax.Array, config: DEQConfig = DEQConfig(), return_info: bool = False):
+def deq_score_apply(
+    params: dict[str, Any], x: jax.Array, config: DEQConfig = DEQConfig(), return_info: bool = False
+) -> jax.Array | tuple[jax.Array, FixedPointInfo]:
     """Score network ``x [B, *event] -> [B, *event]``, ``s(x) = z*(x) V + c``; mirrors
     ``torch.deq.DEQScore``.
 

@@ -9,6 +9,8 @@ for score networks), vmapped over projections so the primal is computed once.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -32,7 +34,7 @@ def esm_chunk(batch: int, dim: int, budget: int | None = None) -> int:
     return max(1, min(dim, budget // max(1, batch * max(dim, 512))))
 
 
-def evaluate(fn, kind: str, x: jax.Array) -> jax.Array:
+def evaluate(fn: Callable[[jax.Array], jax.Array], kind: str, x: jax.Array) -> jax.Array:
     """``fn(x)`` with its output shape checked against ``kind`` (at trace time)."""
     out = fn(x)
     if not hasattr(out, "shape"):
@@ -46,7 +48,7 @@ def evaluate(fn, kind: str, x: jax.Array) -> jax.Array:
     return out
 
 
-def score_fn(fn, kind: str):
+def score_fn(fn: Callable[[jax.Array], jax.Array], kind: str) -> Callable[[jax.Array], jax.Array]:
     """``x -> s(x)``."""
     if kind == "score":
         return lambda x: evaluate(fn, kind, x)
@@ -63,7 +65,9 @@ def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
     return (a * b).reshape(a.shape[0], -1).sum(-1)
 
 
-def score_and_quadratic_forms(fn, kind: str, x: jax.Array, v: jax.Array):
+def score_and_quadratic_forms(
+    fn: Callable[[jax.Array], jax.Array], kind: str, x: jax.Array, v: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """``s(x)`` ``[B, *event]`` and ``v_m^T H(x) v_m`` ``[M, B]`` for ``v`` ``[M, B, *event]``."""
     sf = score_fn(fn, kind)
 
@@ -80,7 +84,9 @@ def score_and_quadratic_forms(fn, kind: str, x: jax.Array, v: jax.Array):
     return s, vhv
 
 
-def hessian_trace(fn, kind: str, x: jax.Array, chunk: int | None = None):
+def hessian_trace(
+    fn: Callable[[jax.Array], jax.Array], kind: str, x: jax.Array, chunk: int | None = None
+) -> tuple[jax.Array, jax.Array]:
     """``s(x)`` and ``tr H(x)`` per example by vmapped Hessian-vector products with the
     ``D`` basis vectors, ``chunk`` at a time (default :func:`esm_chunk`); each basis vector
     is made from its index inside the map, so no ``D x D`` identity is ever built."""

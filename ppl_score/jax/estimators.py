@@ -23,7 +23,7 @@ update it once per step and return it as the new mutable state.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +48,9 @@ __all__ = [
     "site_scores",
     "check_scores_finite",
 ]
+
+# a pytree of arrays (the score network's parameters)
+Params = Any
 
 
 # ---------------------------------------------------------------------------------------
@@ -174,7 +177,6 @@ def _run(fn, samples, at, *options):
     return out
 
 
-
 def _check_inputs(samples, at):
     samples = check_array("samples", samples)
     n, d = common.check_samples_shape(tuple(samples.shape))
@@ -191,14 +193,20 @@ def _check_bandwidth(bandwidth):
     return common.check_bandwidth(bandwidth)
 
 
-def median_bandwidth(samples):
+def median_bandwidth(samples: jax.Array | np.ndarray) -> jax.Array:
     """The median heuristic: median of ``||x_i - x_j||`` over pairs ``i < j`` of ``samples [N, D]``."""
     samples, _, _ = _check_inputs(samples, None)
     x = samples - samples.mean(0)
     return _median_bandwidth(_sqdist(x, x))
 
 
-def stein_scores(samples, at=None, *, eta: float = 0.1, bandwidth=None):
+def stein_scores(
+    samples: jax.Array | np.ndarray,
+    at: jax.Array | np.ndarray | None = None,
+    *,
+    eta: float = 0.1,
+    bandwidth: float | jax.Array | None = None,
+) -> jax.Array:
     """Stein gradient estimate of ``grad log q`` from ``samples [N, D]`` at the samples
     (``at=None``) or, by the out-of-sample extension, at ``at [K, D]``; see
     ``ppl_score.torch.estimators.stein_scores``.
@@ -212,7 +220,14 @@ def stein_scores(samples, at=None, *, eta: float = 0.1, bandwidth=None):
     return _run(_stein_jit, samples, at, common.check_eta(eta), _check_bandwidth(bandwidth))
 
 
-def spectral_scores(samples, at=None, *, n_eigen=None, threshold: float = 0.99, bandwidth=None):
+def spectral_scores(
+    samples: jax.Array | np.ndarray,
+    at: jax.Array | np.ndarray | None = None,
+    *,
+    n_eigen: int | None = None,
+    threshold: float = 0.99,
+    bandwidth: float | jax.Array | None = None,
+) -> jax.Array:
     """Spectral Stein gradient estimate (SSGE) of ``grad log q`` at ``at`` (default: the
     samples) from ``samples [N, D]``; see ``ppl_score.torch.estimators.spectral_scores``."""
     samples, at, n = _check_inputs(samples, at)
@@ -226,7 +241,7 @@ def spectral_scores(samples, at=None, *, n_eigen=None, threshold: float = 0.99, 
     )
 
 
-def kernel_scores_batched(kind: str, samples, **options):
+def kernel_scores_batched(kind: str, samples: jax.Array, **options: Any) -> jax.Array:
     """In-sample kernel estimates for independent sample sets ``samples [..., N, D]``."""
     if kind == "stein":
         return _run(
@@ -306,12 +321,12 @@ class LearnedScoreEstimator:
         dim: int,
         context_dim: int = 0,
         *,
-        hidden=(128, 128),
-        activation=jax.nn.softplus,
+        hidden: Sequence[int] = (128, 128),
+        activation: Callable[[jax.Array], jax.Array] = jax.nn.softplus,
         method: str = "ssm_vr",
-        optimizer=None,
+        optimizer: optax.GradientTransformation | Callable[[], optax.GradientTransformation] | None = None,
         n_steps: int = common.LEARNED_N_STEPS,
-        **options,
+        **options: Any,
     ):
         from ..common.objectives import resolve
 
@@ -400,12 +415,12 @@ class LearnedScoreEstimator:
         h = z if context is None else jnp.concatenate([z, context.astype(z.dtype)], axis=-1)
         return mlp_apply(params, h, self.activation)
 
-    def init(self, key, dtype=jnp.float32) -> LearnedScoreState:
+    def init(self, key: jax.Array, dtype: jnp.dtype | type = jnp.float32) -> LearnedScoreState:
         """Fresh network parameters and optimizer state."""
         params = mlp_init(key, self._sizes, dtype)
         return LearnedScoreState(params, self.optimizer.init(params))
 
-    def state_dict(self, state: LearnedScoreState) -> dict:
+    def state_dict(self, state: LearnedScoreState) -> dict[str, np.ndarray]:
         """``state`` as a flat dict of numpy arrays, ``{"params.0": ..., "opt_state.0": ...}``
         (the leaves of the two pytrees in ``jax.tree`` order, the optimizer's step count
         included): storable with ``np.savez(path, **d)``, ``pickle`` or ``torch.save``, and
@@ -428,7 +443,7 @@ class LearnedScoreEstimator:
                 out[f"{part}.{i}"] = np.array(leaf)
         return out
 
-    def load_state_dict(self, state_dict) -> LearnedScoreState:
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> LearnedScoreState:
         """The ``LearnedScoreState`` saved by ``state_dict`` (e.g. ``dict(np.load(path))``):
         same scores, same next ``update`` step. The estimator must be built alike (``dim``,
         ``context_dim``, ``hidden``, ``optimizer``); the dtype is that of the saved weights.
@@ -477,7 +492,7 @@ class LearnedScoreEstimator:
             raise ValueError(f"argument 'state_dict' has entries this estimator does not know: {sorted(extra)}")
         return LearnedScoreState(parts["params"], parts["opt_state"])
 
-    def apply(self, params, z, context=None):
+    def apply(self, params: Params, z: jax.Array, context: jax.Array | None = None) -> jax.Array:
         """``s_psi(z[, context])`` for ``z [N, D]``."""
         context = self._check(z, context, "z")
         return self._net(params, z, context)
@@ -487,7 +502,13 @@ class LearnedScoreEstimator:
             lambda x: self._net(params, x, context), z, self.method, key=key, kind="score", **self.options
         )
 
-    def update(self, state, key, samples, context=None):
+    def update(
+        self,
+        state: LearnedScoreState,
+        key: jax.Array,
+        samples: jax.Array | np.ndarray,
+        context: jax.Array | None = None,
+    ) -> tuple[LearnedScoreState, jax.Array]:
         """``n_steps`` optimizer steps on ``stop_gradient(samples)``; returns ``(state, loss)``.
 
         Pure and jit-able. A step whose loss or gradient is not finite is refused, in the
@@ -541,7 +562,7 @@ class LearnedScoreEstimator:
         return params, opt_state, losses[last], ok
 
 
-def learned_score_estimator(*args, **kwargs) -> LearnedScoreEstimator:
+def learned_score_estimator(*args: Any, **kwargs: Any) -> LearnedScoreEstimator:
     """A score network ``s_psi(z[, c])`` (MLP on ``[z, c]``) fitted online by score matching:
     ``LearnedScoreEstimator(*args, **kwargs)``, the Optax-style factory name.
 
@@ -559,8 +580,15 @@ def _dtype(params):
 
 
 def fit_score_estimator(
-    estimator: LearnedScoreEstimator, state, key, samples, context=None, *, n_steps: int, batch_size=None
-):
+    estimator: LearnedScoreEstimator,
+    state: LearnedScoreState,
+    key: jax.Array,
+    samples: jax.Array | np.ndarray,
+    context: jax.Array | None = None,
+    *,
+    n_steps: int,
+    batch_size: int | None = None,
+) -> tuple[LearnedScoreState, jax.Array]:
     """``n_steps`` optimizer steps, each on a random minibatch of ``batch_size`` rows of
     ``samples`` (one ``lax.scan``; the estimator's own ``n_steps``, its steps per ``update``,
     does not apply); returns ``(state, losses)``, as the torch ``LearnedScoreEstimator.fit``."""
@@ -583,8 +611,17 @@ def fit_score_estimator(
 
 
 def site_scores(
-    name: str, estimator, z, batch_ndim: int, context=None, *, options=None, state=None, key=None, train: bool = False
-):
+    name: str,
+    estimator: LearnedScoreEstimator | str | Callable[[jax.Array, jax.Array | None], jax.Array],
+    z: jax.Array,
+    batch_ndim: int,
+    context: jax.Array | None = None,
+    *,
+    options: Mapping[str, Any] | None = None,
+    state: LearnedScoreState | None = None,
+    key: jax.Array | None = None,
+    train: bool = False,
+) -> tuple[jax.Array, LearnedScoreState | None]:
     """Estimated ``grad_z log q`` at the particles ``z [P, *batch, *event]`` of site ``name``;
     mirrors ``ppl_score.torch.estimators.site_scores`` (see it for the arguments), with a
     learned estimator's ``state`` (a ``LearnedScoreState``) and the ``key`` of its update
@@ -625,7 +662,7 @@ def site_scores(
     return out.astype(z.dtype).reshape(z.shape), state
 
 
-def check_scores_finite(name: str, scores) -> None:
+def check_scores_finite(name: str, scores: jax.Array) -> None:
     """Eagerly (concrete values) and under ``ppl_score.validation``, non-finite estimated
     scores of site ``name`` raise ``ValueError`` naming it; under tracing nothing can raise."""
     if is_concrete(scores) and is_validation_enabled() and not bool(jnp.isfinite(scores).all()):

@@ -21,7 +21,7 @@ parameters ``params = (FlowLayer(weight [D, D], bias [D] | None), ...)``, with
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Any, Iterable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +39,7 @@ class FlowLayer(NamedTuple):
     bias: Optional[jax.Array]  # [D] or None
 
 
-def smooth_leaky_relu(y, alpha: float):
+def smooth_leaky_relu(y: jax.Array, alpha: float) -> jax.Array:
     """``sigma(y) = alpha y + (1 - alpha) log(1 + e^y)`` (``jax.nn.softplus`` is ``logaddexp(y, 0)``,
     stable, with the exact derivative ``sigmoid(y)``)."""
     return alpha * y + (1.0 - alpha) * jax.nn.softplus(y)
@@ -50,7 +50,7 @@ def _dact(y, alpha: float):
 
 
 @jax.custom_vjp
-def relative_gradient_linear(h, weight):
+def relative_gradient_linear(h: jax.Array, weight: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(h W^T, ld)``: a linear map whose VJP gives ``weight`` its relative gradient.
 
     ``h``: ``[B, D]``; ``ld``: ``[B]`` zeros standing for ``log|det W|`` of each example. VJP:
@@ -102,7 +102,7 @@ class InvertibleMLP:
         object.__setattr__(self, "bias", bool(self.bias))
 
     # ---- parameters -----------------------------------------------------------------
-    def init(self, key, dtype=None) -> tuple:
+    def init(self, key: jax.Array, dtype: jnp.dtype | type | None = None) -> tuple[FlowLayer, ...]:
         """Orthogonal weights, zero biases."""
         key = check_key(key)
         dtype = jnp.result_type(float) if dtype is None else dtype
@@ -112,7 +112,9 @@ class InvertibleMLP:
             for k in jax.random.split(key, self.n_layers)
         )
 
-    def params_from(self, layers, dtype=None) -> tuple:
+    def params_from(
+        self, layers: Iterable[tuple[Any, Any]], dtype: jnp.dtype | type | None = None
+    ) -> tuple[FlowLayer, ...]:
         """``[(W, b), ...]`` (numpy, e.g. ``ppl_score.torch.flows.InvertibleMLP.flow_params()``)
         as validated ``params``."""
         layers = list(layers)
@@ -127,7 +129,7 @@ class InvertibleMLP:
         self.check_params(out)
         return tuple(out)
 
-    def check_params(self, params) -> None:
+    def check_params(self, params: Sequence[FlowLayer]) -> None:
         """Raise ``ValueError`` unless ``params`` is one ``(weight, bias)`` per layer of this flow's shapes."""
         if len(params) != self.n_layers:
             raise ValueError(f"argument 'params' must hold {self.n_layers} layers, got {len(params)}")
@@ -166,30 +168,32 @@ class InvertibleMLP:
                 h = smooth_leaky_relu(h, self.alpha)
         return h, log_act, ld
 
-    def forward(self, params, x):
+    def forward(self, params: Sequence[FlowLayer], x: jax.Array | np.ndarray) -> jax.Array:
         """``z = g(x)``, ``[..., D] -> [..., D]``."""
         flat, batch = self._flat("x", x)
         return self._run(params, flat, False)[0].reshape(*batch, self.dim)
 
     __call__ = forward
 
-    def log_abs_det_weights(self, params):
+    def log_abs_det_weights(self, params: Sequence[FlowLayer]) -> jax.Array:
         """``sum_k log|det W_k|`` (one ``slogdet`` per layer)."""
         return sum(jnp.linalg.slogdet(w)[1] for w, _ in params)
 
-    def forward_and_log_det(self, params, x):
+    def forward_and_log_det(
+        self, params: Sequence[FlowLayer], x: jax.Array | np.ndarray
+    ) -> tuple[jax.Array, jax.Array]:
         """``(g(x), log|det dg/dx|)`` exactly, shapes ``[..., D]`` and ``[...]``."""
         flat, batch = self._flat("x", x)
         z, log_act, _ = self._run(params, flat, False)
         return z.reshape(*batch, self.dim), (log_act + self.log_abs_det_weights(params)).reshape(batch)
 
-    def log_prob(self, params, x):
+    def log_prob(self, params: Sequence[FlowLayer], x: jax.Array | np.ndarray) -> jax.Array:
         """Exact ``log p(x)``, ``[..., D] -> [...]``."""
         flat, batch = self._flat("x", x)
         z, log_act, _ = self._run(params, flat, False)
         return (_log_normal(z) + log_act + self.log_abs_det_weights(params)).reshape(batch)
 
-    def unnormalized_log_prob(self, params, x):
+    def unnormalized_log_prob(self, params: Sequence[FlowLayer], x: jax.Array | np.ndarray) -> jax.Array:
         """``log p(x) - sum_k log|det W_k|``: no determinant, same score; pass
         ``functools.partial(flow.unnormalized_log_prob, params)`` as ``fn``."""
         flat, batch = self._flat("x", x)
@@ -197,7 +201,9 @@ class InvertibleMLP:
         return (_log_normal(z) + log_act).reshape(batch)
 
     # ---- relative-gradient training -----------------------------------------------------
-    def relative_gradient_forward(self, params, x):
+    def relative_gradient_forward(
+        self, params: Sequence[FlowLayer], x: jax.Array | np.ndarray
+    ) -> tuple[jax.Array, jax.Array]:
         """``(g(x), log_det)``: ``log_det``'s value is ``sum_k sum_i log sigma'(y_ki)`` only;
         the VJP of a loss containing it gives each ``weight`` the relative gradient of the
         loss with the exact ``log|det dg/dx|`` in its place (biases: ordinary gradients)."""
@@ -205,7 +211,9 @@ class InvertibleMLP:
         z, log_act, ld = self._run(params, flat, True)
         return z.reshape(*batch, self.dim), (log_act + ld).reshape(batch)
 
-    def relative_gradient_loss(self, params, x, reduction: str = "mean"):
+    def relative_gradient_loss(
+        self, params: Sequence[FlowLayer], x: jax.Array | np.ndarray, reduction: str = "mean"
+    ) -> jax.Array:
         """Training loss of maximum likelihood by relative gradient.
 
         Value: ``-(log N(g(x)) + sum_k sum_i log sigma'(y_ki))`` reduced over the batch, i.e.
@@ -243,7 +251,7 @@ class InvertibleMLP:
         rel = jnp.abs(smooth_leaky_relu(y, a) - t0) / (1.0 + jnp.abs(t0))
         return y - (smooth_leaky_relu(y, a) - t) / _dact(y, a), rel
 
-    def check_invertible(self, params):
+    def check_invertible(self, params: Sequence[FlowLayer]) -> bool | jax.Array:
         """Whether every layer can be inverted: finite weights and biases, and weights not
         singular to working precision (``s_min > D eps s_max``); mirrors the torch method.
 
@@ -279,7 +287,14 @@ class InvertibleMLP:
                 ok = ok & jnp.isfinite(b).all()
         return ok
 
-    def inverse(self, params, z, *, tol: float | None = None, max_iter: int = common.NEWTON_MAX_ITER):
+    def inverse(
+        self,
+        params: Sequence[FlowLayer],
+        z: jax.Array | np.ndarray,
+        *,
+        tol: float | None = None,
+        max_iter: int = common.NEWTON_MAX_ITER,
+    ) -> jax.Array:
         """``x = g^{-1}(z)``, ``[..., D] -> [..., D]``: per layer a Newton inverse of the
         activation (relative residual ``<= tol``, default ``64 eps``) and one linear solve.
         Differentiable in ``z`` and ``params``.
@@ -314,7 +329,7 @@ class InvertibleMLP:
         h = jnp.where(ok.all(-1, keepdims=True) & invertible, h, jnp.nan)
         return h.reshape(*batch, self.dim)
 
-    def sample(self, params, key, n: int, **inverse_kwargs):
+    def sample(self, params: Sequence[FlowLayer], key: jax.Array, n: int, **inverse_kwargs: Any) -> jax.Array:
         """``n`` samples ``g^{-1}(z)``, ``z ~ N(0, I)``, ``[n, D]``.
 
         Args:

@@ -32,7 +32,7 @@ import math
 import types
 import weakref
 from functools import partial
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -78,14 +78,21 @@ def _evaluate(fn, kind: str, x: jax.Array):
     return out, pullback(jnp.ones_like(out))[0]
 
 
-
-def init(fn, x: jax.Array, kind: str = "log_prob") -> LangevinState:
+def init(fn: Callable[[jax.Array], jax.Array], x: jax.Array, kind: str = "log_prob") -> LangevinState:
     """The state at ``x[C, *event]``: its log density and score."""
     log_prob, score = _evaluate(fn, kind, x)
     return LangevinState(x, log_prob, score)
 
 
-def step(key, state: LangevinState, fn, step_size, *, adjusted: bool = True, kind: str = "log_prob"):
+def step(
+    key: jax.Array,
+    state: LangevinState,
+    fn: Callable[[jax.Array], jax.Array],
+    step_size: float | jax.Array,
+    *,
+    adjusted: bool = True,
+    kind: str = "log_prob",
+) -> tuple[LangevinState, LangevinInfo]:
     """One Langevin transition of every chain; returns ``(state, info)``. Pure."""
     key = check_key(key)
     x, log_prob, score = state
@@ -293,7 +300,6 @@ def _chunks(n: int, progress_bar: bool):
     return [(start, min(start + size, n)) for start in range(0, n, size)]
 
 
-
 def _run(fn, x0, step_size, num_steps, *, key, adjusted, kind, num_warmup, thin, progress_bar) -> LangevinResult:
     if not callable(fn):
         raise TypeError(f"argument 'fn' must be callable, got {type(fn).__name__}")
@@ -341,12 +347,12 @@ def _run(fn, x0, step_size, num_steps, *, key, adjusted, kind, num_warmup, thin,
 
 
 def ula(
-    fn,
-    x0,
+    fn: Callable[[jax.Array], jax.Array],
+    x0: jax.Array | np.ndarray,
     step_size: float,
     num_steps: int,
     *,
-    key,
+    key: jax.Array,
     kind: str = "log_prob",
     num_warmup: int = 0,
     thin: int = 1,
@@ -391,12 +397,12 @@ def ula(
 
 
 def mala(
-    fn,
-    x0,
+    fn: Callable[[jax.Array], jax.Array],
+    x0: jax.Array | np.ndarray,
     step_size: float,
     num_steps: int,
     *,
-    key,
+    key: jax.Array,
     num_warmup: int = 0,
     thin: int = 1,
     progress_bar: bool = False,

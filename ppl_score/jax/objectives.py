@@ -8,6 +8,7 @@ SPEC.md section 1. Method, kind, options and reduction are static under ``jax.ji
 from __future__ import annotations
 
 import warnings
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,6 @@ from .projections import (
 from .validate import check_array, check_key, is_concrete
 
 __all__ = ["score_matching_loss"]
-
 
 
 def _replicate(x: jax.Array, m: int) -> jax.Array:
@@ -121,16 +121,16 @@ def _warn_x64_once(name: str) -> None:
 
 
 def score_matching_loss(
-    fn,
-    x,
+    fn: Callable[[jax.Array], jax.Array],
+    x: jax.Array | np.ndarray,
     method: str = "ssm_vr",
     *,
-    key=None,
+    key: jax.Array | None = None,
     kind: str = "log_prob",
-    projections=None,
-    noise=None,
+    projections: jax.Array | np.ndarray | None = None,
+    noise: jax.Array | np.ndarray | None = None,
     reduction: str = "mean",
-    **options,
+    **options: Any,
 ) -> jax.Array:
     """Score-matching objective ``method`` of ``fn`` on the batch ``x``.
 

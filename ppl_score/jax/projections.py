@@ -7,6 +7,7 @@ Every draw takes an explicit PRNG key. Shapes are ``[M, B, *event]`` for project
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,13 +40,13 @@ def unit_directions(u: jax.Array) -> jax.Array:
     return w / jnp.where(norm > 0, norm, 1)
 
 
-def has_zero_direction(u) -> bool:
+def has_zero_direction(u: jax.Array | np.ndarray) -> bool:
     """Whether some ``u[m, b]`` of a concrete ``[M, B, *event]`` array is exactly zero."""
     u = np.asarray(u)
     return not (u.reshape(u.shape[0], u.shape[1], -1) != 0).any(-1).all()
 
 
-def draw_projections(key, shape, projection: str, dtype) -> jax.Array:
+def draw_projections(key: jax.Array, shape: Sequence[int], projection: str, dtype: jnp.dtype | type) -> jax.Array:
     """Projections ``v`` with ``E[v v^T] = I`` of shape ``[M, B, *event]``.
 
     ``rademacher``: entries +-1; ``gaussian``: N(0, I); ``sphere``: uniform on the sphere of
@@ -60,13 +61,13 @@ def draw_projections(key, shape, projection: str, dtype) -> jax.Array:
     return math.sqrt(math.prod(shape[2:])) * (g / event_norm(g, 2))
 
 
-def draw_directions(key, shape, dtype) -> jax.Array:
+def draw_directions(key: jax.Array, shape: Sequence[int], dtype: jnp.dtype | type) -> jax.Array:
     """Finite-difference directions ``u``, uniform on the unit sphere, ``[M, B, *event]``."""
     # Gaussian draws have norms far from over/underflow: the plain normalization suffices
     g = jax.random.normal(key, tuple(shape), dtype=dtype)
     return g / event_norm(g, 2)
 
 
-def draw_noise(key, shape, dtype) -> jax.Array:
+def draw_noise(key: jax.Array, shape: Sequence[int], dtype: jnp.dtype | type) -> jax.Array:
     """Standard normal noise ``n`` of shape ``[B, *event]``."""
     return jax.random.normal(key, tuple(shape), dtype=dtype)

@@ -12,6 +12,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy.typing as npt
 
 from ..common import objectives as spec
 from ..common import training as common
@@ -21,6 +22,8 @@ from .validate import check_array
 
 __all__ = ["FitResult", "fit_energy", "evaluator"]
 
+# a pytree of arrays (the energy's parameters)
+Params = Any
 
 
 class FitResult(NamedTuple):
@@ -54,7 +57,9 @@ def _chunked(f, x: np.ndarray, dtype) -> np.ndarray:
     return np.concatenate(outs) if outs else np.zeros((0,))
 
 
-def evaluator(apply_fn, params, dtype=jnp.float32):
+def evaluator(
+    apply_fn: Callable[[Params, jax.Array], jax.Array], params: Params, dtype: jnp.dtype | type = jnp.float32
+) -> tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]:
     """``(log_prob, score, esm)`` numpy callables for the log density
     ``apply_fn(params, x) -> [B]``, jitted and chunked."""
     log_prob = jax.jit(lambda x: apply_fn(params, x))
@@ -64,9 +69,9 @@ def evaluator(apply_fn, params, dtype=jnp.float32):
 
 
 def fit_energy(
-    apply_fn,
-    params,
-    data,
+    apply_fn: Callable[[Params, jax.Array], jax.Array],
+    params: Params,
+    data: npt.ArrayLike,
     method: str = "ssm_vr",
     *,
     steps: int = 2000,
@@ -74,8 +79,8 @@ def fit_energy(
     lr: float = 1e-3,
     seed: int = 0,
     progress: bool = True,
-    dtype=jnp.float32,
-    **options,
+    dtype: jnp.dtype | type = jnp.float32,
+    **options: Any,
 ) -> FitResult:
     """Fit the log density ``apply_fn(params, x)`` (``x[B, *event] -> [B]``, up to a
     constant) to ``data`` ``[N, *event]`` by minimizing

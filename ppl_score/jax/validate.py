@@ -9,6 +9,8 @@ checks need concrete values: they run eagerly with validation on
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,12 +20,19 @@ from ..common.validate import is_validation_enabled
 __all__ = ["check_array", "check_key", "is_concrete"]
 
 
-def is_concrete(a) -> bool:
+def is_concrete(a: Any) -> bool:
     """Whether ``a`` has values (not a tracer of ``jit``, ``grad`` or ``vmap``)."""
     return not isinstance(a, jax.core.Tracer)
 
 
-def check_array(name: str, a, *, dtype: str | None = "floating", finite: bool = True, cast=None) -> jax.Array:
+def check_array(
+    name: str,
+    a: Any,
+    *,
+    dtype: str | None = "floating",
+    finite: bool = True,
+    cast: jnp.dtype | type | None = None,
+) -> jax.Array:
     """Check that argument ``name`` is an array of the right kind and return it as a ``jax.Array``.
 
     Args:
@@ -51,7 +60,7 @@ def check_array(name: str, a, *, dtype: str | None = "floating", finite: bool = 
     return a
 
 
-def check_key(key, name: str = "key"):
+def check_key(key: Any, name: str = "key") -> jax.Array | np.ndarray:
     """Validate a single PRNG key: a typed key (``jax.random.key(seed)``, shape ``()``) or a
     raw ``uint32`` key (``jax.random.PRNGKey(seed)``). Works on tracers (shape and dtype only).
 

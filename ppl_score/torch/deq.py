@@ -58,7 +58,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -113,7 +113,8 @@ _ACTIVATION_CLASSES = {nn.Softplus: "softplus", nn.Tanh: "tanh"}
 
 
 @functools.wraps(common.deq_config, assigned=())  # signature: that of the shared deq_config
-def deq_config(activation="softplus", *args, **kwargs) -> DEQConfig:
+# ``Any``: typing.get_type_hints reads a wrapper's annotations in the globals of ``common.deq``
+def deq_config(activation: Any = "softplus", *args: Any, **kwargs: Any) -> DEQConfig:
     """Validated ``DEQConfig``. ``gamma`` in (0, 1) bounds the Lipschitz constant of the map.
     ``activation`` is ``"softplus"`` / ``"tanh"`` or ``nn.Softplus`` / ``nn.Tanh``."""
     if isinstance(activation, type) and activation in _ACTIVATION_CLASSES:
@@ -215,8 +216,12 @@ _SOLVE = {"iteration": _iteration, "anderson": _anderson}
 
 
 def solve(
-    step: Callable, z0: torch.Tensor, cfg: SolverConfig = SolverConfig(), what: str = "forward", fresh: bool = False
-):
+    step: Callable[[torch.Tensor], torch.Tensor],
+    z0: torch.Tensor,
+    cfg: SolverConfig = SolverConfig(),
+    what: str = "forward",
+    fresh: bool = False,
+) -> tuple[torch.Tensor, FixedPointInfo]:
     """Fixed point of ``step`` from ``z0`` ``[B, *shape]`` (no autograd): ``(z, info)``,
     with the non-convergence policy of ``cfg`` applied. ``fresh``: ``step`` always returns
     a newly allocated tensor (never an input, a parameter or a view), so the solver may
@@ -363,14 +368,14 @@ def _unrolled(f, z0, params, cfg: SolverConfig):
 
 
 def fixed_point(
-    f: Callable,
+    f: Callable[..., torch.Tensor],
     z0: torch.Tensor,
     params: Sequence[torch.Tensor] = (),
     *,
     backward: str = "implicit",
     phantom_steps: int = 2,
-    **solver_options,
-):
+    **solver_options: Any,
+) -> tuple[torch.Tensor, FixedPointInfo]:
     """Differentiable fixed point ``z* = f(z*, *params)`` of a contraction ``f`` in ``z``.
 
     Args:
@@ -528,7 +533,7 @@ class DEQLayer(nn.Module):
     After each call ``last_info`` holds the forward solve's ``FixedPointInfo``.
     """
 
-    def __init__(self, in_dim: int, width: int, **options):
+    def __init__(self, in_dim: int, width: int, **options: Any):
         super().__init__()
         in_dim, width = check_int("in_dim", in_dim), check_int("width", width)
         self.config = deq_config(**options)
@@ -572,7 +577,7 @@ class DEQEnergy(nn.Module):
             ``gamma=0.9`` (their cost and accuracy trade-off: ``DEQLayer``).
     """
 
-    def __init__(self, dim: int, width: int = 512, quadratic: float = 0.0, **options):
+    def __init__(self, dim: int, width: int = 512, quadratic: float = 0.0, **options: Any):
         super().__init__()
         self.dim = check_int("dim", dim)
         self.deq = DEQLayer(self.dim, width, **options)
@@ -604,7 +609,7 @@ class DEQScore(nn.Module):
             ``gamma=0.9`` (their cost and accuracy trade-off: ``DEQLayer``).
     """
 
-    def __init__(self, dim: int, width: int = 256, **options):
+    def __init__(self, dim: int, width: int = 256, **options: Any):
         super().__init__()
         self.dim = check_int("dim", dim)
         self.deq = DEQLayer(self.dim, width, **options)
@@ -619,7 +624,7 @@ class DEQScore(nn.Module):
         return self.readout(self.deq(flat)).reshape(x.shape)
 
 
-def deq_params(module: nn.Module) -> dict:
+def deq_params(module: nn.Module) -> dict[str, Any]:
     """The weights of a ``DEQEnergy`` / ``DEQScore`` as float64 numpy arrays in the layout of
     ``ppl_score.jax.deq`` (``[in, out]`` matrices), for cross-backend parity."""
     if not isinstance(module, (DEQEnergy, DEQScore)):

@@ -11,6 +11,8 @@ forward-over-reverse through ``torch.func`` (``benchmarks/objectives.py``).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from ..common import objectives as spec
@@ -42,7 +44,9 @@ def _basis_chunk(start: int, c: int, d: int, like: torch.Tensor):
     return basis, idx
 
 
-def score_and_trace(fn, kind: str, x: torch.Tensor, chunk: int | None = None):
+def score_and_trace(
+    fn: Callable[[torch.Tensor], torch.Tensor], kind: str, x: torch.Tensor, chunk: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``s(x)`` and ``tr H(x)`` per example by ``torch.func``: per example, one reverse pass
     for the score and vmapped vector-Jacobian products of the score with ``chunk`` basis
     vectors at a time (the structure of ``vmap(jacrev(grad))``, without its ``D x D``
@@ -94,7 +98,7 @@ def _grad(output: torch.Tensor, x: torch.Tensor, **kwargs) -> torch.Tensor:
     return g
 
 
-def evaluate(fn, kind: str, x: torch.Tensor) -> torch.Tensor:
+def evaluate(fn: Callable[[torch.Tensor], torch.Tensor], kind: str, x: torch.Tensor) -> torch.Tensor:
     """``fn(x)`` with its output shape checked against ``kind``."""
     out = fn(x)
     if not isinstance(out, torch.Tensor):
@@ -108,7 +112,7 @@ def evaluate(fn, kind: str, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def score(fn, kind: str, x: torch.Tensor) -> torch.Tensor:
+def score(fn: Callable[[torch.Tensor], torch.Tensor], kind: str, x: torch.Tensor) -> torch.Tensor:
     """``s(x)``, differentiable (``x`` must require grad for ``kind="log_prob"``)."""
     out = evaluate(fn, kind, x)
     if kind == "score":

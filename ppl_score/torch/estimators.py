@@ -26,6 +26,7 @@ samples, one optimizer step per ``update``.
 from __future__ import annotations
 
 import math
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -149,7 +150,6 @@ def _spectral(samples, at, n_eigen, threshold, bandwidth):
     return -(kax @ u) @ coef
 
 
-
 def _check_inputs(samples, at):
     samples = check_array("samples", samples)
     n, d = common.check_samples_shape(tuple(samples.shape))
@@ -167,7 +167,13 @@ def median_bandwidth(samples: torch.Tensor) -> torch.Tensor:
     return _median_bandwidth(_sqdist(x, x))
 
 
-def stein_scores(samples: torch.Tensor, at: torch.Tensor | None = None, *, eta: float = 0.1, bandwidth=None):
+def stein_scores(
+    samples: torch.Tensor,
+    at: torch.Tensor | None = None,
+    *,
+    eta: float = 0.1,
+    bandwidth: float | torch.Tensor | None = None,
+) -> torch.Tensor:
     """Stein gradient estimate of ``grad log q`` from ``samples [N, D]`` of ``q``.
 
     ``at=None``: at the samples, ``-(K + eta I)^{-1} <grad, K>`` (Li & Turner 2018, eq. 11).
@@ -199,8 +205,13 @@ def stein_scores(samples: torch.Tensor, at: torch.Tensor | None = None, *, eta: 
 
 
 def spectral_scores(
-    samples: torch.Tensor, at: torch.Tensor | None = None, *, n_eigen=None, threshold: float = 0.99, bandwidth=None
-):
+    samples: torch.Tensor,
+    at: torch.Tensor | None = None,
+    *,
+    n_eigen: int | None = None,
+    threshold: float = 0.99,
+    bandwidth: float | torch.Tensor | None = None,
+) -> torch.Tensor:
     """Spectral Stein gradient estimate (SSGE, Shi et al. 2018) of ``grad log q`` at ``at``
     (default: the samples) from ``samples [N, D]``.
 
@@ -215,7 +226,7 @@ def spectral_scores(
     return _spectral(samples, at, n_eigen, threshold, bandwidth)
 
 
-def kernel_scores_batched(kind: str, samples: torch.Tensor, **options) -> torch.Tensor:
+def kernel_scores_batched(kind: str, samples: torch.Tensor, **options: Any) -> torch.Tensor:
     """In-sample kernel estimates for independent sample sets ``samples [..., N, D]`` (one
     distribution per leading index); used by the implicit ELBO across particles."""
     if kind == "stein":
@@ -243,7 +254,13 @@ class ScoreMLP(nn.Module):
     A smooth activation is required: ``ssm_vr`` differentiates the network once more.
     """
 
-    def __init__(self, dim: int, context_dim: int = 0, hidden=(128, 128), activation=nn.Softplus):
+    def __init__(
+        self,
+        dim: int,
+        context_dim: int = 0,
+        hidden: Sequence[int] = (128, 128),
+        activation: Callable[[], nn.Module] = nn.Softplus,
+    ):
         super().__init__()
         self.dim = common.check_int("dim", dim)
         self.context_dim = common.check_int("context_dim", context_dim, 0)
@@ -322,16 +339,16 @@ class LearnedScoreEstimator:
         dim: int,
         context_dim: int = 0,
         *,
-        hidden=(128, 128),
-        activation=nn.Softplus,
+        hidden: Sequence[int] = (128, 128),
+        activation: Callable[[], nn.Module] = nn.Softplus,
         net: nn.Module | None = None,
         method: str = "ssm_vr",
-        optimizer=torch.optim.Adam,
+        optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.Adam,
         lr: float = common.LEARNED_LR,
         n_steps: int = common.LEARNED_N_STEPS,
         generator: torch.Generator | None = None,
         dtype: torch.dtype | None = None,
-        **options,
+        **options: Any,
     ):
         from ..common.objectives import resolve
 
@@ -360,7 +377,7 @@ class LearnedScoreEstimator:
         """The device of the network's parameters (samples and contexts are moved to it)."""
         return next(self.net.parameters()).device
 
-    def to(self, device) -> "LearnedScoreEstimator":
+    def to(self, device: torch.device | str) -> LearnedScoreEstimator:
         """Move the network and the optimizer's state to ``device``, keeping their dtype
         (a float64 estimator stays float64); returns ``self``.
 
@@ -384,7 +401,7 @@ class LearnedScoreEstimator:
         self.optimizer.load_state_dict(self.optimizer.state_dict())
         return self
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         """A snapshot of everything ``update`` changes: ``{"net", "optimizer", "generator"}``
         (the network's and the optimizer's ``state_dict``, with Adam's step counts and
         moments, and the generator's state or None), deep-copied so that later updates do not
@@ -403,7 +420,7 @@ class LearnedScoreEstimator:
             }
         )
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a ``state_dict()``: the estimator then gives the same scores and takes the
         same next ``update`` step as the one it was taken from (given the same samples). The
         network and optimizer must be built alike (``dim``, ``context_dim``, ``hidden``,
@@ -554,8 +571,15 @@ class LearnedScoreEstimator:
 
 
 def site_scores(
-    name: str, estimator, z: torch.Tensor, batch_ndim: int, context=None, *, options=None, train: bool = False
-):
+    name: str,
+    estimator: LearnedScoreEstimator | str | Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+    z: torch.Tensor,
+    batch_ndim: int,
+    context: torch.Tensor | None = None,
+    *,
+    options: Mapping[str, Any] | None = None,
+    train: bool = False,
+) -> torch.Tensor:
     """Estimated ``grad_z log q`` at the particles ``z [P, *batch, *event]`` of site ``name``.
 
     Each batch element is its own distribution: a kernel estimator works across its ``P``

@@ -21,6 +21,7 @@ See ``ppl_score._flows`` for the math shared with ``ppl_score.jax.flows``.
 from __future__ import annotations
 
 import math
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -81,7 +82,7 @@ class _RelativeGradientLinear(torch.autograd.Function):
         return grad_h, grad_w
 
 
-def relative_gradient_linear(h: torch.Tensor, weight: torch.Tensor):
+def relative_gradient_linear(h: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(h W^T, ld)``: a linear map whose backward gives ``weight`` its relative gradient.
 
     ``h``: ``[B, D]``; ``ld``: ``[B]`` zeros that stand for ``log|det W|`` of each example.
@@ -113,8 +114,8 @@ class InvertibleMLP(nn.Module):
         alpha: float = common.DEFAULT_ALPHA,
         bias: bool = True,
         *,
-        dtype=None,
-        device=None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
     ):
         super().__init__()
@@ -139,7 +140,7 @@ class InvertibleMLP(nn.Module):
         return f"dim={self.dim}, n_layers={self.n_layers}, alpha={self.alpha}, bias={self.biases is not None}"
 
     # ---- parameters -----------------------------------------------------------------
-    def flow_params(self):
+    def flow_params(self) -> list[tuple[np.ndarray, np.ndarray | None]]:
         """``[(W [D, D], b [D] or None), ...]`` as float64 numpy arrays (the layout of
         ``ppl_score.jax.flows.InvertibleMLP``, for cross-backend parity)."""
         out = []
@@ -149,7 +150,7 @@ class InvertibleMLP(nn.Module):
         return out
 
     @torch.no_grad()
-    def load_flow_params(self, params) -> "InvertibleMLP":
+    def load_flow_params(self, params: Iterable[tuple[Any, Any]]) -> InvertibleMLP:
         """Copy ``[(W, b), ...]`` (numpy or tensors, e.g. from ``flow_params``) into the flow."""
         params = list(params)
         if len(params) != self.n_layers:
@@ -209,7 +210,7 @@ class InvertibleMLP(nn.Module):
         """``sum_k log|det W_k|`` (one ``slogdet`` per layer; ``O(L D^3)``)."""
         return sum(torch.linalg.slogdet(w)[1] for w in self.weights)
 
-    def forward_and_log_det(self, x: torch.Tensor):
+    def forward_and_log_det(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(g(x), log|det dg/dx|)`` exactly, shapes ``[..., D]`` and ``[...]``."""
         flat, batch = self._flat("x", x)
         z, log_act, _ = self._run(flat, False)
@@ -235,7 +236,7 @@ class InvertibleMLP(nn.Module):
         return (self._log_normal(z) + log_act).reshape(batch)
 
     # ---- relative-gradient training -----------------------------------------------------
-    def relative_gradient_forward(self, x: torch.Tensor):
+    def relative_gradient_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(g(x), log_det)`` for relative-gradient training, shapes ``[..., D]``, ``[...]``.
 
         ``log_det``'s value is ``sum_k sum_i log sigma'(y_ki)`` only (no ``log|det W_k|``); when a
@@ -338,7 +339,7 @@ class InvertibleMLP(nn.Module):
                 torch.finfo(w.dtype).eps,
             )
 
-    def sample(self, n: int, *, generator: torch.Generator | None = None, **inverse_kwargs) -> torch.Tensor:
+    def sample(self, n: int, *, generator: torch.Generator | None = None, **inverse_kwargs: Any) -> torch.Tensor:
         """``n`` samples ``g^{-1}(z)``, ``z ~ N(0, I)``, ``[n, D]``.
 
         Args:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -70,8 +70,7 @@ def _evaluate(fn, kind: str, x: torch.Tensor):
     return out.detach(), s.detach()
 
 
-
-def init(fn, x: torch.Tensor, kind: str = "log_prob") -> LangevinState:
+def init(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, kind: str = "log_prob") -> LangevinState:
     """The state at ``x[C, *event]``: its log density and score."""
     log_prob, score = _evaluate(fn, kind, x)
     return LangevinState(x.detach().clone(), log_prob, score)
@@ -79,13 +78,13 @@ def init(fn, x: torch.Tensor, kind: str = "log_prob") -> LangevinState:
 
 def step(
     state: LangevinState,
-    fn,
+    fn: Callable[[torch.Tensor], torch.Tensor],
     step_size: float,
     *,
     adjusted: bool = True,
     kind: str = "log_prob",
     generator: torch.Generator | None = None,
-):
+) -> tuple[LangevinState, LangevinInfo]:
     """One Langevin transition of every chain; returns ``(state, info)``.
 
     The arguments come in the order of ``ppl_score.jax.langevin.step(key, state, fn,
@@ -134,7 +133,6 @@ def step(
     return new, LangevinInfo(accept_prob, accepted)
 
 
-
 def _run(fn, x0, step_size, num_steps, *, adjusted, kind, num_warmup, thin, generator, progress_bar) -> LangevinResult:
     if not callable(fn):
         raise TypeError(f"argument 'fn' must be callable, got {type(fn).__name__}")
@@ -171,7 +169,7 @@ def _run(fn, x0, step_size, num_steps, *, adjusted, kind, num_warmup, thin, gene
 
 
 def ula(
-    fn,
+    fn: Callable[[torch.Tensor], torch.Tensor],
     x0: torch.Tensor,
     step_size: float,
     num_steps: int,
@@ -221,7 +219,7 @@ def ula(
 
 
 def mala(
-    fn,
+    fn: Callable[[torch.Tensor], torch.Tensor],
     x0: torch.Tensor,
     step_size: float,
     num_steps: int,

@@ -16,6 +16,8 @@ References:
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from ..common.mmd import MMD_SCALES
@@ -28,7 +30,9 @@ def stop_gradient(x: torch.Tensor) -> torch.Tensor:
     return x.detach()
 
 
-def imq_mmd2(x: torch.Tensor, y: torch.Tensor, c, scales=MMD_SCALES) -> torch.Tensor:
+def imq_mmd2(
+    x: torch.Tensor, y: torch.Tensor, c: float | torch.Tensor, scales: Sequence[float] = MMD_SCALES
+) -> torch.Tensor:
     """Unbiased MMD^2 between ``x [N, D]`` and ``y [M, D]`` with the IMQ kernel.
 
     Args:
@@ -51,7 +55,7 @@ def imq_mmd2(x: torch.Tensor, y: torch.Tensor, c, scales=MMD_SCALES) -> torch.Te
     return off(kxx, n) + off(kyy, m) - 2.0 * k(x, y).mean()
 
 
-def prior_variance(fn, draws: torch.Tensor) -> float:
+def prior_variance(fn: torch.distributions.Distribution, draws: torch.Tensor) -> float:
     """Mean variance of the prior ``p_Z``: analytic where the distribution has it, else that
     of its ``draws [N, D]`` (a prior without ``variance``, e.g. a mixture or a transformed one).
 
@@ -68,6 +72,6 @@ def prior_variance(fn, draws: torch.Tensor) -> float:
         return float(draws.var(dim=0, correction=0).mean())  # the population variance, as jnp.var
 
 
-def imq_constant(fn, draws: torch.Tensor) -> float:
+def imq_constant(fn: torch.distributions.Distribution, draws: torch.Tensor) -> float:
     """WAE-MMD's kernel constant ``C = 2 D var(p_Z)`` for draws ``[N, D]`` of the prior ``fn``."""
     return 2.0 * draws.shape[1] * prior_variance(fn, draws)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -15,7 +18,13 @@ class MLPEnergy(nn.Module):
     ``-quadratic/2 ||x||^2`` so the density is normalizable whatever the weights.
     """
 
-    def __init__(self, dim: int, hidden=(512, 512, 512), activation=nn.Softplus, quadratic: float = 0.0):
+    def __init__(
+        self,
+        dim: int,
+        hidden: Sequence[int] = (512, 512, 512),
+        activation: Callable[[], nn.Module] = nn.Softplus,
+        quadratic: float = 0.0,
+    ):
         super().__init__()
         sizes = (dim, *hidden)
         layers = []
@@ -36,7 +45,7 @@ class MLPEnergy(nn.Module):
 class MLPScore(nn.Module):
     """Score network ``x[B, *event] -> [B, *event]`` (an MLP on the flattened event)."""
 
-    def __init__(self, dim: int, hidden=(256, 256), activation=nn.Softplus):
+    def __init__(self, dim: int, hidden: Sequence[int] = (256, 256), activation: Callable[[], nn.Module] = nn.Softplus):
         super().__init__()
         sizes = (dim, *hidden)
         layers = []
@@ -49,7 +58,7 @@ class MLPScore(nn.Module):
         return self.net(x.reshape(x.shape[0], -1)).reshape(x.shape)
 
 
-def mlp_params(module: nn.Module):
+def mlp_params(module: nn.Module) -> list[tuple[np.ndarray, np.ndarray]]:
     """``[(W [in, out], b [out]), ...]`` of the linear layers, as float64 numpy arrays, in the
     layout of ``ppl_score.jax.nets`` (for cross-backend parity)."""
     return [

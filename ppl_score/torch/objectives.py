@@ -8,6 +8,7 @@ SPEC.md section 1.
 from __future__ import annotations
 
 import weakref
+from typing import Any, Callable
 
 import torch
 
@@ -18,7 +19,6 @@ from .projections import draw_directions, draw_noise, draw_projections, has_zero
 from .validate import all_finite, check_array, check_grad_mode, validating
 
 __all__ = ["score_matching_loss"]
-
 
 
 def _replicate(x: torch.Tensor, m: int) -> torch.Tensor:
@@ -130,7 +130,7 @@ _PER_EXAMPLE = {
 
 
 def score_matching_loss(
-    fn,
+    fn: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
     method: str = "ssm_vr",
     *,
@@ -139,7 +139,7 @@ def score_matching_loss(
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     reduction: str = "mean",
-    **options,
+    **options: Any,
 ) -> torch.Tensor:
     """Score-matching objective ``method`` of ``fn`` on the batch ``x``.
 

@@ -7,6 +7,7 @@ Shapes are ``[M, B, *event]`` for projections and ``[B, *event]`` for noise.
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 
@@ -42,7 +43,14 @@ def has_zero_direction(u: torch.Tensor) -> bool:
     return not bool(u.reshape(u.shape[0], u.shape[1], -1).ne(0).any(-1).all())
 
 
-def draw_projections(shape, projection: str, *, generator=None, dtype=None, device=None) -> torch.Tensor:
+def draw_projections(
+    shape: Sequence[int],
+    projection: str,
+    *,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     """Projections ``v`` with ``E[v v^T] = I`` of shape ``[M, B, *event]``.
 
     ``rademacher``: entries +-1; ``gaussian``: N(0, I); ``sphere``: uniform on the sphere of
@@ -58,13 +66,25 @@ def draw_projections(shape, projection: str, *, generator=None, dtype=None, devi
     return math.sqrt(math.prod(shape[2:])) * (g / event_norm(g, 2))
 
 
-def draw_directions(shape, *, generator=None, dtype=None, device=None) -> torch.Tensor:
+def draw_directions(
+    shape: Sequence[int],
+    *,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     """Finite-difference directions ``u``, uniform on the unit sphere, ``[M, B, *event]``."""
     # Gaussian draws have norms far from over/underflow: the plain normalization suffices
     g = torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
     return g / event_norm(g, 2)
 
 
-def draw_noise(shape, *, generator=None, dtype=None, device=None) -> torch.Tensor:
+def draw_noise(
+    shape: Sequence[int],
+    *,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     """Standard normal noise ``n`` of shape ``[B, *event]``."""
     return torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)

@@ -8,9 +8,10 @@ from __future__ import annotations
 import copy
 import math
 import time
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from ..common import objectives as spec
@@ -20,7 +21,6 @@ from .objectives import score_matching_loss
 from .validate import check_array
 
 __all__ = ["FitResult", "fit_energy", "evaluator"]
-
 
 
 class FitResult(NamedTuple):
@@ -47,7 +47,9 @@ def _chunked(f, x: np.ndarray, dtype) -> np.ndarray:
     return np.concatenate(outs) if outs else np.zeros((0,))
 
 
-def evaluator(model: torch.nn.Module, dtype=torch.float32):
+def evaluator(
+    model: torch.nn.Module, dtype: torch.dtype = torch.float32
+) -> tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]:
     """``(log_prob, score, esm)`` numpy callables for the log density ``model``, chunked."""
 
     def log_prob(x):
@@ -69,7 +71,7 @@ def evaluator(model: torch.nn.Module, dtype=torch.float32):
 
 def fit_energy(
     model: torch.nn.Module,
-    data,
+    data: npt.ArrayLike,
     method: str = "ssm_vr",
     *,
     steps: int = 2000,
@@ -77,8 +79,8 @@ def fit_energy(
     lr: float = 1e-3,
     seed: int = 0,
     progress: bool = True,
-    dtype=torch.float32,
-    **options,
+    dtype: torch.dtype = torch.float32,
+    **options: Any,
 ) -> FitResult:
     """Fit the log density ``model`` (``x[B, *event] -> [B]``, up to a constant) to ``data``
     ``[N, *event]`` by minimizing ``score_matching_loss(model, batch, method, **options)``

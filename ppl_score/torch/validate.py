@@ -10,6 +10,8 @@ and not while ``torch.compile`` traces.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ..common.validate import inference_mode_error, is_validation_enabled
@@ -30,7 +32,7 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
-def check_array(name: str, a, *, dtype: str | None = "floating", finite: bool = True) -> torch.Tensor:
+def check_array(name: str, a: Any, *, dtype: str | None = "floating", finite: bool = True) -> torch.Tensor:
     """Check that argument ``name`` is a ``torch.Tensor`` of the right kind and return it.
 
     Args:
