@@ -58,7 +58,7 @@ ANDERSON_REG = 1e-8
 # The defaults of every DEQ layer and fixed-point solve, torch and JAX, Pyro and NumPyro
 # (the signatures and NamedTuples below use these names; nothing else spells the values).
 # Chosen by ``benchmarks/deq_defaults.py`` (``benchmarks/results/deq_defaults_*_run*.json``;
-# the README's "Deep equilibrium score models" has the table). Per training step of the
+# ``benchmarks/README.md``, "DEQ defaults", has the table). Per training step of the
 # width-128 DEQ energy under ``ssm_vr`` on CPU, float32, against a depth-2 MLP step:
 #
 # - ``solver="iteration"``: plain iteration needs 1.17-1.96x the iterations of Anderson

@@ -53,7 +53,7 @@ LEARNED_METHODS = ("ssm_vr", "fd_ssm", "dsm")
 # guide outrun the score network, which then underestimates the entropy gradient and the
 # guide collapses (posterior sd 0.26-0.39 of the exact one on a conjugate Gaussian, 0.09-1.15
 # on Bayesian logistic regressions); 5 steps at 3e-3 are enough for the wider posteriors but
-# not the narrow one (0.63-0.97); 10 steps at 3e-3 track all of them (README, "Tuning a
+# not the narrow one (0.63-0.97); 10 steps at 3e-3 track all of them (docs page *Score estimators*, "Tuning a
 # learned estimator").
 LEARNED_N_STEPS = 10
 

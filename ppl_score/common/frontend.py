@@ -311,7 +311,7 @@ def sampling_error(frontend: str) -> NotImplementedError:
         "Unnormalized has no exact sampler (its normalizing constant is unknown); sample an observed "
         f"site of a fitted model with Langevin dynamics, ppl_score.{frontend}.langevin, or with the "
         f"PPL's NUTS on its potential -log_prob, ppl_score.{frontend}.nuts / "
-        f"ppl_score.{frontend}.potential_fn (see ppl_score.{frontend}.sampling)"
+        f"ppl_score.{frontend}.potential_fn (see ppl_score.{frontend}.mcmc)"
     )
 
 

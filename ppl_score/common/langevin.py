@@ -198,10 +198,10 @@ def check_nuts_run(num_samples: Any, num_warmup: Any, warmup_name: str = "num_wa
 
 
 # ---------------------------------------------------------------------------------------
-# Sampling a site of a fitted model (``ppl_score.{pyro,numpyro}.sampling``)
+# Sampling a site of a fitted model (``ppl_score.{pyro,numpyro}.mcmc``)
 # ---------------------------------------------------------------------------------------
 
-# How ``ppl_score.numpyro.sampling`` batches chains: ``"plate"`` runs the model once for
+# How ``ppl_score.numpyro.mcmc`` batches chains: ``"plate"`` runs the model once for
 # all chains inside a plate left of its plates (as Pyro does), ``"vmap"`` maps one chain's
 # model over the chains (for models that do not broadcast over an extra batch dim).
 VECTORIZE = ("plate", "vmap")
@@ -462,7 +462,7 @@ class UnnormalizedOps:
 
 
 # ---------------------------------------------------------------------------------------
-# The sampled site's density and draws (``ppl_score.{pyro,numpyro}.sampling``), written
+# The sampled site's density and draws (``ppl_score.{pyro,numpyro}.mcmc``), written
 # once; each front end supplies a ``SiteOps`` for its array library
 # ---------------------------------------------------------------------------------------
 

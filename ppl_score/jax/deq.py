@@ -9,11 +9,11 @@ with ``act`` 1-Lipschitz (softplus, tanh) and ``||W||`` the spectral norm (exact
 or the Frobenius norm (an upper bound of it). Then ``Lip_z(f) <= ||W_hat||_2 <= gamma < 1``:
 ``f`` is a contraction in ``z`` for every ``x`` and the fixed point exists, is unique, and
 plain iteration converges to it from any start (Banach). This is the norm-scaled variant of
-the ICLR 2024 paper's ``softplus(B softplus(A z)) / (C ||A||_F ||B||_F) + y(x)``.
+the map ``softplus(B softplus(A z)) / (C ||A||_F ||B||_F) + y(x)`` of Huang et al. [2].
 
 Forward: plain iteration (the default) or Anderson acceleration in a ``lax.while_loop``
 (memory does not grow with the number of iterations). The defaults of every option
-(``solver``, ``tol``, ``gamma``, ...) are ``ppl_score._deq.DEFAULT_*``, shared with torch;
+(``solver``, ``tol``, ``gamma``, ...) are ``ppl_score.common.deq.DEFAULT_*``, shared with torch;
 their cost and accuracy: ``deq_layer_apply``. Backward modes:
 
 - ``"implicit"``: a ``jax.custom_jvp`` whose tangent rule is the implicit function theorem,
@@ -25,7 +25,7 @@ their cost and accuracy: ``deq_layer_apply``. Backward modes:
   products of score matching) and ``grad`` of a score-matching loss are exact up to the
   solver tolerance, at constant memory in the number of iterations.
 - ``"phantom"``: ``K`` steps ``z <- f(z, x)`` from the ``stop_gradient`` of the fixed point
-  (the ICLR 2024 code's "phantom gradient"); it truncates the Neumann series of
+  (the "phantom gradient" of Huang et al.'s code [2]); it truncates the Neumann series of
   ``(I - J)^{-1}`` after ``K`` terms, so its error decays like ``gamma^K``.
 - ``"unrolled"``: ``max_iter`` plain iterations from ``z0`` in a ``lax.scan``, differentiated
   through (memory grows with ``max_iter``): the reference the other two are tested against.
@@ -50,6 +50,12 @@ message that says so; a map that changes the shape or dtype of ``z`` is a
 ``ValueError`` / ``TypeError`` naming ``f``.
 
 Parameters are dicts in the layout of ``ppl_score.torch.deq.deq_params``.
+
+References:
+    [1] S. Bai, J. Z. Kolter, V. Koltun, "Deep equilibrium models", NeurIPS, 2019.
+
+    [2] Y. Huang, Q. Wang, A. Onwunta, B. Wang, "Efficient score matching with deep equilibrium
+    layers", ICLR, 2024.
 """
 
 from __future__ import annotations
@@ -447,7 +453,7 @@ def deq_layer_apply(
             ``DEQConfig()``, is the torch layer's (``common.DEFAULT_*``): ``solver="iteration"``,
             ``tol=1e-4``, ``gamma=0.9``, ``max_iter=100``, ``backward="implicit"``. Their cost
             against a depth-2 MLP step of the same width (``ssm_vr``, width 128, CPU;
-            ``benchmarks/deq_defaults.py``, README table):
+            ``benchmarks/deq_defaults.py``, ``benchmarks/README.md``, "DEQ defaults"):
 
             ==============  ==========================  =================================
             option          cheaper                     costlier

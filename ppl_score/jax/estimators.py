@@ -663,7 +663,7 @@ def site_scores(
 
 
 def check_scores_finite(name: str, scores: jax.Array) -> None:
-    """Eagerly (concrete values) and under ``ppl_score.validation``, non-finite estimated
+    """Eagerly (concrete values) and with validation on (``ppl_score.set_validation``), non-finite estimated
     scores of site ``name`` raise ``ValueError`` naming it; under tracing nothing can raise."""
     if is_concrete(scores) and is_validation_enabled() and not bool(jnp.isfinite(scores).all()):
         raise ValueError(common.nonfinite_scores_message(name))

@@ -1,7 +1,7 @@
 r"""Calibrating the generalized-Bayes weight ``beta`` (torch): the sandwich matrices of a
 per-datum loss and the calibrated ``beta`` from them. Mirrors ``ppl_score.jax.calibration``
 function for function; the formulas, their derivation and the references are in
-``ppl_score.calibration``.
+``ppl_score.common.calibration``.
 
 With per-datum losses ``SM_i(z)`` and weights ``w_i``, at ``z`` (a minimizer of
 ``L(z) = sum_i w_i SM_i(z)``)::

@@ -9,11 +9,11 @@ with ``act`` 1-Lipschitz (softplus, tanh) and ``||W||`` the spectral norm (exact
 or the Frobenius norm (an upper bound of it). Then ``Lip_z(f) <= ||W_hat||_2 <= gamma < 1``:
 ``f`` is a contraction in ``z`` for every ``x`` and the fixed point exists, is unique, and
 plain iteration converges to it from any start (Banach). This is the norm-scaled variant of
-the ICLR 2024 paper's ``softplus(B softplus(A z)) / (C ||A||_F ||B||_F) + y(x)``.
+the map ``softplus(B softplus(A z)) / (C ||A||_F ||B||_F) + y(x)`` of Huang et al. [2].
 
 Forward: plain iteration (the default) or Anderson acceleration under ``no_grad`` (memory
 does not grow with the number of iterations). The defaults of every option (``solver``,
-``tol``, ``gamma``, ...) are ``ppl_score._deq.DEFAULT_*``, shared with JAX; their cost and
+``tol``, ``gamma``, ...) are ``ppl_score.common.deq.DEFAULT_*``, shared with JAX; their cost and
 accuracy: ``DEQLayer``. Backward modes:
 
 - ``"implicit"``: exact implicit differentiation. With ``J = df/dz`` at ``z*``, the
@@ -25,7 +25,7 @@ accuracy: ``DEQLayer``. Backward modes:
   of iterations. Score matching needs this: ``s = grad_x log p`` goes through one adjoint
   solve, ``v^T H v`` and the parameter gradients of the loss through more.
 - ``"phantom"``: ``K`` steps ``z <- f(z, x)`` from the detached fixed point with plain
-  autograd (the ICLR 2024 code's "phantom gradient"); it truncates the Neumann series of
+  autograd (the "phantom gradient" of Huang et al.'s code [2]); it truncates the Neumann series of
   ``(I - J)^{-1}`` after ``K`` terms, so its error decays like ``gamma^K``.
 - ``"unrolled"``: ``max_iter`` plain iterations from ``z0`` with autograd through all of
   them (memory grows with ``max_iter``): the reference the other two are tested against.
@@ -51,6 +51,12 @@ message that says so; a map that changes the shape or dtype of ``z`` is a
 ``ValueError`` / ``TypeError`` naming ``f``.
 
 The layout mirrors ``ppl_score.jax.deq`` (``deq_params`` converts the weights).
+
+References:
+    [1] S. Bai, J. Z. Kolter, V. Koltun, "Deep equilibrium models", NeurIPS, 2019.
+
+    [2] Y. Huang, Q. Wang, A. Onwunta, B. Wang, "Efficient score matching with deep equilibrium
+    layers", ICLR, 2024.
 """
 
 from __future__ import annotations
@@ -516,7 +522,7 @@ class DEQLayer(nn.Module):
         **options: see ``deq_config``. The defaults (``common.DEFAULT_*``, the same in JAX)
             are ``solver="iteration"``, ``tol=1e-4``, ``gamma=0.9``, ``max_iter=100``,
             ``backward="implicit"``. Their cost against a depth-2 MLP step of the same width
-            (``ssm_vr``, width 128, CPU; ``benchmarks/deq_defaults.py``, README table):
+            (``ssm_vr``, width 128, CPU; ``benchmarks/deq_defaults.py``, ``benchmarks/README.md``, "DEQ defaults"):
 
             ==============  ==========================  =================================
             option          cheaper                     costlier

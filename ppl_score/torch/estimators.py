@@ -102,7 +102,7 @@ def _prepare(samples, at, bandwidth):
 
 def _singular(pivots: torch.Tensor, eta: float, n: int) -> bool:
     """Whether a Cholesky factor's squared pivots show ``K + eta I`` numerically singular
-    (see ``ppl_score.implicit_spec.singular_tolerance``)."""
+    (see ``ppl_score.common.estimators.singular_tolerance``)."""
     return bool((pivots <= common.singular_tolerance(n, torch.finfo(pivots.dtype).eps, eta)).any())
 
 
@@ -294,7 +294,7 @@ class LearnedScoreEstimator:
     128, track the guide on standard models: a fitted posterior sd within about 10% of the
     reference for Bayesian logistic regressions and a conjugate Gaussian, where one step at
     1e-3 shrinks it to as little as 0.09-0.39 of it, and 5 steps at 3e-3 to 0.63 on the
-    narrowest posterior; README, "Tuning a learned estimator"):
+    narrowest posterior; docs page *Score estimators*, "Tuning a learned estimator"):
 
     * Signs of collapse: the guide's spread shrinks steadily below the posterior's (compare
       with a short NUTS run or a Gaussian guide's ``Trace_ELBO`` fit), the ELBO keeps
@@ -634,7 +634,7 @@ def site_scores(
 
 
 def check_scores_finite(name: str, scores: torch.Tensor) -> None:
-    """Under ``ppl_score.validation`` (the default), non-finite estimated scores of site
+    """With validation on (``ppl_score.set_validation``, the default), non-finite estimated scores of site
     ``name`` raise ``ValueError`` naming it (one host sync)."""
     if is_validation_enabled() and not bool(torch.isfinite(scores).all()):
         raise ValueError(common.nonfinite_scores_message(name))

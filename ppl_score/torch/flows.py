@@ -15,7 +15,7 @@ layers (``y_k = h_{k-1} W_k^T + b_k``, the ``nn.Linear`` layout) with the smooth
   without a determinant or an inverse; its value omits the ``log|det W_k|`` terms.
 - ``inverse`` / ``sample``: per-layer linear solve and a Newton inverse of the activation.
 
-See ``ppl_score._flows`` for the math shared with ``ppl_score.jax.flows``.
+See ``ppl_score.common.flows`` for the math shared with ``ppl_score.jax.flows``.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ One step of size ``h`` proposes ``x' = x + h s(x) + sqrt(2 h) z`` with ``z ~ N(0
 ``s = grad log p``; ULA keeps every proposal (stationary law biased by O(h)), MALA accepts
 with probability ``min(1, p(x') q(x | x') / (p(x) q(x' | x)))``,
 ``q(b | a) = N(b; a + h s(a), 2 h I)`` (exact for every ``h``). The math and the shared
-argument checks live in ``ppl_score.langevin``; ``ppl_score.jax.langevin`` mirrors this file.
+argument checks live in ``ppl_score.common.langevin``; ``ppl_score.jax.langevin`` mirrors this file.
 
 ``fn`` maps chains ``x[C, *event]`` to log densities ``[C]`` (``kind="log_prob"``, up to a
 constant) or, for ULA only, to scores ``[C, *event]`` (``kind="score"``); row ``c`` of its
@@ -234,7 +234,7 @@ def mala(
     Same arguments as ``ula`` (``fn`` must be a log density). ``accept_rate`` is each
     chain's mean Metropolis-Hastings acceptance probability over the ``num_steps`` steps
     after warmup (about 0.57 is optimal in high dimension, Roberts & Rosenthal 1998).
-    A mean rate below ``ppl_score.langevin.LOW_ACCEPTANCE`` (the chains barely moved, e.g.
+    A mean rate below ``ppl_score.common.langevin.LOW_ACCEPTANCE`` (the chains barely moved, e.g.
     ``step_size`` far too large) gives a ``LowAcceptanceWarning`` (a ``RuntimeWarning``)
     naming the rate. Errors as in ``ula``.
     """

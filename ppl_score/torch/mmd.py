@@ -1,7 +1,7 @@
 """Maximum mean discrepancy with the inverse multiquadratic kernel (torch), for ``WAE``.
 
 The kernel ``k(x, y) = sum_s C s / (C s + ||x - y||^2)`` over the scales ``s`` (default
-``ppl_score.implicit_spec.MMD_SCALES``) and the unbiased estimate (Gretton et al. 2012)
+``ppl_score.common.mmd.MMD_SCALES``) and the unbiased estimate (Gretton et al. 2012)
 
     MMD^2 = 1/(N(N-1)) sum_{i != j} k(x_i, x_j) + 1/(M(M-1)) sum_{i != j} k(y_i, y_j)
             - 2/(N M) sum_{i, j} k(x_i, y_j)

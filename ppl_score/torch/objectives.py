@@ -2,7 +2,7 @@
 
 Each ``_per_example_<method>`` returns the per-example value ``[B]``; ``score_matching_loss``
 validates, draws what is random, and reduces. The math is in ``ppl_score.spec`` and in
-SPEC.md section 1.
+the spec (docs page *Spec*, section 1).
 """
 
 from __future__ import annotations
