@@ -13,6 +13,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from tests.helpers.calibration import PRIOR, A
+from tests.helpers.deq import TIGHT, B, D, _jax_params, _jax_quantities_fn
+
 try:  # must happen before any JAX array is created
     import jax
 
@@ -328,3 +331,185 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fresh_pyro():
+    """Pyro's global state reset around a test: an empty param store and seed 0 (``pyro``
+    tests that use it: ``pytestmark = pytest.mark.usefixtures("fresh_pyro")``)."""
+    pyro = pytest.importorskip("pyro")
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    yield
+    pyro.clear_param_store()
+
+
+@pytest.fixture
+def pyro_param_store():
+    """An empty Pyro param store before and after a test (no reseeding)."""
+    pyro = pytest.importorskip("pyro")
+    pyro.clear_param_store()
+    yield
+    pyro.clear_param_store()
+
+
+# ---------------------------------------------------------------------------------------
+# Calibration (tests/{pyro,numpyro,parity}/test_calibration.py): the models of
+# tests/helpers/calibration.py in each PPL, built once per module.
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tp():
+    torch = pytest.importorskip("torch")
+    pyro = pytest.importorskip("pyro")
+    import pyro.distributions as dist
+
+    from ppl_score.pyro import ScoreMatching, calibrate_beta
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    f64 = torch.float64
+
+    def t(a):
+        return torch.as_tensor(np.asarray(a), dtype=f64)
+
+    def gamma_model(data):
+        theta = pyro.sample("theta", dist.Gamma(t(PRIOR[0]), t(PRIOR[1])))
+        with pyro.plate("data", data.shape[0]):
+            pyro.sample("x", dist.Gamma(t(A), theta), obs=data)
+
+    def normal_model(data):
+        mu = pyro.sample("mu", dist.Normal(t(0.0), t(10.0)))
+        sigma = pyro.sample("sigma", dist.LogNormal(t(0.0), t(2.0)))
+        with pyro.plate("data", data.shape[0]):
+            pyro.sample("x", dist.Normal(mu, sigma), obs=data)
+
+    def normal_model_log(data):  # the same, in (mu, log sigma)
+        mu = pyro.sample("mu", dist.Normal(t(0.0), t(10.0)))
+        log_sigma = pyro.sample("log_sigma", dist.Normal(t(0.0), t(2.0)))
+        with pyro.plate("data", data.shape[0]):
+            pyro.sample("x", dist.Normal(mu, log_sigma.exp()), obs=data)
+
+    def delta_guide(**values):
+        def guide(*args, **kwargs):
+            for name, v in values.items():
+                pyro.sample(name, dist.Delta(v))
+
+        return guide
+
+    def neg_log_post(loss, grid, data):
+        with torch.no_grad():
+            return np.array([loss.loss(gamma_model, delta_guide(theta=t(th)), data) for th in grid])
+
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        torch=torch,
+        pyro=pyro,
+        dist=dist,
+        t=t,
+        ScoreMatching=ScoreMatching,
+        calibrate_beta=calibrate_beta,
+        gamma_model=gamma_model,
+        normal_model=normal_model,
+        normal_model_log=normal_model_log,
+        neg_log_post=neg_log_post,
+    )
+
+
+@pytest.fixture(scope="module")
+def npo():
+    jax = pytest.importorskip("jax")
+    pytest.importorskip("numpyro")
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as dist
+
+    from ppl_score.numpyro import ScoreMatching, calibrate_beta
+
+    def gamma_model(data):
+        theta = numpyro.sample("theta", dist.Gamma(PRIOR[0], PRIOR[1]))
+        with numpyro.plate("data", data.shape[0]):
+            numpyro.sample("x", dist.Gamma(A, theta), obs=data)
+
+    def normal_model(data):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
+        sigma = numpyro.sample("sigma", dist.LogNormal(0.0, 2.0))
+        with numpyro.plate("data", data.shape[0]):
+            numpyro.sample("x", dist.Normal(mu, sigma), obs=data)
+
+    def normal_model_log(data):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
+        log_sigma = numpyro.sample("log_sigma", dist.Normal(0.0, 2.0))
+        with numpyro.plate("data", data.shape[0]):
+            numpyro.sample("x", dist.Normal(mu, jnp.exp(log_sigma)), obs=data)
+
+    def neg_log_post(loss, grid, data):
+        def one(th):
+            def guide(data):
+                numpyro.sample("theta", dist.Delta(th))
+
+            return loss.loss(jax.random.PRNGKey(0), {}, gamma_model, guide, data)
+
+        return np.asarray(jax.jit(jax.vmap(one))(jnp.asarray(grid)))
+
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        jax=jax,
+        jnp=jnp,
+        numpyro=numpyro,
+        dist=dist,
+        ScoreMatching=ScoreMatching,
+        calibrate_beta=calibrate_beta,
+        gamma_model=gamma_model,
+        normal_model=normal_model,
+        normal_model_log=normal_model_log,
+        neg_log_post=neg_log_post,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# DEQ (tests/{torch,jax,parity,pyro,numpyro}/test_deq.py): the data, the backend modules
+# and the unrolled JAX reference quantities, once per module.
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def data():
+    """``x [B, D]`` and two projections ``v [2, B, D]`` of the DEQ tests."""
+    rng = np.random.default_rng(5)
+    return rng.normal(size=(B, D)), rng.normal(size=(2, B, D))
+
+
+@pytest.fixture(scope="module")
+def tdeq():
+    torch = pytest.importorskip("torch")
+    from ppl_score.torch import deq
+
+    # Anderson solves tiny batched linear systems; with 2 OpenMP threads on a loaded CPU
+    # each such LAPACK call waits milliseconds for the second thread.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield deq
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def jdeq():
+    pytest.importorskip("jax")
+    from ppl_score.jax import deq
+
+    return deq
+
+
+@pytest.fixture(scope="module")
+def jax_reference(tdeq, jdeq, data):
+    """The unrolled quantities (compiled once for the module)."""
+    import jax.numpy as jnp
+
+    x, v = data
+    params = _jax_params(tdeq)
+    fn = _jax_quantities_fn(jdeq, jdeq.deq_config(backward="unrolled", **TIGHT))
+    return params, [np.asarray(a) for a in fn(params, jnp.asarray(x), jnp.asarray(v[:1]))]
