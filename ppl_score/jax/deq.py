@@ -31,7 +31,7 @@ their cost and accuracy: ``deq_layer_apply``. Backward modes:
   through (memory grows with ``max_iter``): the reference the other two are tested against.
 
 ``optimistix.fixed_point`` with ``ImplicitAdjoint`` also composes with ``jvp``-of-``grad``
-(checked in ``tests/test_deq.py``); this module keeps its own solver for Anderson
+(checked in ``tests/jax/test_deq.py``); this module keeps its own solver for Anderson
 acceleration, the convergence report and the mirror of the torch backend.
 
 Convergence: iteration stops when every example satisfies

@@ -52,7 +52,7 @@ class TorchSampler:
         """One MALA step; returns (new x, acceptance probability, the proposal's noise z)."""
         t = self.torch
         state = self.mod.init(fn, t.as_tensor(x))
-        new, info = self.mod.step(fn, state, h, generator=t.Generator().manual_seed(seed))
+        new, info = self.mod.step(state, fn, h, generator=t.Generator().manual_seed(seed))
         z = t.randn(x.shape, generator=t.Generator().manual_seed(seed), dtype=t.float64)  # drawn first
         return np.asarray(new.x), np.asarray(info.accept_prob), np.asarray(z)
 
@@ -296,9 +296,9 @@ class PyroAdapter:
         import pyro
         import pyro.distributions as dist
 
-        from ppl_score.pyro import Unnormalized, sampling
+        from ppl_score.pyro import Unnormalized, mcmc
 
-        self.pyro, self.dist, self.Unnormalized, self.mod = pyro, dist, Unnormalized, sampling
+        self.pyro, self.dist, self.Unnormalized, self.mod = pyro, dist, Unnormalized, mcmc
 
     def t(self, a):
         return self.torch.as_tensor(np.asarray(a), dtype=self.torch.float64)
@@ -410,9 +410,9 @@ class NumPyroAdapter:
         import numpyro
         import numpyro.distributions as dist
 
-        from ppl_score.numpyro import Unnormalized, sampling
+        from ppl_score.numpyro import Unnormalized, mcmc
 
-        self.jnp, self.numpyro, self.dist, self.Unnormalized, self.mod = jnp, numpyro, dist, Unnormalized, sampling
+        self.jnp, self.numpyro, self.dist, self.Unnormalized, self.mod = jnp, numpyro, dist, Unnormalized, mcmc
 
     def t(self, a):
         return self.jnp.asarray(np.asarray(a, dtype=np.float64))
