@@ -21,9 +21,11 @@ SUBPACKAGES = ("common", "torch", "jax", "pyro", "numpyro", "demo")
 
 # Parameters one framework has and the other spells differently or does not need: the
 # randomness (a JAX key, a torch generator), device/dtype placement, the pure-function state
-# of JAX (params, state) against torch's modules, and torch-only conveniences.
+# of JAX (params, state) against torch's modules, the collectives' scope (a torch process group, a
+# JAX mesh axis name; torch reduces the .grad of parameters, JAX a gradient pytree), and
+# torch-only conveniences.
 FRAMEWORK_PARAMS = {"key", "generator", "dtype", "device", "state", "params", "apply_fn", "model", "net", "lr"}
-FRAMEWORK_PARAMS |= {"fresh", "cast"}
+FRAMEWORK_PARAMS |= {"fresh", "cast", "process_group", "axis_name", "grads"}
 
 
 def _modules(sub: str) -> list[str]:
