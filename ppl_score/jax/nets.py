@@ -1,6 +1,7 @@
 """Small networks used as energies and score models (JAX): pure ``init`` / ``apply``
 functions over a list of ``(W [in, out], b [out])`` pairs, the layout of
-``ppl_score.torch.nets.mlp_params``."""
+``ppl_score.torch.nets.mlp_params``; ``b`` is ``None`` for a layer without bias (the last
+layer of an energy)."""
 
 from __future__ import annotations
 
@@ -33,26 +34,36 @@ def mlp_init(
     return params
 
 
+def _affine(h: jax.Array, w: jax.Array, b: jax.Array | None) -> jax.Array:
+    return h @ w if b is None else h @ w + b
+
+
 def mlp_apply(
-    params: Sequence[tuple[jax.Array, jax.Array]],
+    params: Sequence[tuple[jax.Array, jax.Array | None]],
     h: jax.Array,
     activation: Callable[[jax.Array], jax.Array] = jax.nn.softplus,
 ) -> jax.Array:
+    """The MLP of ``params`` at ``h``: ``activation`` between the layers, none after the
+    last; a layer whose bias is ``None`` has none."""
     for w, b in params[:-1]:
-        h = activation(h @ w + b)
-    w, b = params[-1]
-    return h @ w + b
+        h = activation(_affine(h, w, b))
+    return _affine(h, *params[-1])
 
 
 def energy_init(
     key: jax.Array, dim: int, hidden: Sequence[int] = (512, 512, 512), dtype: jnp.dtype | type = jnp.float32
-) -> list[tuple[jax.Array, jax.Array]]:
-    """Parameters of ``energy_apply``: an MLP ``dim -> hidden -> 1``."""
-    return mlp_init(key, (dim, *hidden, 1), dtype)
+) -> list[tuple[jax.Array, jax.Array | None]]:
+    """Parameters of ``energy_apply``: an MLP ``dim -> hidden -> 1`` whose last layer has no
+    bias (``None``): a constant offset of the log density is not identifiable by score
+    matching and receives no gradient; mirrors ``torch.nets.MLPEnergy``. The weights are
+    those ``mlp_init`` draws for the same sizes (the last bias is drawn and discarded)."""
+    params = mlp_init(key, (dim, *hidden, 1), dtype)
+    params[-1] = (params[-1][0], None)
+    return params
 
 
 def energy_apply(
-    params: Sequence[tuple[jax.Array, jax.Array]],
+    params: Sequence[tuple[jax.Array, jax.Array | None]],
     x: jax.Array,
     activation: Callable[[jax.Array], jax.Array] = jax.nn.softplus,
     quadratic: float = 0.0,

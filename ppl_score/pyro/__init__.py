@@ -2,11 +2,13 @@
 
 Score matching as an SVI loss (``ScoreMatching``) for unnormalized models (``Unnormalized``),
 samplers for fitted models, implicit variational inference (``ImplicitELBO``), Wasserstein
-auto-encoders (``WAE``), relative-gradient flows and DEQ energies.
+auto-encoders (``WAE``), relative-gradient flows and DEQ energies, and data-parallel ``SVI``
+(``DistributedOptimizer``).
 """
 
 from .calibration import calibrate_beta
 from .deq import DEQEnergy, DEQScore
+from .distributed import DistributedOptimizer
 from .distributions import Unnormalized
 from .flows import InvertibleMLPTransform, RelativeGradientMLE
 from .implicit import ImplicitELBO
@@ -17,6 +19,7 @@ from .wae import WAE
 __all__ = [
     "DEQEnergy",
     "DEQScore",
+    "DistributedOptimizer",
     "ImplicitELBO",
     "InvertibleMLPTransform",
     "RelativeGradientMLE",

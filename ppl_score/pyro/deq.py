@@ -42,9 +42,10 @@ class _Picklable:
 
 class DEQEnergy(_Picklable, PyroModule[backend.DEQEnergy]):
     """``PyroModule`` version of ``ppl_score.torch.deq.DEQEnergy``: ``x [B, *event] -> [B]``,
-    ``log p(x) = w^T z*(x) + c - quadratic/2 ||x||^2 + const``, where ``z*(x)`` is the fixed
+    ``log p(x) = w^T z*(x) - quadratic/2 ||x||^2 + const``, where ``z*(x)`` is the fixed
     point of a weight-tied layer (a deep equilibrium model [1]) used as a score model as in
-    [2].
+    [2]. The readout has no bias (a constant offset, unidentifiable under score matching and
+    without gradient; see the backend's class).
 
     Args:
         dim, width, quadratic: as there.

@@ -36,6 +36,13 @@ _ELBO_KWARGS = (
     "jit_options",
 )
 _COPIES = "_ppl_score_copies"
+_GENERATOR_STATE = "_generator_state"
+
+
+def _check_generator(generator: Any) -> torch.Generator | None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"argument 'generator' must be a torch.Generator or None, got {type(generator).__name__}")
+    return generator
 
 
 class ScoreMatching(ELBO):
@@ -92,8 +99,20 @@ class ScoreMatching(ELBO):
             particle for a model that does not broadcast; ``False``: one trace per particle.
         max_plate_nesting, retain_graph, strict_enumeration_warning, ignore_jit_warnings, jit_options:
             as in :class:`~pyro.infer.ELBO`.
+        generator (torch.Generator): draws the method's projections and noise (``ssm``,
+            ``ssm_vr``, ``dsm``, ``fd_*``); default: torch's global generator. In data-parallel
+            training give each rank its own stream,
+            ``generator=ppl_score.torch.distributed.rank_generator(seed)``, or every rank draws
+            the same projections (docs page *Distributed training (torch)*). It advances with
+            every step; a copy of the loss (``pickle``, ``copy.deepcopy``, ``torch.save``)
+            gets a new generator in the same state. The guide's samples come from Pyro's
+            global generator (``pyro.set_rng_seed``), as in ``Trace_ELBO``.
         **options: the method's options (``n_projections``, ``projection``, ``sigma``,
             ``eps``); unknown options or bad values raise here.
+
+    Raises:
+        TypeError: ``generator`` is not a ``torch.Generator``; a wrong type of another argument.
+        ValueError: an unknown method or option, a bad value.
 
     References:
         [1] A. Hyvarinen, "Estimation of non-normalized statistical models by score matching",
@@ -120,8 +139,10 @@ class ScoreMatching(ELBO):
         sites: str | Iterable[str] | None = None,
         beta: float = 1.0,
         num_particles: int = 1,
+        generator: torch.Generator | None = None,
         **options: Any,
     ) -> None:
+        self.generator = _check_generator(generator)
         elbo_kwargs, options = frontend.split_elbo_kwargs(options, _ELBO_KWARGS)
         self.config = frontend.make_config(method, sites, beta, num_particles, options)
         vectorize = elbo_kwargs.pop("vectorize_particles", None)
@@ -138,10 +159,24 @@ class ScoreMatching(ELBO):
 
     def __repr__(self) -> str:
         opts = "".join(f", {k}={v!r}" for k, v in self.options.items())
+        gen = "" if self.generator is None else f", generator=<torch.Generator on {self.generator.device}>"
         return (
             f"ScoreMatching({self.method!r}, sites={self.sites!r}, beta={self.beta!r}, "
-            f"num_particles={self.num_particles!r}{opts})"
+            f"num_particles={self.num_particles!r}{opts}{gen})"
         )
+
+    # a torch.Generator pickles only in recent torch: a copy holds its device and state
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        g = state.pop("generator", None)
+        state[_GENERATOR_STATE] = None if g is None else (str(g.device), g.get_state())
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        saved = state.pop(_GENERATOR_STATE, None)
+        state["generator"] = None if saved is None else torch.Generator(device=saved[0]).set_state(saved[1])
+        self.__dict__.update(state)
 
     # ---- traces ---------------------------------------------------------------------
 
@@ -200,7 +235,9 @@ class ScoreMatching(ELBO):
         with warnings.catch_warnings():
             # a non-finite loss is reported once, by the loss, naming the sites
             warnings.simplefilter("ignore", validate.NonFiniteWarning)
-            return score_matching_loss(dens.fn, dens.x, self.method, reduction="none", **self.options)
+            return score_matching_loss(
+                dens.fn, dens.x, self.method, reduction="none", generator=self.generator, **self.options
+            )
 
     def _particle_loss(self, model_trace, guide_trace, context) -> tuple:
         """The loss of one particle (or of all, vectorized) and the names of its matched sites."""

@@ -91,6 +91,7 @@ from ..common.deq import (  # noqa: F401  (re-exported: the framework-free part,
 )
 from ..common.validate import check_choice as _choice
 from ..common.validate import check_int
+from .nets import _drop_state_key
 
 __all__ = [
     "SOLVERS",
@@ -571,9 +572,14 @@ def _check_input(x, dim: int) -> torch.Tensor:
 
 
 class DEQEnergy(nn.Module):
-    """DEQ energy model: ``log p(x) = w^T z*(x) + c - quadratic/2 ||x||^2 + const``,
+    """DEQ energy model: ``log p(x) = w^T z*(x) - quadratic/2 ||x||^2 + const``,
     ``x [B, *event] -> [B]``; the DEQ counterpart of ``nets.MLPEnergy`` (one weight-tied
     layer of ``width`` units instead of a stack).
+
+    The readout has no bias: a constant offset of the log density is not identifiable under
+    score matching and never receives a gradient (``DistributedDataParallel`` reports it as
+    an unused parameter). A ``state_dict`` with ``readout.bias`` (the earlier layout) still
+    loads, the key dropped; ``deq_params`` gives a zero ``c`` for ``ppl_score.jax.deq``.
 
     Args:
         dim: the event size (``prod(event)``).
@@ -587,7 +593,8 @@ class DEQEnergy(nn.Module):
         super().__init__()
         self.dim = check_int("dim", dim)
         self.deq = DEQLayer(self.dim, width, **options)
-        self.readout = nn.Linear(self.deq.width, 1)
+        self.readout = nn.Linear(self.deq.width, 1, bias=False)
+        self._register_load_state_dict_pre_hook(functools.partial(_drop_state_key, "readout.bias"))
         if isinstance(quadratic, bool) or not isinstance(quadratic, numbers.Real) or not quadratic >= 0:
             raise ValueError(f"argument 'quadratic' must be a real number >= 0, got {quadratic!r}")
         self.quadratic = float(quadratic)
@@ -636,9 +643,11 @@ def deq_params(module: nn.Module) -> dict[str, Any]:
     if not isinstance(module, (DEQEnergy, DEQScore)):
         raise TypeError(f"argument 'module' must be a DEQEnergy or DEQScore, got {type(module).__name__}")
     np_ = lambda t: t.detach().double().cpu().numpy().copy()  # noqa: E731
-    layer = module.deq
+    layer, readout = module.deq, module.readout
+    # DEQEnergy's readout has no bias (a constant offset): a zero c in the JAX layout
+    bias = np_(readout.bias) if readout.bias is not None else np_(readout.weight.new_zeros(readout.out_features))
     return {
         "weight": np_(layer.weight.T),
         "inject": (np_(layer.inject.weight.T), np_(layer.inject.bias)),
-        "readout": (np_(module.readout.weight.T), np_(module.readout.bias)),
+        "readout": (np_(readout.weight.T), bias),
     }

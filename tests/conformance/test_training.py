@@ -18,6 +18,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # Training loops
 
 
+def _arrays(layers):
+    """The arrays of ``[(W, b), ...]`` (or of a flat list), without the ``None`` of a layer
+    without bias (an energy's last layer)."""
+    flat = [a for layer in layers for a in (layer if isinstance(layer, tuple) else (layer,))]
+    return [a for a in flat if a is not None]
+
+
 def _fit(backend, method, steps, hidden=(16, 16), seed=0, batch_size=64, lr=5e-3, **options):
     """Fit an MLP energy on the mixture with ``backend``; returns the fit and a check that
     the caller's initial model / parameters were left untouched."""
@@ -36,7 +43,7 @@ def _fit(backend, method, steps, hidden=(16, 16), seed=0, batch_size=64, lr=5e-3
             model, data.train, method, steps=steps, batch_size=batch_size, lr=lr, seed=seed, progress=False, **options
         )
         trained = mlp_params(fit.model)
-        untouched = all(np.array_equal(a, b) for pair in zip(before, mlp_params(model)) for a, b in zip(*pair))
+        untouched = all(np.array_equal(a, b) for a, b in zip(_arrays(before), _arrays(mlp_params(model))))
     else:
         import functools
 
@@ -46,7 +53,7 @@ def _fit(backend, method, steps, hidden=(16, 16), seed=0, batch_size=64, lr=5e-3
         from ppl_score.jax.training import fit_energy
 
         params = energy_init(jax.random.PRNGKey(seed), 2, hidden)
-        before = [(np.array(w), np.array(b)) for w, b in params]
+        before = [np.array(a) for a in _arrays(params)]
         apply_fn = functools.partial(energy_apply, quadratic=quadratic)
         fit = fit_energy(
             apply_fn,
@@ -60,9 +67,9 @@ def _fit(backend, method, steps, hidden=(16, 16), seed=0, batch_size=64, lr=5e-3
             progress=False,
             **options,
         )
-        trained = [(np.asarray(w), np.asarray(b)) for w, b in fit.params]
-        untouched = all(np.array_equal(a, np.asarray(b)) for pair in zip(before, params) for a, b in zip(*pair))
-    changed = any(not np.allclose(a, b) for pair in zip(before, trained) for a, b in zip(*pair))
+        trained = [np.asarray(a) for a in _arrays(fit.params)]
+        untouched = all(np.array_equal(a, np.asarray(b)) for a, b in zip(before, _arrays(params)))
+    changed = any(not np.allclose(a, b) for a, b in zip(_arrays(before), _arrays(trained)))
     return data, fit, untouched, changed
 
 

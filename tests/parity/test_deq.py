@@ -36,11 +36,13 @@ def test_backend_parity(tdeq, jdeq, data, jax_reference):
     x, v = data
     _, jax_ref = jax_reference
     torch_imp = _torch_quantities(tdeq, _torch_energy(tdeq), x, v[:1], "implicit")
-    # parameter order: torch (deq.weight, inject.weight, inject.bias, readout.weight,
-    # readout.bias), JAX leaves (inject W, inject b, readout w, readout c, weight), transposed
+    # parameter order: torch (deq.weight, inject.weight, inject.bias, readout.weight), JAX
+    # leaves (inject W, inject b, readout w, readout c, weight), transposed; torch's readout
+    # has no bias c (a constant offset: deq_params gives JAX a zero one, whose gradient is 0)
     tw = torch_imp[4]
-    sizes = [H * H, H * D, H, H, 1]
-    w, uw, ub, rw, rb = np.split(tw, np.cumsum(sizes)[:-1])
+    sizes = [H * H, H * D, H, H]
+    w, uw, ub, rw = np.split(tw, np.cumsum(sizes)[:-1])
+    rb = np.zeros(1)
     torch_grads = np.concatenate(
         [uw.reshape(H, D).T.ravel(), ub, rw.reshape(1, H).T.ravel(), rb, w.reshape(H, H).T.ravel()]
     )

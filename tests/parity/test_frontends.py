@@ -169,7 +169,7 @@ def test_simplex_and_interval_sites_matched_jointly(rng):
 def test_mlp_energy_with_the_same_weights(rng):
     torch.manual_seed(0)
     energy = MLPEnergy(4, hidden=(16, 16), quadratic=0.5).double()
-    weights = [tuple(jnp.asarray(a) for a in layer) for layer in mlp_params(energy)]
+    weights = [tuple(None if a is None else jnp.asarray(a) for a in layer) for layer in mlp_params(energy)]
     x = rng.normal(size=(10, 4))
 
     def case(F):

@@ -65,6 +65,15 @@ def _explicit(method, case, as_array):
     return kw
 
 
+def _maybe(f, a):
+    return None if a is None else f(a)
+
+
+def _jax_params(net):
+    """``mlp_params`` as JAX arrays (``None``: the energy's last layer, without bias)."""
+    return [(jnp.asarray(w), _maybe(jnp.asarray, b)) for w, b in mlp_params(net)]
+
+
 def _torch_value_and_grads(method, kind, case):
     net = case["nets"][kind]
     net.zero_grad(set_to_none=True)
@@ -74,12 +83,12 @@ def _torch_value_and_grads(method, kind, case):
     per_example.mean().backward()
     linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
     grad = lambda p: np.zeros(tuple(p.shape)) if p.grad is None else p.grad.numpy()
-    grads = [(grad(m.weight).T, grad(m.bias)) for m in linears]
+    grads = [(grad(m.weight).T, None if m.bias is None else grad(m.bias)) for m in linears]
     return per_example.detach().numpy(), grads
 
 
 def _jax_value_and_grads(method, kind, case):
-    params = [(jnp.asarray(w), jnp.asarray(b)) for w, b in mlp_params(case["nets"][kind])]
+    params = _jax_params(case["nets"][kind])
     x = jnp.asarray(case["x"])
     kw = _explicit(method, case, jnp.asarray)
     if kind == "log_prob":
@@ -92,7 +101,7 @@ def _jax_value_and_grads(method, kind, case):
 
     value, pullback = jax.vjp(per_example, params)
     (grads,) = pullback(jnp.full((B,), 1.0 / B))  # gradient of the mean
-    return np.asarray(value), [(np.asarray(w), np.asarray(b)) for w, b in grads]
+    return np.asarray(value), [(np.asarray(w), _maybe(np.asarray, b)) for w, b in grads]
 
 
 @pytest.mark.parametrize("kind", ["log_prob", "score"])
@@ -103,10 +112,11 @@ def test_values_and_parameter_gradients_agree(case, method, kind):
     assert t_value.dtype == j_value.dtype == np.float64
     np.testing.assert_allclose(j_value, t_value, rtol=RTOL)
     assert len(t_grads) == len(j_grads) == 3
-    scale = max(np.abs(g).max() for pair in t_grads for g in pair)
+    scale = max(np.abs(g).max() for pair in t_grads for g in pair if g is not None)
     assert scale > 0
     for layer, (tg, jg) in enumerate(zip(t_grads, j_grads)):
-        for name, a, b in (("W", tg[0], jg[0]), ("b", tg[1], jg[1])):
+        assert (tg[1] is None) == (jg[1] is None), layer  # an energy's last layer has no bias
+        for name, a, b in (("W", tg[0], jg[0]), ("b", tg[1], jg[1]))[: 1 if tg[1] is None else 2]:
             assert a.shape == b.shape, (layer, name)
             # atol relative to the largest entry: entries that cancel to ~0 are compared absolutely
             np.testing.assert_allclose(b, a, rtol=RTOL, atol=1e-10 * scale, err_msg=f"layer {layer} {name}")
@@ -116,7 +126,7 @@ def test_networks_agree(case):
     """The copied weights define the same functions (precondition of the parity above)."""
     x = case["x"]
     for kind, net in case["nets"].items():
-        params = [(jnp.asarray(w), jnp.asarray(b)) for w, b in mlp_params(net)]
+        params = _jax_params(net)
         expected = net(torch.as_tensor(x)).detach().numpy()
         got = (
             energy_apply(params, jnp.asarray(x), quadratic=QUADRATIC)
@@ -124,3 +134,21 @@ def test_networks_agree(case):
             else score_apply(params, jnp.asarray(x))
         )
         np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-12)
+
+
+def test_energies_have_no_last_bias_in_either_backend():
+    """The constant offset of an energy (unidentifiable, gradient-free) is gone from both:
+    ``energy_init`` keeps ``mlp_init``'s weights (the same random stream) with a ``None``
+    last bias, the layout ``mlp_params`` gives for ``MLPEnergy``; an old parameter list with
+    a last bias still applies."""
+    from ppl_score.jax.nets import energy_init, mlp_init
+
+    key = jax.random.PRNGKey(0)
+    new, old = energy_init(key, DIM, (8, 8), jnp.float64), mlp_init(key, (DIM, 8, 8, 1), jnp.float64)
+    assert [b is None for _, b in new] == [b is None for _, b in mlp_params(MLPEnergy(DIM, (8, 8)))]
+    assert [b is None for _, b in new] == [False, False, True]
+    for (w, b), (w0, b0) in zip(new, old):
+        np.testing.assert_array_equal(w, w0)
+        assert b is None or np.array_equal(b, b0)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(B, DIM)))
+    np.testing.assert_allclose(energy_apply(old, x) - old[-1][1][0], energy_apply(new, x), rtol=1e-12, atol=1e-12)
