@@ -17,6 +17,7 @@ __all__ = [
     "for_site",
     "base_distribution",
     "implicit_site_names",
+    "outside_plates",
     "check_estimators",
     "check_context",
     "site_options",
@@ -79,6 +80,14 @@ def implicit_site_names(nodes: Mapping, sites: tuple | None, delta_type: type, p
                 f"{ppl}.sample({name!r}, dist.Delta(g(eps, ...), event_dim=k))"
             )
     return list(sites)
+
+
+def outside_plates(site: Mapping, ignore: tuple[str, ...] = ()) -> bool:
+    """Whether sample site ``site`` (a Pyro or NumPyro site dict) sits outside every plate but
+    those named in ``ignore`` (e.g. the particle plate of vectorized ELBOs): a global latent,
+    one distribution whose particles the ranks of a process group may pool (the sites inside
+    a plate are per-datum)."""
+    return all(frame.name in ignore for frame in site.get("cond_indep_stack", ()))
 
 
 def check_estimators(

@@ -80,13 +80,14 @@ def code_site_names(guide_nodes: Mapping, model_nodes: Mapping, sites: tuple | N
     return names
 
 
-def code_count(name: str, shape: tuple, event_dim: int, n_codes: int | None) -> int:
+def code_count(name: str, shape: tuple, event_dim: int, n_codes: int | None, minimum: int = 2) -> int:
     """The number of codes ``B`` (batch size) of code site ``name`` with value ``shape``: the
-    same at every code site, and at least 2."""
+    same at every code site, and at least ``minimum`` (2; 1 for a rank's shard of a
+    gathered minibatch, which itself must hold 2)."""
     b = math.prod(tuple(shape)[: len(shape) - event_dim])
     if n_codes is not None and b != n_codes:
         raise ValueError(f"WAE: code sites have different numbers of codes ({n_codes} vs {b} at {name!r})")
-    if b < 2:
+    if b < minimum:
         raise ValueError(f"WAE: site {name!r} holds {b} code; the aggregate posterior needs a minibatch of >= 2")
     return b
 
@@ -117,10 +118,20 @@ def wae_terms(
     draw: Callable,
     scores: Callable,
     check_scores: Callable,
+    gather: Callable | None = None,
+    world_size: int = 1,
 ) -> dict:
     """The WAE loss [1] from a (model, guide) trace pair, for either PPL (see
     ``ppl_score.pyro.wae`` for the formulas): ``mean_i c(x_i, z_i) + lam * D``, with ``D`` the
     MMD [1] or the KL divergence through an estimated score of the aggregate posterior [2].
+
+    With ``gather`` (data parallelism: each of ``world_size`` ranks holds a shard of the
+    minibatch) the MMD is that of the whole minibatch: its codes (through ``gather``, which
+    must carry their gradient back to every rank) against every rank's prior draws; and the
+    per-datum terms (reconstruction, cross-entropy, the score surrogate, whose scores
+    ``scores`` must estimate from the whole minibatch) are this rank's sums divided by
+    ``B / world_size``, ``B`` the whole minibatch's size, so that their average over ranks,
+    and that of their gradients, is the whole minibatch's mean also for unequal shards.
 
     Args:
         model_nodes, guide_nodes: the traces, ``{name: site}``.
@@ -132,6 +143,11 @@ def wae_terms(
         scores: ``scores(name, i, codes) -> [B, D]``: the estimated score of the aggregate
             posterior at the (stop-gradient) ``codes`` of site ``name``.
         check_scores: ``check_scores(name, s_hat)``, the backend's finiteness check.
+        gather: None (one process), or ``gather(x) -> x_all``: ``x [B_r, D]`` of every rank
+            concatenated in rank order, differentiable (e.g. ``ppl_score.torch.distributed.
+            gather_rows``); a collective, called once per code site for the codes and once
+            for the prior draws.
+        world_size: the number of ranks ``gather`` spans.
 
     Returns:
         ``{"reconstruction", "divergence", "reported", "mmd", "names"}``: the minibatch mean
@@ -158,22 +174,32 @@ def wae_terms(
     for i, name in enumerate(names):
         gsite, prior = guide_nodes[name], model_nodes[name]["fn"]
         z = gsite["value"]
-        n_codes = code_count(name, tuple(z.shape), len(gsite["fn"].event_shape), n_codes)
+        n_codes = code_count(name, tuple(z.shape), len(gsite["fn"].event_shape), n_codes, 2 if gather is None else 1)
         codes = z.reshape(n_codes, -1)
         draws = draw(prior, i, codes)
-        mmd = backend.imq_mmd2(codes, draws, backend.imq_constant(prior, draws), mmd_scales)
+        per_rank = n_codes  # the per-datum terms' divisor: this rank's share of the minibatch
+        if gather is not None:
+            # the whole minibatch, the same on every rank; the codes' gradient is needed only
+            # by the MMD regularizer (the score regularizer's estimate is stop-gradient)
+            codes_all = gather(codes if regularizer == "mmd" else sg(codes))
+            draws = sg(gather(draws))
+            code_count(name, (codes_all.shape[0], 1), 1, None)
+            per_rank = codes_all.shape[0] / world_size
+        else:
+            codes_all = codes
+        mmd = backend.imq_mmd2(codes_all, draws, backend.imq_constant(prior, draws), mmd_scales)
         monitor = monitor + sg(mmd)
         if regularizer == "mmd":
             divergence = divergence + mmd
             reported = reported + sg(mmd)
             continue
-        cross = -prior.log_prob(z).sum() / n_codes
+        cross = -prior.log_prob(z).sum() / per_rank
         s_hat = sg(scores(name, i, sg(codes)))
         check_scores(name, s_hat)
         # reparameterized gradient of E[log q_Z(z)]; the surrogate's value is 0
-        divergence = divergence + cross + (s_hat * (codes - sg(codes))).sum() / n_codes
+        divergence = divergence + cross + (s_hat * (codes - sg(codes))).sum() / per_rank
         reported = reported + sg(cross)
-    recon = reconstruction_cost(model_nodes, reconstruction) / n_codes
+    recon = reconstruction_cost(model_nodes, reconstruction) / per_rank
     return {"reconstruction": recon, "divergence": divergence, "reported": reported, "mmd": monitor, "names": names}
 
 
@@ -223,7 +249,15 @@ class WAEOptions:
         """``(estimator, options)`` of code site ``name``."""
         return site_options(self.estimator, self.estimator_options, None, name, "code site")[:2]
 
-    def wae_terms(self, model_nodes: Mapping, guide_nodes: Mapping, draw: Callable, scores: Callable) -> dict:
+    def wae_terms(
+        self,
+        model_nodes: Mapping,
+        guide_nodes: Mapping,
+        draw: Callable,
+        scores: Callable,
+        gather: Callable | None = None,
+        world_size: int = 1,
+    ) -> dict:
         """``wae_terms`` (the module function) with this loss's options and backend."""
         return wae_terms(
             model_nodes,
@@ -236,6 +270,8 @@ class WAEOptions:
             draw=draw,
             scores=scores,
             check_scores=type(self).check_scores,
+            gather=gather,
+            world_size=world_size,
         )
 
     def nonfinite_warning(self, names: Sequence[str]) -> tuple[str, str]:

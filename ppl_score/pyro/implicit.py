@@ -27,6 +27,13 @@ their reparameterized or score-function terms, scales, masks, ``num_particles``.
 returned by ``loss`` / ``loss_and_grads`` is ``-E_q[log p(x, z)] + E_q[log q(z_explicit)]``,
 the negative ELBO without the (unknown) entropy of the implicit sites; their surrogate
 terms have value zero.
+
+Data parallelism (``torch.nn.parallel.DistributedDataParallel``, one shard of the data per
+rank): ``generator=`` gives each rank its own random stream (``ppl_score.torch.distributed.
+rank_generator``) and ``process_group=`` makes the batch-global parts of the entropy term
+those of one process holding every rank's samples: a global latent's particles are pooled
+for the kernel estimators, a learned estimator is updated on every rank's samples and its
+replicas stay identical. Docs page *Batch-global terms under DDP (torch)*.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from pyro.util import warn_if_nan
 
 from ..common import implicit as common
 from ..common.validate import check_int, check_sites
+from ..torch import distributed as tdist
 from ..torch.estimators import LearnedScoreEstimator, check_scores_finite, site_scores
 
 __all__ = ["ImplicitELBO", "implicit_sites"]
@@ -82,12 +90,36 @@ class ImplicitELBO(Trace_ELBO):
             ``n_eigen``, ``threshold``), or a dict per site.
         update_estimator: update learned estimators in ``loss_and_grads`` /
             ``differentiable_loss`` (``loss`` never updates them).
+        generator: a ``torch.Generator`` (CPU or CUDA) for every draw the loss makes on its
+            device: the guide's and the model's (``torch.randn``, ``pyro.sample``: the
+            particles), and a learned estimator's projections and noise unless it has a
+            ``generator`` of its own. Its stream stands in for the global RNG of that device
+            during each evaluation, and the global RNG is left as it was. None (default):
+            the global RNG (``torch.manual_seed`` / ``pyro.set_rng_seed``). Draws on other
+            devices and from Python's ``random`` or NumPy stay on their global generators.
+            Pickled as its state (see below).
+        process_group: None (default: no collective; under DDP every rank then estimates the
+            entropy term from its own samples, a different, biased objective), or a
+            ``torch.distributed`` group (``torch.distributed.group.WORLD``) whose ranks pool
+            their samples: the particles of a global implicit site (outside every plate, one
+            distribution) for ``"stein"`` / ``"spectral"``, whose estimate is then that of
+            one process with every rank's particles (one particle per rank may do); and
+            every rank's samples for a learned estimator's update, its replicas kept
+            identical (``LearnedScoreEstimator.update``). Sites in plates keep their
+            per-datum kernel estimates. Every ``differentiable_loss`` / ``loss_and_grads`` is
+            then a collective: all ranks call it, with the same sites.
         **kwargs: passed to ``Trace_ELBO`` (``max_plate_nesting``, ``retain_graph``, ...).
 
     Raises:
         TypeError, ValueError: a bad ``estimator`` (a kernel estimator needs
-            ``num_particles >= 2``), ``context``, ``sites`` or ``num_particles``; at the first
-            step, ``sites`` naming a site that is not implicit.
+            ``num_particles >= 2``), ``context``, ``sites``, ``num_particles``, ``generator``
+            or ``process_group``; at the first step, ``sites`` naming a site that is not
+            implicit.
+
+    Pickling, ``copy.deepcopy`` and ``torch.save`` keep the generator as its device and
+    state (restored into a new ``torch.Generator``) and ``process_group`` as None or the
+    default group (``WORLD``, resolved again when the loss is used; None in a process without
+    an initialized default group); a loss holding another group raises ``TypeError``.
 
     A learned estimator must keep up with the guide it scores. Its defaults (10 Adam steps
     at lr 3e-3 per SVI step, two hidden layers of 128) recover the posterior sd of Bayesian
@@ -109,6 +141,9 @@ class ImplicitELBO(Trace_ELBO):
         distributions", ICML, 2018.
     """
 
+    generator: torch.Generator | None = None  # defaults for losses pickled before these options
+    _process_group: Any = None
+
     def __init__(
         self,
         estimator: Any = "stein",
@@ -119,16 +154,47 @@ class ImplicitELBO(Trace_ELBO):
         context: Callable | Mapping | None = None,
         estimator_options: Mapping | None = None,
         update_estimator: bool = True,
+        generator: torch.Generator | None = None,
+        process_group: Any = None,
         **kwargs: Any,
     ) -> None:
         num_particles = check_int("num_particles", num_particles)
         super().__init__(num_particles=num_particles, vectorize_particles=bool(vectorize_particles), **kwargs)
-        common.check_estimators(estimator, LearnedScoreEstimator, num_particles)  # fail early
+        self.generator = tdist.check_generator(generator)
+        self.process_group = tdist.check_process_group(process_group)
+        # with a group, a global site's particles are pooled over the ranks: one per rank may
+        # do (a site in a plate still needs 2, checked at the step)
+        common.check_estimators(estimator, LearnedScoreEstimator, None if process_group else num_particles)
         self.sites = check_sites(sites, "latent")
         self._estimator_arg = estimator
         self._options_arg = estimator_options
         self.update_estimator = bool(update_estimator)
         self.context = common.check_context(context)
+
+    @property
+    def process_group(self) -> Any:
+        """The group whose ranks pool their samples, or None."""
+        return tdist.group_from_state(self._process_group)
+
+    @process_group.setter
+    def process_group(self, value: Any) -> None:
+        self._process_group = tdist.check_process_group(value)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_process_group"] = tdist.group_to_state(self._process_group)
+        g = state.pop("generator", None)
+        state["_generator_state"] = None if g is None else (str(g.device), g.get_state())
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        saved = state.pop("_generator_state", None)
+        self.__dict__.update(state)
+        self.generator = None
+        if saved is not None:
+            self.generator = torch.Generator(saved[0])
+            self.generator.set_state(saved[1])
 
     def _context_for(self, ctx, args, kwargs):
         if ctx is None:
@@ -141,11 +207,13 @@ class ImplicitELBO(Trace_ELBO):
     def _implicit_surrogate(self, traces, args, kwargs, train):
         """``(1/P) sum_p sum_sites scale * stop_grad(s_hat(z_p))^T (z_p - stop_grad(z_p))``."""
         names = implicit_sites(traces[0][1], self.sites)
+        group = self.process_group
         total = 0.0
         for name in names:
             nodes = [guide_trace.nodes[name] for _, guide_trace in traces]
             event_dim = len(nodes[0]["fn"].event_shape)
             vectorized = self.vectorize_particles and self.num_particles > 1
+            is_global = common.outside_plates(nodes[0], ("num_particles_vectorized",))
             if vectorized:
                 # one trace; the particle plate sits at dim -max_plate_nesting of the batch
                 z = nodes[0]["value"]
@@ -163,9 +231,26 @@ class ImplicitELBO(Trace_ELBO):
             else:
                 stacked = torch.stack([site["value"] for site in nodes])  # [P, *site_shape]
                 batch_ndim = stacked.dim() - 1 - event_dim
+            site_group = group
+            if group is not None and is_global and all(n == 1 for n in stacked.shape[1 : 1 + batch_ndim]):
+                # a global latent, one distribution: the ranks' particles of it are pooled
+                stacked = stacked.reshape(stacked.shape[0], *stacked.shape[1 + batch_ndim :])
+                batch_ndim = 0
+            elif batch_ndim == 0:
+                site_group = None  # in sequential plates only: per datum, not on every rank
+            # else in (vectorized) plates: per datum, the data sharded over the ranks
             est, options, ctx = common.site_options(self._estimator_arg, self._options_arg, self.context, name)
             context = self._context_for(ctx, args, kwargs)
-            s_hat = site_scores(name, est, stacked.detach(), batch_ndim, context, options=options, train=train)
+            s_hat = site_scores(
+                name,
+                est,
+                stacked.detach(),
+                batch_ndim,
+                context,
+                options=options,
+                train=train,
+                process_group=site_group,
+            )
             check_scores_finite(name, s_hat)
             values = [site["value"] for site in nodes]
             s_hat = [s_hat.reshape(values[0].shape)] if vectorized else list(s_hat.unbind(0))
@@ -177,6 +262,10 @@ class ImplicitELBO(Trace_ELBO):
         return total / self.num_particles
 
     def _losses(self, model, guide, args, kwargs, train):
+        with tdist.use_generator(self.generator):
+            return self._losses_now(model, guide, args, kwargs, train)
+
+    def _losses_now(self, model, guide, args, kwargs, train):
         traces = list(self._get_traces(model, guide, args, kwargs))
         loss, surrogate = 0.0, 0.0
         for model_trace, guide_trace in traces:
@@ -188,7 +277,7 @@ class ImplicitELBO(Trace_ELBO):
 
     def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """The negative ELBO without the implicit sites' entropy (a float); estimators untouched."""
-        with torch.no_grad():
+        with torch.no_grad(), tdist.use_generator(self.generator):
             traces = list(self._get_traces(model, guide, args, kwargs))
             implicit_sites(traces[0][1], self.sites)
             loss = (

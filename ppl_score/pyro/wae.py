@@ -26,6 +26,13 @@ represented by the minibatch codes:
 The reported value is the reconstruction plus ``lam`` times MMD^2 or, for ``"score"``, the
 cross-entropy ``mean_i -log p_Z(z_i)`` (the entropy of ``q_Z`` is unknown; its surrogate has
 value zero). Scales and masks of plates are not used: both terms are minibatch means.
+
+Data parallelism (``torch.nn.parallel.DistributedDataParallel``, a shard of the minibatch per
+rank): with ``process_group=`` the divergence is that of the whole minibatch (the codes and
+prior draws of every rank for the MMD, every rank's codes for the aggregate posterior's
+score), so that with DDP's gradient average the loss and its gradients are those of one
+process on the whole minibatch; ``generator=`` gives each rank its own draws. Docs page
+*Batch-global terms under DDP (torch)*.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from pyro.poutine.util import prune_subsample_sites
 from ..common import validate
 from ..common import wae as common
 from ..common.mmd import MMD_SCALES
+from ..torch import distributed as tdist
 from ..torch import mmd as backend
 from ..torch.estimators import LearnedScoreEstimator, check_scores_finite, site_scores
 from ..torch.mmd import imq_mmd2
@@ -66,12 +74,36 @@ class WAE(common.WAEOptions, ELBO):
         mmd_scales: the IMQ scales ``s``.
         update_estimator: update a learned estimator in ``loss_and_grads`` /
             ``differentiable_loss``.
+        generator: a ``torch.Generator`` (CPU or CUDA) for every draw the loss makes on its
+            device: the prior draws of the MMD, the guide's and model's draws (an implicit
+            encoder's noise), a learned estimator's projections and noise unless it has a
+            ``generator`` of its own. Its stream stands in for the global RNG of that device
+            during each evaluation; the global RNG is left as it was. None (default): the
+            global RNG. Pickled as its state.
+        process_group: None (default: no collective; under DDP each rank's divergence is
+            then that of its shard alone, a different, biased objective), or a
+            ``torch.distributed`` group (``torch.distributed.group.WORLD``): the divergence
+            is computed on the whole minibatch, the same on every rank: ``"mmd"`` between the
+            codes of every rank (gathered with their gradient,
+            ``ppl_score.torch.distributed.gather_rows``) and the prior draws of every rank;
+            ``"score"`` with the aggregate posterior's score estimated from every rank's
+            codes (kernel estimators across all of them; a learned estimator updated on all
+            of them, its replicas identical). The per-datum terms are this rank's sums
+            divided by ``B / world_size`` (``B`` the whole minibatch's size), so that DDP's
+            average is the whole minibatch's mean, for unequal shards too; the value on a
+            rank is then its share, and the mean over ranks is the whole minibatch's loss.
+            Every evaluation (``loss``, ``terms``, ...) is a collective.
 
     Raises:
         TypeError, ValueError: a bad argument, named (checked once for both PPLs by
-            ``ppl_score.common.wae.WAEOptions``); at a step, a code site that is not
-            reparameterizable, has no prior, or holds fewer than 2 codes, or code sites with
-            different numbers of codes.
+            ``ppl_score.common.wae.WAEOptions``; ``generator`` and ``process_group`` here);
+            at a step, a code site that is not reparameterizable, has no prior, or holds
+            fewer than 2 codes (with ``process_group``: a rank without a code, or fewer than 2
+            in all), or code sites with different numbers of codes.
+
+    Pickling, ``copy.deepcopy`` and ``torch.save`` keep the generator as its device and
+    state, and ``process_group`` as None or the default group (``WORLD``, resolved again
+    when the loss is used); a loss holding another group raises ``TypeError``.
 
     References:
         [1] I. Tolstikhin, O. Bousquet, S. Gelly, B. Schoelkopf, "Wasserstein auto-encoders", ICLR,
@@ -84,6 +116,8 @@ class WAE(common.WAEOptions, ELBO):
     mmd_backend = backend
     learned_type = LearnedScoreEstimator
     check_scores = staticmethod(check_scores_finite)
+    generator: torch.Generator | None = None  # defaults for losses pickled before these options
+    _process_group: Any = None
 
     def __init__(
         self,
@@ -96,11 +130,40 @@ class WAE(common.WAEOptions, ELBO):
         sites: str | Iterable[str] | None = None,
         mmd_scales: Sequence[float] = MMD_SCALES,
         update_estimator: bool = True,
+        generator: torch.Generator | None = None,
+        process_group: Any = None,
     ) -> None:
         super().__init__(num_particles=1)
         self.set_options(
             regularizer, lam, estimator, estimator_options, reconstruction, sites, mmd_scales, update_estimator
         )
+        self.generator = tdist.check_generator(generator)
+        self.process_group = tdist.check_process_group(process_group)
+
+    @property
+    def process_group(self) -> Any:
+        """The group over which the minibatch is gathered, or None."""
+        return tdist.group_from_state(self._process_group)
+
+    @process_group.setter
+    def process_group(self, value: Any) -> None:
+        self._process_group = tdist.check_process_group(value)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_process_group"] = tdist.group_to_state(self._process_group)
+        g = state.pop("generator", None)
+        state["_generator_state"] = None if g is None else (str(g.device), g.get_state())
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        saved = state.pop("_generator_state", None)
+        self.__dict__.update(state)
+        self.generator = None
+        if saved is not None:
+            self.generator = torch.Generator(saved[0])
+            self.generator.set_state(saved[1])
 
     def _get_trace(self, model, guide, args, kwargs):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
@@ -108,6 +171,10 @@ class WAE(common.WAEOptions, ELBO):
         return prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
 
     def _terms(self, model, guide, args, kwargs, train):
+        with tdist.use_generator(self.generator):
+            return self._terms_now(model, guide, args, kwargs, train)
+
+    def _terms_now(self, model, guide, args, kwargs, train):
         model_trace, guide_trace = self._get_trace(model, guide, args, kwargs)
         if train and self.regularizer == "score" and torch.is_inference_mode_enabled():
             # a learned estimator's update is score matching on the codes: derivatives in z
@@ -122,11 +189,15 @@ class WAE(common.WAEOptions, ELBO):
             with torch.no_grad():
                 return prior.sample().reshape(codes.shape[0], -1).to(codes.dtype)
 
+        group = self.process_group
+        size = tdist.world(group)[1] if group is not None else 1
+        gather = None if size == 1 else (lambda x: tdist.gather_rows(x, group))
+
         def scores(name, i, codes):
             est, options = self.code_estimator(name)
-            return site_scores(name, est, codes, 0, None, options=options, train=train)
+            return site_scores(name, est, codes, 0, None, options=options, train=train, process_group=group)
 
-        t = self.wae_terms(model_trace.nodes, guide_trace.nodes, draw, scores)
+        t = self.wae_terms(model_trace.nodes, guide_trace.nodes, draw, scores, gather, size)
         loss = t["reconstruction"] + self.lam * t["divergence"]  # the entropy surrogate has value 0
         value = torch_item(t["reconstruction"]) + self.lam * torch_item(t["reported"])
         terms = {

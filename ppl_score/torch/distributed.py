@@ -222,7 +222,9 @@ class use_generator:
     def __enter__(self) -> torch.Generator | None:
         g = self.generator
         if g is not None:
-            device = g.device if g.device.type == "cpu" or g.device.index is not None else torch.device("cuda", 0)
+            device = g.device
+            if device.type == "cuda" and device.index is None:
+                device = torch.device("cuda", torch.cuda.current_device())
             self._device, self._saved = device, _default_state(device)
             _set_default_state(device, g.get_state())
         return g

@@ -33,6 +33,15 @@ from torch import nn
 
 from ..common import estimators as common
 from ..common.validate import is_validation_enabled
+from .distributed import (
+    _default_state,
+    _set_default_state,
+    broadcast_generator_,
+    broadcast_tensors_,
+    check_process_group,
+    gather_rows_detached,
+    world,
+)
 from .objectives import score_matching_loss
 from .validate import check_array
 
@@ -480,6 +489,9 @@ class LearnedScoreEstimator:
 
     def loss(self, samples: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """The score-matching loss of the current network on ``samples`` (differentiable in psi)."""
+        return self._loss(samples, context, self.generator)
+
+    def _loss(self, samples, context, generator):
         z, c = self._check(samples, context)
         if not bool(torch.isfinite(z).all()):
             raise ValueError("argument 'samples' contains non-finite values (nan or inf)")
@@ -489,14 +501,14 @@ class LearnedScoreEstimator:
                 z.detach(),
                 self.method,
                 kind="score",
-                generator=self.generator,
+                generator=generator,
                 **self.options,
             )
 
-    def _step(self, samples, context) -> float:
+    def _step(self, samples, context, generator=None) -> float:
         """One optimizer step, refused when the loss or a gradient is not finite."""
         with torch.enable_grad():
-            loss = self.loss(samples, context)
+            loss = self._loss(samples, context, generator if generator is not None else self.generator)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
         flags = [torch.isfinite(loss.detach())]
@@ -512,16 +524,34 @@ class LearnedScoreEstimator:
         self.optimizer.step()
         return value
 
-    def update(self, samples: torch.Tensor, context: torch.Tensor | None = None) -> float:
+    def update(
+        self,
+        samples: torch.Tensor,
+        context: torch.Tensor | None = None,
+        *,
+        process_group: Any = None,
+    ) -> float:
         """``n_steps`` optimizer steps on the (detached) ``samples``; returns the last loss.
 
         A step whose loss or gradient is not finite (samples so large that the network
         overflows, a diverged network) is refused: the network and the optimizer keep the
         state from before it and no further step is taken.
 
+        With ``process_group`` (a ``torch.distributed`` group; a collective: every rank of it
+        calls ``update``) the replicas of the estimator on the ranks take the same steps and
+        stay identical: the rows of ``samples`` and ``context`` of every rank are gathered (in
+        rank order), the network's parameters and buffers are broadcast from the group's rank
+        0, and so are the random draws' stream (``generator``'s state, or without one rank 0's
+        global generator of the estimator's device, which alone advances). The steps are then
+        those of one estimator updated on the concatenated samples: the same numbers as one
+        process with the same generator state. The optimizer's state is not broadcast: it
+        evolves alike on every rank from the same start (a fresh estimator, or the same
+        ``load_state_dict`` on every rank). Each rank does the whole batch's work.
+
         Args:
-            samples: ``[N, D]`` samples of ``q`` (finite).
+            samples: ``[N, D]`` samples of ``q`` (finite); with ``process_group`` this rank's.
             context: ``[N, C]`` when ``context_dim > 0``, else None.
+            process_group: None (this process alone) or the group to gather over.
 
         Returns:
             The loss of the last step taken (a float; NaN/inf for a refused step when
@@ -532,10 +562,42 @@ class LearnedScoreEstimator:
                 (naming ``samples``); with ``ppl_score.set_validation(False)`` a refused step
                 returns its non-finite loss instead, the state still unchanged.
         """
+        if process_group is not None:
+            check_process_group(process_group)
+            if world(process_group)[1] > 1:
+                self._check(samples, context)
+                samples, _ = gather_rows_detached(samples, process_group)
+                if context is not None:
+                    context, _ = gather_rows_detached(context, process_group)
+            return self._synced_update(samples, context, process_group)
         for _ in range(self.n_steps):
             value = self._step(samples, context)
             if not math.isfinite(value):
                 break
+        return value
+
+    def _synced_update(self, samples, context, process_group) -> float:
+        """``update`` on the rows of every rank (already gathered, the same on every rank),
+        from rank 0's network and random stream (see ``update``)."""
+        rank, size = world(process_group)
+        if process_group is None or size == 1:
+            return self.update(samples, context)
+        broadcast_tensors_([*self.net.parameters(), *self.net.buffers()], process_group)
+        generator = self.generator
+        if generator is not None:
+            broadcast_generator_(generator, process_group)
+        else:  # rank 0's global stream, advanced on rank 0 only (as in one process)
+            generator = torch.Generator(self.device)
+            generator.set_state(_default_state(self.device))
+            broadcast_generator_(generator, process_group)
+        try:
+            for _ in range(self.n_steps):
+                value = self._step(samples, context, generator)
+                if not math.isfinite(value):
+                    break
+        finally:
+            if self.generator is None and rank == 0:
+                _set_default_state(self.device, generator.get_state())
         return value
 
     def fit(
@@ -579,6 +641,7 @@ def site_scores(
     *,
     options: Mapping[str, Any] | None = None,
     train: bool = False,
+    process_group: Any = None,
 ) -> torch.Tensor:
     """Estimated ``grad_z log q`` at the particles ``z [P, *batch, *event]`` of site ``name``.
 
@@ -586,6 +649,22 @@ def site_scores(
     particles; a learned one sees the ``P * B`` rows ``[P * B, D]`` (with the element's row of
     ``context``) and, with ``train``, first takes its ``update`` on them; a callable gets
     ``(z, context)`` as they are.
+
+    With ``process_group`` (a ``torch.distributed`` group; then a collective: every rank of
+    it calls ``site_scores`` for the same sites in the same order) the estimate is that of
+    one process holding every rank's samples:
+
+    * ``batch_ndim == 0``: the ranks hold particles of the same distribution (a global
+      latent's, ``WAE``'s codes). They are pooled (gathered along dim 0, in rank order): a
+      kernel estimator works across all of them, and this rank gets its own rows;
+    * ``batch_ndim > 0``: the ranks hold different batch elements (per-datum
+      distributions, the data sharded along the first batch dim): a kernel estimator works
+      per element as without a group, nothing is gathered;
+    * a learned estimator with ``train`` is updated on the pooled rows (every rank's
+      particles, or every rank's batch elements, laid out as one process holding them
+      would), its replicas kept identical (``LearnedScoreEstimator.update``), then
+      evaluated at this rank's rows. Without ``train``, and for a callable, nothing is
+      gathered.
 
     Args:
         name: the site (for messages).
@@ -596,6 +675,7 @@ def site_scores(
         context: ``[*batch, C]`` (or ``[C]``, shared) for a conditional learned estimator.
         options: a kernel estimator's options.
         train: update a learned estimator first.
+        process_group: None (this process alone), or the group whose samples are pooled.
 
     Returns:
         The scores, ``z``'s shape, without gradient.
@@ -613,7 +693,14 @@ def site_scores(
         out = estimator(z, context)
         common.check_callable_scores(name, out, tuple(z.shape), torch.Tensor)
         return out.detach()
+    pooled = process_group is not None and world(check_process_group(process_group))[1] > 1
     if kind != "learned":
+        if pooled and batch_ndim == 0:
+            all_z, rows = gather_rows_detached(flat, process_group)
+            common.check_kernel_particles(name, kind, all_z.shape[0])
+            g = kernel_scores_batched(kind, all_z.transpose(0, 1), **(options or {})).transpose(0, 1)
+            start = sum(rows[: world(process_group)[0]])
+            return g[start : start + p].reshape(z.shape)
         common.check_kernel_particles(name, kind, p)
         g = kernel_scores_batched(kind, flat.transpose(0, 1), **(options or {}))
         return g.transpose(0, 1).reshape(z.shape)
@@ -625,12 +712,24 @@ def site_scores(
         if ctx.shape[0] == 1 and n_batch > 1:
             ctx = ctx.expand(n_batch, -1)
         common.check_context_rows(name, ctx.shape[0], n_batch, batch)
-        ctx = ctx.unsqueeze(0).expand(p, -1, -1).reshape(p * n_batch, -1)
+        ctx = ctx.unsqueeze(0).expand(p, -1, -1)  # [P, B, C]
     samples = flat.reshape(p * n_batch, d)
-    if train:
-        estimator.update(samples, ctx)
+    flat_ctx = None if ctx is None else ctx.reshape(p * n_batch, -1)
+    if train and pooled:
+        # the pooled rows in the layout of one process holding them all: particles of a
+        # single distribution along dim 0, else the batch (sharded along its first dim)
+        if batch_ndim == 0:
+            all_z, _ = gather_rows_detached(flat, process_group)  # [P_all, 1, D]
+            all_c = None if ctx is None else gather_rows_detached(ctx, process_group)[0]
+        else:
+            all_z = gather_rows_detached(flat.transpose(0, 1), process_group)[0].transpose(0, 1)
+            all_c = None if ctx is None else gather_rows_detached(ctx.transpose(0, 1), process_group)[0].transpose(0, 1)
+        all_c = None if all_c is None else all_c.reshape(-1, all_c.shape[-1])
+        estimator._synced_update(all_z.reshape(-1, d), all_c, process_group)
+    elif train:
+        estimator.update(samples, flat_ctx)
     with torch.no_grad():
-        return estimator(samples, ctx).reshape(z.shape)
+        return estimator(samples, flat_ctx).reshape(z.shape)
 
 
 def check_scores_finite(name: str, scores: torch.Tensor) -> None:
