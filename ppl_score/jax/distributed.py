@@ -141,7 +141,7 @@ def data_mesh(devices: Sequence[jax.Device] | None = None, axis_name: str = "dat
 def shard_batch(x: PyTree, mesh: Mesh, axis_name: str = "data") -> PyTree:
     """``x`` (an array or a pytree of arrays) placed with its leading dim split over the mesh
     axis ``axis_name`` (``NamedSharding(mesh, PartitionSpec(axis_name))``) and replicated over
-    the mesh's other axes: device ``r`` of ``D`` holds rows ``r B/D .. (r+1) B/D - 1``.
+    the mesh's other axes: device ``r`` of ``D`` holds the rows from ``r B/D`` to ``(r+1) B/D - 1``.
 
     Raises:
         TypeError: ``mesh`` is not a ``Mesh``, a leaf of ``x`` not an array, or ``axis_name``
