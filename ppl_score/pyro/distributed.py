@@ -24,18 +24,20 @@ import torch
 import torch.distributed as dist
 from pyro.optim import PyroOptim
 
-from ..torch.distributed import all_reduce_gradients, check_process_group, group_from_state, group_to_state, world
+from ..torch.distributed import (
+    all_reduce_gradients,
+    check_process_group,
+    comm_device,
+    generator_from_state,
+    generator_to_state,
+    group_from_state,
+    group_to_state,
+    world,
+)
 
-__all__ = ["DistributedOptimizer", "shard_scale"]
+__all__ = ["DistributedOptimizer", "GeneratorState", "RankState", "shard_scale"]
 
 _OPS = ("mean", "sum")
-
-
-def _comm_device(process_group: dist.ProcessGroup | None) -> torch.device:
-    """Where a collective's small buffers live: CUDA for NCCL, else the CPU."""
-    if dist.get_backend(process_group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 class DistributedOptimizer(PyroOptim):
@@ -143,7 +145,7 @@ def _reduce_gradients(params: list[torch.Tensor], process_group: dist.ProcessGro
     _, size = world(process_group)
     if size == 1:
         return
-    device = _comm_device(process_group)
+    device = comm_device(process_group)
     # the same number of parameters everywhere, or the collectives below would not pair up
     count = torch.tensor([len(params), -len(params)], dtype=torch.float64, device=device)
     dist.all_reduce(count, op=dist.ReduceOp.MAX, group=process_group)
@@ -158,6 +160,44 @@ def _reduce_gradients(params: list[torch.Tensor], process_group: dist.ProcessGro
     has = torch.tensor([p.grad is not None for p in params], dtype=torch.float64, device=device)
     dist.all_reduce(has, op=dist.ReduceOp.SUM, group=process_group)
     all_reduce_gradients([p for p, h in zip(params, has.tolist()) if h > 0], process_group, op)
+
+
+class GeneratorState:
+    """Base of the Pyro losses with ``generator=`` (``ScoreMatching``, and through
+    :class:`RankState` ``ImplicitELBO`` and ``WAE``): the generator survives pickling,
+    ``copy.deepcopy`` and ``torch.save``, saved as its device and state (a copy gets a new
+    generator in the same state)."""
+
+    generator: torch.Generator | None = None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["generator"] = generator_to_state(state.get("generator"))
+        if "_process_group" in state:
+            state["_process_group"] = group_to_state(state["_process_group"])
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        state["generator"] = generator_from_state(state.get("generator"))
+        self.__dict__.update(state)
+
+
+class RankState(GeneratorState):
+    """Base of the Pyro losses with ``generator=`` and ``process_group=`` (``ImplicitELBO``,
+    ``WAE``): the group, which does not pickle, is saved as None or ``"WORLD"`` and resolved
+    again when the loss runs (a copy loaded in a one-process run gathers nothing)."""
+
+    _process_group: Any = None
+
+    @property
+    def process_group(self) -> dist.ProcessGroup | None:
+        """The group whose ranks pool the batch-global terms, or None (per-rank terms)."""
+        return group_from_state(self._process_group)
+
+    @process_group.setter
+    def process_group(self, value: dist.ProcessGroup | None) -> None:
+        self._process_group = check_process_group(value)
 
 
 def shard_scale(
@@ -192,7 +232,7 @@ def shard_scale(
     _, size = world(process_group)
     total = float(valid)
     if size > 1:
-        buf = torch.tensor([total], dtype=torch.float64, device=_comm_device(process_group))
+        buf = torch.tensor([total], dtype=torch.float64, device=comm_device(process_group))
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=process_group)
         total = buf.item()
     if total == 0:

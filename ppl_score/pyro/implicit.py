@@ -51,6 +51,7 @@ from ..common import implicit as common
 from ..common.validate import check_int, check_sites
 from ..torch import distributed as tdist
 from ..torch.estimators import LearnedScoreEstimator, check_scores_finite, site_scores
+from .distributed import RankState
 
 __all__ = ["ImplicitELBO", "implicit_sites"]
 
@@ -65,7 +66,7 @@ def implicit_sites(guide_trace: Trace, sites: Sequence[str] | None = None) -> li
     return common.implicit_site_names(guide_trace.nodes, sites, Delta, "pyro")
 
 
-class ImplicitELBO(Trace_ELBO):
+class ImplicitELBO(RankState, Trace_ELBO):
     """The ELBO for guides with implicit sites ``sample(name, Delta(g(eps, ...), event_dim=k))``.
 
     The entropy of an implicit site enters through its reparameterized gradient
@@ -170,31 +171,6 @@ class ImplicitELBO(Trace_ELBO):
         self._options_arg = estimator_options
         self.update_estimator = bool(update_estimator)
         self.context = common.check_context(context)
-
-    @property
-    def process_group(self) -> Any:
-        """The group whose ranks pool their samples, or None."""
-        return tdist.group_from_state(self._process_group)
-
-    @process_group.setter
-    def process_group(self, value: Any) -> None:
-        self._process_group = tdist.check_process_group(value)
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_process_group"] = tdist.group_to_state(self._process_group)
-        g = state.pop("generator", None)
-        state["_generator_state"] = None if g is None else (str(g.device), g.get_state())
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        state = dict(state)
-        saved = state.pop("_generator_state", None)
-        self.__dict__.update(state)
-        self.generator = None
-        if saved is not None:
-            self.generator = torch.Generator(saved[0])
-            self.generator.set_state(saved[1])
 
     def _context_for(self, ctx, args, kwargs):
         if ctx is None:

@@ -23,6 +23,8 @@ from pyro.util import check_model_guide_match, check_site_shape
 
 from ..common import frontend, sites, validate
 from ..torch import score_matching_loss
+from ..torch.distributed import check_generator
+from .distributed import GeneratorState
 
 __all__ = ["ScoreMatching"]
 
@@ -36,16 +38,9 @@ _ELBO_KWARGS = (
     "jit_options",
 )
 _COPIES = "_ppl_score_copies"
-_GENERATOR_STATE = "_generator_state"
 
 
-def _check_generator(generator: Any) -> torch.Generator | None:
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"argument 'generator' must be a torch.Generator or None, got {type(generator).__name__}")
-    return generator
-
-
-class ScoreMatching(ELBO):
+class ScoreMatching(GeneratorState, ELBO):
     r"""Score matching [1] and its scalable variants (sliced [2], denoising [3],
     finite-difference [4]) as an SVI loss, used exactly like :class:`~pyro.infer.Trace_ELBO`::
 
@@ -142,7 +137,7 @@ class ScoreMatching(ELBO):
         generator: torch.Generator | None = None,
         **options: Any,
     ) -> None:
-        self.generator = _check_generator(generator)
+        self.generator = check_generator(generator)
         elbo_kwargs, options = frontend.split_elbo_kwargs(options, _ELBO_KWARGS)
         self.config = frontend.make_config(method, sites, beta, num_particles, options)
         vectorize = elbo_kwargs.pop("vectorize_particles", None)
@@ -164,19 +159,6 @@ class ScoreMatching(ELBO):
             f"ScoreMatching({self.method!r}, sites={self.sites!r}, beta={self.beta!r}, "
             f"num_particles={self.num_particles!r}{opts}{gen})"
         )
-
-    # a torch.Generator pickles only in recent torch: a copy holds its device and state
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        g = state.pop("generator", None)
-        state[_GENERATOR_STATE] = None if g is None else (str(g.device), g.get_state())
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        state = dict(state)
-        saved = state.pop(_GENERATOR_STATE, None)
-        state["generator"] = None if saved is None else torch.Generator(device=saved[0]).set_state(saved[1])
-        self.__dict__.update(state)
 
     # ---- traces ---------------------------------------------------------------------
 

@@ -53,11 +53,12 @@ from ..torch import distributed as tdist
 from ..torch import mmd as backend
 from ..torch.estimators import LearnedScoreEstimator, check_scores_finite, site_scores
 from ..torch.mmd import imq_mmd2
+from .distributed import RankState
 
 __all__ = ["WAE", "imq_mmd2", "MMD_SCALES"]
 
 
-class WAE(common.WAEOptions, ELBO):
+class WAE(RankState, common.WAEOptions, ELBO):
     """Wasserstein auto-encoder loss [1] for a (decoder model, encoder guide) pair:
     ``mean_i c(x_i, z_i) + lam * D(q_Z, p_Z)``, with ``D`` the KL divergence through an
     estimated score of the aggregate posterior [2] or the MMD [1] (see the module docstring).
@@ -139,31 +140,6 @@ class WAE(common.WAEOptions, ELBO):
         )
         self.generator = tdist.check_generator(generator)
         self.process_group = tdist.check_process_group(process_group)
-
-    @property
-    def process_group(self) -> Any:
-        """The group over which the minibatch is gathered, or None."""
-        return tdist.group_from_state(self._process_group)
-
-    @process_group.setter
-    def process_group(self, value: Any) -> None:
-        self._process_group = tdist.check_process_group(value)
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_process_group"] = tdist.group_to_state(self._process_group)
-        g = state.pop("generator", None)
-        state["_generator_state"] = None if g is None else (str(g.device), g.get_state())
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        state = dict(state)
-        saved = state.pop("_generator_state", None)
-        self.__dict__.update(state)
-        self.generator = None
-        if saved is not None:
-            self.generator = torch.Generator(saved[0])
-            self.generator.set_state(saved[1])
 
     def _get_trace(self, model, guide, args, kwargs):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)

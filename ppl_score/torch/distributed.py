@@ -33,8 +33,11 @@ __all__ = [
     "broadcast_tensors_",
     "check_generator",
     "check_process_group",
+    "comm_device",
     "gather_rows",
     "gather_rows_detached",
+    "generator_from_state",
+    "generator_to_state",
     "group_from_state",
     "group_to_state",
     "is_distributed",
@@ -179,6 +182,21 @@ def check_generator(generator: torch.Generator | None, name: str = "generator") 
     return generator
 
 
+def generator_to_state(generator: torch.Generator | None) -> tuple[str, torch.Tensor] | None:
+    """A picklable stand-in for ``generator`` (a ``torch.Generator`` pickles only in recent
+    torch): None, or its device and state; :func:`generator_from_state` rebuilds it."""
+    return None if generator is None else (str(generator.device), generator.get_state())
+
+
+def generator_from_state(state: tuple[str, torch.Tensor] | torch.Generator | None) -> torch.Generator | None:
+    """A new generator in the device and state that :func:`generator_to_state` saved (a
+    generator or None passes through)."""
+    if state is None or isinstance(state, torch.Generator):
+        return state
+    device, rng_state = state
+    return torch.Generator(device=device).set_state(rng_state)
+
+
 def check_process_group(process_group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
     """``process_group`` if it is None or a ``torch.distributed.ProcessGroup``
     (e.g. ``torch.distributed.group.WORLD`` once the default group is initialized).
@@ -236,8 +254,9 @@ class use_generator:
             _set_default_state(self._device, self._saved)
 
 
-def _comm_device(process_group: dist.ProcessGroup | None, device: torch.device) -> torch.device:
-    """Where a collective's buffer must live: CUDA for NCCL, else ``device``."""
+def comm_device(process_group: dist.ProcessGroup | None, device: torch.device | str = "cpu") -> torch.device:
+    """Where a collective's buffer must live: CUDA for NCCL, else ``device`` (default: the CPU)."""
+    device = torch.device(device)
     if dist.get_backend(process_group) == "nccl" and device.type != "cuda":
         return torch.device("cuda", torch.cuda.current_device())
     return device
@@ -261,7 +280,7 @@ def gather_rows_detached(
     _, size = world(process_group)
     if size == 1:
         return x.detach(), [x.shape[0]]
-    device = _comm_device(process_group, x.device)
+    device = comm_device(process_group, x.device)
     shape = torch.tensor([x.shape[0], *x.shape[1:]], dtype=torch.int64, device=device)
     shapes = [torch.empty_like(shape) for _ in range(size)]
     dist.all_gather(shapes, shape, group=process_group)
@@ -298,7 +317,7 @@ def broadcast_tensors_(tensors, process_group: dist.ProcessGroup | None = None) 
         by_dtype.setdefault(t.dtype, []).append(t)
     for dtype in sorted(by_dtype, key=str):
         group = by_dtype[dtype]
-        device = _comm_device(process_group, group[0].device)
+        device = comm_device(process_group, group[0].device)
         flat = torch.cat([t.detach().reshape(-1).to(device) for t in group])
         dist.broadcast(flat, src=src, group=process_group)
         offset = 0
