@@ -100,27 +100,39 @@ def gather_rows(x: torch.Tensor, process_group: dist.ProcessGroup | None = None)
         TypeError: ``x`` is not a tensor.
         ValueError: ``x`` is 0-d, or the ranks' trailing shapes differ.
     """
+    _check_rows(x)
+    rank, size = world(process_group)
+    if size == 1:
+        return x
+    rows, padded = _padded_rows(x, process_group, size, "gather_rows")
+    parts = _AllGather.apply(padded, process_group, rank, size)
+    return torch.cat([p[:n] for p, n in zip(parts, rows)]).to(x.device)
+
+
+def _check_rows(x) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"argument 'x' must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() == 0:
         raise ValueError("argument 'x' must have a leading batch dim to gather over, got a 0-d tensor")
-    rank, size = world(process_group)
-    if size == 1:
-        return x
-    # sizes and trailing shapes of every rank, so unequal shards are padded and trimmed
-    shape = torch.tensor([x.shape[0], *x.shape[1:]], dtype=torch.int64, device=x.device)
+
+
+def _padded_rows(x: torch.Tensor, process_group, size: int, what: str) -> tuple[list[int], torch.Tensor]:
+    """Every rank's number of rows, and ``x`` on the collectives' device padded with zero rows
+    to the largest; the ranks' trailing shapes must agree."""
+    device = comm_device(process_group, x.device)
+    shape = torch.tensor([x.shape[0], *x.shape[1:]], dtype=torch.int64, device=device)
     shapes = [torch.empty_like(shape) for _ in range(size)]
     dist.all_gather(shapes, shape, group=process_group)
     if any(not torch.equal(s[1:], shape[1:]) for s in shapes):
         raise ValueError(
-            "gather_rows: the ranks' tensors differ beyond the first dim: "
+            f"{what}: the ranks' tensors differ beyond the first dim: "
             f"{[tuple(s.tolist()) for s in shapes]}; only the number of rows may differ"
         )
     rows = [int(s[0]) for s in shapes]
-    top = max(rows)
-    padded = x if x.shape[0] == top else torch.cat([x, x.new_zeros(top - x.shape[0], *x.shape[1:])])
-    parts = _AllGather.apply(padded, process_group, rank, size)
-    return torch.cat([p[:n] for p, n in zip(parts, rows)])
+    padded = x.to(device)
+    if padded.shape[0] < max(rows):
+        padded = torch.cat([padded, padded.new_zeros(max(rows) - padded.shape[0], *padded.shape[1:])])
+    return rows, padded
 
 
 class _AllGather(torch.autograd.Function):
@@ -273,27 +285,11 @@ def gather_rows_detached(
         TypeError: ``x`` is not a tensor.
         ValueError: ``x`` is 0-d, or the ranks' trailing shapes differ.
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"argument 'x' must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() == 0:
-        raise ValueError("argument 'x' must have a leading batch dim to gather over, got a 0-d tensor")
+    _check_rows(x)
     _, size = world(process_group)
     if size == 1:
         return x.detach(), [x.shape[0]]
-    device = comm_device(process_group, x.device)
-    shape = torch.tensor([x.shape[0], *x.shape[1:]], dtype=torch.int64, device=device)
-    shapes = [torch.empty_like(shape) for _ in range(size)]
-    dist.all_gather(shapes, shape, group=process_group)
-    if any(not torch.equal(s[1:], shape[1:]) for s in shapes):
-        raise ValueError(
-            "gather_rows_detached: the ranks' tensors differ beyond the first dim: "
-            f"{[tuple(s.tolist()) for s in shapes]}; only the number of rows may differ"
-        )
-    rows = [int(s[0]) for s in shapes]
-    top = max(rows)
-    padded = x.detach().to(device)
-    if padded.shape[0] < top:
-        padded = torch.cat([padded, padded.new_zeros(top - padded.shape[0], *padded.shape[1:])])
+    rows, padded = _padded_rows(x.detach(), process_group, size, "gather_rows_detached")
     parts = [torch.empty_like(padded) for _ in range(size)]
     dist.all_gather(parts, padded.contiguous(), group=process_group)
     return torch.cat([p[:n] for p, n in zip(parts, rows)]).to(x.device), rows
