@@ -1,7 +1,9 @@
-"""``WAE`` and ``ImplicitELBO`` through Pyro's ``SVI`` with ``DistributedOptimizer`` (the
-optimizer-wrapper route, no DDP) on two gloo ranks: with ``process_group`` the parameters
-after a few SGD steps equal one process on the whole batch (float64, randomness fixed as in
-``tests/helpers/torch_distributed_implicit.py``, whose problems this reuses)."""
+"""``WAE``, ``ImplicitELBO`` and ``RelativeGradientMLE`` through Pyro's ``SVI`` with
+``DistributedOptimizer`` (the optimizer-wrapper route, no DDP) on two gloo ranks: the
+parameters after a few SGD steps equal one process on the whole batch (float64; for the
+batch-global losses with ``process_group`` and the randomness fixed as in
+``tests/helpers/torch_distributed_implicit.py``, whose problems this reuses; the flow with
+each rank's shard in a subsampled plate)."""
 
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ def _fit(kind: str, rank: int | None, group) -> list[np.ndarray]:
     optim = pyro.optim.SGD({"lr": LR})
     if rank is not None:
         optim = DistributedOptimizer(optim)
+    if kind == "flow":
+        return _fit_flow(optim, rank)
     if kind == "wae":
         shard = slice(0, h.X_WAE.shape[0]) if rank is None else h.WAE_SHARDS[rank]
         enc, dec = h._nets(0)
@@ -72,13 +76,41 @@ def _fit(kind: str, rank: int | None, group) -> list[np.ndarray]:
     return [p.detach().numpy().copy() for m in modules for p in m.parameters()]
 
 
+def _fit_flow(optim, rank: int | None) -> list[np.ndarray]:
+    """``RelativeGradientMLE`` of a full-Jacobian flow, the data points ``idx`` of ``N`` in a
+    subsampled plate: all of them in one process, rank ``r``'s interleaved shard on a rank."""
+    import pyro
+    import pyro.distributions as pdist
+
+    from ppl_score.pyro import InvertibleMLPTransform, RelativeGradientMLE
+
+    n, d = 8, 2
+    data = torch.randn(n, d, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    idx = torch.arange(n) if rank is None else torch.arange(rank, n, h.WORLD_SIZE)
+    flow = InvertibleMLPTransform(d, n_layers=2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def model(idx):
+        pyro.module("flow", flow)
+        base = pdist.Normal(torch.zeros(d, dtype=torch.float64), 1.0).to_event(1)
+        with pyro.plate("data", n, subsample=idx):
+            pyro.sample("x", pdist.TransformedDistribution(base, [flow]), obs=data[idx])
+
+    def guide(idx):
+        pass
+
+    svi = pyro.infer.SVI(model, guide, optim, loss=RelativeGradientMLE())
+    for _ in range(STEPS):
+        svi.step(idx)
+    return [p.detach().numpy().copy() for p in flow.parameters()]
+
+
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=h.WORLD_SIZE)
     try:
-        out = {kind: _fit(kind, rank, dist.group.WORLD) for kind in ("wae", "implicit")}
+        out = {kind: _fit(kind, rank, dist.group.WORLD) for kind in ("wae", "implicit", "flow")}
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -94,7 +126,7 @@ def ranks():
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("kind", ["wae", "implicit"])
+@pytest.mark.parametrize("kind", ["wae", "implicit", "flow"])
 def test_svi_with_distributed_optimizer_equals_one_process(ranks, kind):
     reference = _fit(kind, None, None)
     for out in ranks:
@@ -106,6 +138,11 @@ def test_svi_with_distributed_optimizer_equals_one_process(ranks, kind):
 
 
 def _initial(kind: str) -> list[np.ndarray]:
+    if kind == "flow":
+        from ppl_score.pyro import InvertibleMLPTransform
+
+        flow = InvertibleMLPTransform(2, n_layers=2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        return [p.detach().numpy().copy() for p in flow.parameters()]
     if kind == "wae":
         enc, dec = h._nets(0)
         return [p.detach().numpy().copy() for m in (enc, dec) for p in m.parameters()]
