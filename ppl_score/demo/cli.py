@@ -26,6 +26,7 @@ import sys
 import numpy as np
 
 from ..common.objectives import OBJECTIVES
+from ..datasets import find_idx_dir
 from . import datasets
 
 __all__ = ["BACKENDS", "add_arguments", "check_args", "run"]
@@ -78,7 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data",
         default="mixture",
         help="'mixture' (built-in 2-D Gaussian mixture, known score), 'digits' (scikit-learn's "
-        "8x8 digits), or a path to a .npy/.npz array [N, *event] (default: mixture)",
+        "8x8 digits), 'fashion-mnist' (28x28, from `make data` or $PPL_SCORE_DATA), or a path to a "
+        ".npy/.npz array [N, *event] (default: mixture)",
     )
     parser.add_argument("--steps", type=_positive_int, default=2000, help="training steps (default: 2000)")
     parser.add_argument("--batch-size", type=_positive_int, default=256, help="minibatch size (default: 256)")
@@ -148,9 +150,17 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(
                 f"--{option.replace('_', '-')} is not used by method {args.method!r} (only by {', '.join(users)})"
             )
-    if args.data not in ("mixture", "digits"):
+    if args.data == "fashion-mnist":
+        try:
+            find_idx_dir(split="train")
+            find_idx_dir(split="test")
+        except FileNotFoundError as err:
+            parser.error(f"--data fashion-mnist: {err}")
+    elif args.data not in ("mixture", "digits"):
         if not os.path.isfile(args.data):
-            parser.error(f"--data must be 'mixture', 'digits' or an existing .npy/.npz file, got {args.data!r}")
+            parser.error(
+                f"--data must be 'mixture', 'digits', 'fashion-mnist' or an existing .npy/.npz file, got {args.data!r}"
+            )
         if os.path.splitext(args.data)[1].lower() not in (".npy", ".npz"):
             parser.error(f"--data file must end in .npy or .npz, got {args.data!r}")
     if args.key is not None and not args.data.lower().endswith(".npz"):

@@ -3,6 +3,7 @@
 - ``mixture``: a built-in 2-D Gaussian mixture whose log density, score and Hessian trace
   are known exactly, so a fitted model can be scored by its Fisher divergence.
 - ``load_digits``: scikit-learn's bundled 8x8 digits (no download), dequantized.
+- ``fashion_mnist_dataset``: Fashion-MNIST's idx files (see :mod:`ppl_score.datasets`), dequantized.
 - ``load_array``: a user's ``.npy`` / ``.npz`` file (e.g. MNIST or CelebA as arrays).
 
 Every loader returns a :class:`Dataset` with float64 ``train`` / ``test`` arrays of shape
@@ -28,6 +29,7 @@ __all__ = [
     "mixture_dataset",
     "make_mixture",
     "load_digits",
+    "fashion_mnist_dataset",
     "load_array",
     "get_dataset",
     "data_scale",
@@ -195,7 +197,7 @@ def _split(x: np.ndarray, test_fraction: float, rng: np.random.Generator):
     return x[perm[n_test:]], x[perm[:n_test]]
 
 
-def _finish(name, x, *, levels, scaling, test_fraction, seed, image_shape) -> Dataset:
+def _finish(name, x, *, levels, scaling, test_fraction, seed, image_shape, x_test=None) -> Dataset:
     """Dequantize (when the data are integer ``levels``), split, and scale.
 
     Integer pixel values ``k`` become ``(k + 1/2 + z) / levels``, ``z ~ N(0, 1)``: a smooth
@@ -207,12 +209,12 @@ def _finish(name, x, *, levels, scaling, test_fraction, seed, image_shape) -> Da
     if scaling not in _SCALINGS:
         raise ValueError(f"argument 'scaling' must be one of {_SCALINGS}, got {scaling!r}")
     rng = np.random.default_rng([seed, 2])
-    x = x.astype(np.float64)
+    parts = [a.astype(np.float64) for a in ((x,) if x_test is None else (x, x_test))]
     if levels is not None:
-        x = (x + 0.5 + rng.standard_normal(x.shape)) / levels
-    if not np.isfinite(x).all():
+        parts = [(a + 0.5 + rng.standard_normal(a.shape)) / levels for a in parts]
+    if not all(np.isfinite(a).all() for a in parts):
         raise ValueError(f"data set {name!r} contains non-finite values (nan or inf)")
-    train, test = _split(x, test_fraction, rng)
+    train, test = _split(parts[0], test_fraction, rng) if x_test is None else parts
     if scaling == "standardize":
         mean, std = train.mean(axis=0), train.std(axis=0)
         std = np.where(std > 0, std, 1.0)
@@ -231,6 +233,37 @@ def load_digits(scaling: str = "unit", test_fraction: float = 0.2, seed: int = 0
     images = _sk_load_digits().data  # [1797, 64], integers 0..16
     return _finish(
         "digits", images, levels=17, scaling=scaling, test_fraction=test_fraction, seed=seed, image_shape=(8, 8)
+    )
+
+
+def fashion_mnist_dataset(
+    scaling: str = "unit", seed: int = 0, max_examples: Optional[int] = None, path=None
+) -> Dataset:
+    """Fashion-MNIST's official train / test split (60000 / 10000 images of 28x28), flattened
+    to ``[N, 784]`` and dequantized to about ``[0, 1]`` like the digits (pixel ``k`` becomes
+    ``(k + 1/2 + z) / 256``, ``z ~ N(0, 1)``), or then standardized (``scaling="standardize"``).
+    ``max_examples`` keeps a random subset of the training images (the test split is whole).
+    The files are found as :func:`ppl_score.datasets.load_fashion_mnist` finds them."""
+    from ..datasets import load_fashion_mnist as _load
+
+    train = _load("train", path, flatten=True).images
+    test = _load("test", path, flatten=True).images
+    if max_examples is not None:
+        if max_examples < 2:
+            raise ValueError(f"argument 'max_examples' must be >= 2, got {max_examples}")
+        if len(train) > max_examples:
+            train = train[np.sort(np.random.default_rng([seed, 3]).choice(len(train), max_examples, replace=False))]
+    # back to the integer pixels, so the dequantization noise is one grey level as for the digits
+    pixels = [np.rint(a * 255.0) for a in (train, test)]
+    return _finish(
+        "fashion-mnist",
+        pixels[0],
+        x_test=pixels[1],
+        levels=256.0,
+        scaling=scaling,
+        test_fraction=0.5,
+        seed=seed,
+        image_shape=(28, 28),
     )
 
 
@@ -321,9 +354,11 @@ def load_array(
 def get_dataset(
     data: str, *, seed: int = 0, scaling: str = "unit", key: Optional[str] = None, max_examples: Optional[int] = None
 ) -> Dataset:
-    """``"mixture"``, ``"digits"``, or a path to a ``.npy`` / ``.npz`` file."""
+    """``"mixture"``, ``"digits"``, ``"fashion-mnist"``, or a path to a ``.npy`` / ``.npz`` file."""
     if data == "mixture":
         return mixture_dataset(seed=seed)
     if data == "digits":
         return load_digits(scaling=scaling, seed=seed)
+    if data == "fashion-mnist":
+        return fashion_mnist_dataset(scaling=scaling, seed=seed, max_examples=max_examples)
     return load_array(data, key, scaling=scaling, seed=seed, max_examples=max_examples)
