@@ -128,7 +128,7 @@ def write_idx(path, array, *, compress: Optional[bool] = None) -> None:
     header = bytes([0, 0, code, a.ndim]) + np.asarray(a.shape, ">u4").tobytes()
     payload = header + a.astype(_IDX_DTYPES[code]).tobytes()
     compress = path.endswith(".gz") if compress is None else compress
-    with (gzip.open(path, "wb") if compress else open(path, "wb")) as f:
+    with gzip.open(path, "wb") if compress else open(path, "wb") as f:
         f.write(payload)
 
 
@@ -245,8 +245,7 @@ def __getattr__(name: str):
 
     if name in _demo_datasets.__all__:
         warnings.warn(
-            f"ppl_score.datasets.{name} moved to ppl_score.demo.datasets.{name}; the old name is a "
-            "deprecated alias",
+            f"ppl_score.datasets.{name} moved to ppl_score.demo.datasets.{name}; the old name is a deprecated alias",
             DeprecationWarning,
             stacklevel=2,
         )

@@ -130,6 +130,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--key", default=None, help="name of the array inside a .npz file")
     parser.add_argument(
+        "--max-examples",
+        type=_positive_int,
+        default=None,
+        help="array data and fashion-mnist: train on a random subset of this many examples (default: all)",
+    )
+    parser.add_argument(
         "--eval-size", type=_positive_int, default=2000, help="held-out examples used for the metrics (default: 2000)"
     )
     parser.add_argument(
@@ -163,6 +169,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             )
         if os.path.splitext(args.data)[1].lower() not in (".npy", ".npz"):
             parser.error(f"--data file must end in .npy or .npz, got {args.data!r}")
+    if getattr(args, "max_examples", None) is not None and args.data in ("mixture", "digits"):
+        parser.error(f"--max-examples applies to fashion-mnist and array data, not to {args.data!r}")
+    if getattr(args, "max_examples", None) is not None and args.max_examples < 2:
+        parser.error("--max-examples must be at least 2")
     if args.key is not None and not args.data.lower().endswith(".npz"):
         parser.error("--key only applies to a .npz file given as --data")
 
@@ -454,7 +464,9 @@ def run(args: argparse.Namespace, stream=None) -> dict:
     def say(text=""):
         print(text, file=stream, flush=True)
 
-    data = datasets.get_dataset(args.data, seed=0, scaling=args.scaling, key=args.key)
+    data = datasets.get_dataset(
+        args.data, seed=0, scaling=args.scaling, key=args.key, max_examples=getattr(args, "max_examples", None)
+    )
     scale = datasets.data_scale(data.train)
     hidden = tuple(args.hidden) if args.hidden else _hidden_default(data)
     # -quadratic/2 ||x||^2 keeps exp(-E) normalizable (softplus MLPs grow at most linearly);

@@ -124,7 +124,6 @@ def test_spec_alias_is_the_objectives_module():
 @pytest.mark.parametrize(
     "old, new, name",
     [
-        ("ppl_score.datasets", "ppl_score.demo.datasets", "mixture_dataset"),
         ("ppl_score.validation", "ppl_score.common.validate", "NonFiniteWarning"),
     ],
 )

@@ -12,11 +12,21 @@ import pytest
 
 from ppl_score.__main__ import main
 from tests.helpers.demo import BACKENDS, _require
+from tests.helpers.idx import write_fake_fashion_mnist
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _has_fashion_mnist() -> bool:
+    from ppl_score.datasets import find_idx_dir
+
+    try:
+        return bool(find_idx_dir(split="train") and find_idx_dir(split="test"))
+    except FileNotFoundError:
+        return False
 
 
 # --------------------------------------------------------------------------------------
@@ -119,6 +129,56 @@ def test_demo_user_array(tmp_path, capsys):
     assert (tmp_path / "o" / "demo.png").read_bytes()[:8] == PNG_MAGIC
 
 
+def _fashion_argv(tmp_path, *extra):
+    return [
+        "demo",
+        "--data",
+        "fashion-mnist",
+        "--steps",
+        "2",
+        "--hidden",
+        "16",
+        "--eval-size",
+        "8",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "out"),
+        *extra,
+    ]
+
+
+def test_demo_fashion_mnist_on_stand_in_files(tmp_path, monkeypatch, capsys):
+    # small idx files with the real names, found through $PPL_SCORE_DATA: runs without the data
+    _require("torch")
+    monkeypatch.setenv("PPL_SCORE_DATA", write_fake_fashion_mnist(tmp_path / "data", n_train=40, n_test=12))
+    out = _run_cli(_fashion_argv(tmp_path, "--max-examples", "30"), capsys)
+    assert "data: fashion-mnist, event shape (784,) (D=784), 30 train / 8 held-out" in out
+    assert "Langevin samples" in out
+    assert (tmp_path / "out" / "demo.png").read_bytes()[:8] == PNG_MAGIC
+    assert math.isfinite(json.loads((tmp_path / "out" / "metrics.json").read_text())["heldout_esm"])
+
+
+@pytest.mark.skipif(not _has_fashion_mnist(), reason="Fashion-MNIST is not installed (`make data`)")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_demo_fashion_mnist_real(backend, tmp_path, capsys):
+    _require(backend)
+    out = _run_cli(_fashion_argv(tmp_path, "--backend", backend, "--max-examples", "300"), capsys)
+    assert "data: fashion-mnist, event shape (784,) (D=784), 300 train / 8 held-out" in out
+    assert math.isfinite(json.loads((tmp_path / "out" / "metrics.json").read_text())["heldout_esm"])
+
+
+def test_demo_fashion_mnist_missing_says_how_to_get_it(tmp_path, monkeypatch, capsys):
+    import ppl_score.datasets as ds
+
+    monkeypatch.delenv("PPL_SCORE_DATA", raising=False)
+    monkeypatch.setattr(ds, "DEBIAN_FASHION_MNIST", str(tmp_path / "none"))
+    with pytest.raises(SystemExit) as err:
+        main(["demo", "--data", "fashion-mnist"])
+    assert err.value.code == 2
+    message = capsys.readouterr().err
+    assert "--data fashion-mnist" in message and "make data" in message and "dataset-fashion-mnist" in message
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -130,6 +190,8 @@ def test_demo_user_array(tmp_path, capsys):
         (["demo", "--lr", "-1"], "number > 0"),
         (["demo", "--hidden", "128,x"], "layer widths"),
         (["demo", "--data", "/no/such/file.npy"], "--data must be"),
+        (["demo", "--data", "digits", "--max-examples", "10"], "--max-examples applies to"),
+        (["demo", "--max-examples", "0"], "positive integer"),
         (["frobnicate"], "invalid choice"),
     ],
 )

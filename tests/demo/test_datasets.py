@@ -108,3 +108,22 @@ def test_load_array_npy_and_npz(tmp_path):
     (tmp_path / "x.csv").write_text("1,2\n")
     with pytest.raises(ValueError, match=".npy or .npz"):
         datasets.load_array(tmp_path / "x.csv")
+
+
+def test_fashion_mnist_dataset_on_stand_in_files(tmp_path, monkeypatch):
+    from tests.helpers.idx import fake_images, write_fake_fashion_mnist
+
+    monkeypatch.setenv("PPL_SCORE_DATA", write_fake_fashion_mnist(tmp_path, n_train=50, n_test=20))
+    d = datasets.get_dataset("fashion-mnist")
+    assert d.name == "fashion-mnist" and d.image_shape == (28, 28)
+    assert d.train.shape == (50, 784) and d.test.shape == (20, 784)  # the official split, whole
+    # dequantized by one grey level of Gaussian noise around the pixel centres
+    pixels = fake_images(50, 0)[0].reshape(50, 784)
+    noise = d.train * 256.0 - (pixels + 0.5)
+    assert abs(noise.mean()) < 0.02 and abs(noise.std() - 1.0) < 0.02
+    sub = datasets.get_dataset("fashion-mnist", max_examples=10)
+    assert sub.train.shape == (10, 784) and sub.test.shape == (20, 784)
+    z = datasets.get_dataset("fashion-mnist", scaling="standardize")
+    np.testing.assert_allclose(z.train.mean(axis=0), 0.0, atol=1e-9)
+    with pytest.raises(ValueError, match="max_examples"):
+        datasets.get_dataset("fashion-mnist", max_examples=1)
