@@ -60,7 +60,9 @@ class TorchBackend:
             kw["generator"] = self.torch.Generator().manual_seed(seed)
         return self._loss(fn, x, method, **kw)
 
-    def loss(self, fn_builder, x, method, *, projections=None, noise=None, seed=None, dtype=None, **kw):
+    def loss(
+        self, fn_builder, x, method, *, projections=None, noise=None, noise_levels=None, seed=None, dtype=None, **kw
+    ):
         """``score_matching_loss(fn_builder(ops), x, method, ...)`` with numpy in and out.
 
         ``dtype`` (default: ``x``'s numpy dtype, float64 for Python floats) is the dtype of
@@ -69,6 +71,8 @@ class TorchBackend:
         dtype = np.dtype(dtype or np.asarray(x).dtype)
         conv = lambda a: None if a is None else self.asarray(a, dtype)
         fn = fn_builder(self.ops(dtype))
+        if noise_levels is not None:
+            kw["noise_levels"] = conv(noise_levels)
         out = self.call(fn, conv(x), method, seed=seed, projections=conv(projections), noise=conv(noise), **kw)
         return self.to_numpy(out)
 
@@ -108,10 +112,14 @@ class JaxBackend:
             kw["key"] = self.jax.random.PRNGKey(seed)
         return self._loss(fn, x, method, **kw)
 
-    def loss(self, fn_builder, x, method, *, projections=None, noise=None, seed=None, dtype=None, **kw):
+    def loss(
+        self, fn_builder, x, method, *, projections=None, noise=None, noise_levels=None, seed=None, dtype=None, **kw
+    ):
         dtype = np.dtype(dtype or np.asarray(x).dtype)
         conv = lambda a: None if a is None else self.asarray(a, dtype)
         fn = fn_builder(self.ops(dtype))
+        if noise_levels is not None:
+            kw["noise_levels"] = conv(noise_levels)
         out = self.call(fn, conv(x), method, seed=seed, projections=conv(projections), noise=conv(noise), **kw)
         return self.to_numpy(out)
 

@@ -41,11 +41,13 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
-from . import frontend
+from . import frontend, objectives
 from .validate import check_int, check_positive_float
 
 __all__ = [
     "KINDS",
+    "AnnealedPlan",
+    "check_annealed",
     "Plan",
     "check_plan",
     "check_step_size",
@@ -92,6 +94,29 @@ KINDS = ("log_prob", "score")
 # MALA whose mean acceptance rate (over chains and kept steps) is below this barely moves:
 # ``warn_low_acceptance`` says so with the rate.
 LOW_ACCEPTANCE = 0.01
+
+
+class AnnealedPlan(NamedTuple):
+    """A validated annealed Langevin run (Song & Ermon 2019, Algorithm 1): ``n_steps_each``
+    ULA steps at each level ``sigma_i`` of ``sigmas`` (largest first) with step size
+    ``h_i = step_lr * sigma_i^2 / sigma_L^2``, then, with ``denoise``, one Tweedie step
+    ``x <- x + sigma_L^2 s(x, sigma_L)`` (Jolicoeur-Martineau et al. 2021; Song & Ermon 2020)."""
+
+    sigmas: tuple
+    step_sizes: tuple
+    n_steps_each: int
+    denoise: bool
+
+
+def check_annealed(sigmas: Any, n_steps_each: Any, step_lr: Any, denoise: Any) -> AnnealedPlan:
+    """Validate annealed Langevin's arguments and compute its step sizes."""
+    levels = objectives.check_sigmas(sigmas)
+    n = check_int("n_steps_each", n_steps_each, low=1)
+    lr = check_positive_float("step_lr", step_lr)
+    if not isinstance(denoise, bool):
+        raise TypeError(f"argument 'denoise' must be a bool, got {type(denoise).__name__}")
+    last = levels[-1]
+    return AnnealedPlan(levels, tuple(lr * (s / last) ** 2 for s in levels), n, denoise)
 
 
 class LowAcceptanceWarning(RuntimeWarning):

@@ -19,6 +19,16 @@ from .validate import check_choice, check_int, check_positive_float
 
 __all__ = [
     "OBJECTIVES",
+    "UNCONDITIONAL_METHODS",
+    "DEFAULT_SIGMAS",
+    "WEIGHTINGS",
+    "geometric_sigmas",
+    "ms_dsm_weight",
+    "check_noise_levels",
+    "check_sigmas",
+    "check_noise_conditioning",
+    "check_noise_conditional_fn",
+    "check_noise_levels_shape",
     "KINDS",
     "PROJECTIONS",
     "REDUCTIONS",
@@ -39,6 +49,34 @@ __all__ = [
 ]
 
 KINDS = ("log_prob", "score")
+WEIGHTINGS = ("sigma2", "none")
+
+
+def geometric_sigmas(sigma_max: float = 1.0, sigma_min: float = 0.01, n: int = 10) -> tuple:
+    """``n`` noise levels from ``sigma_max`` down to ``sigma_min`` in geometric progression
+    (Song & Ermon 2019), as a tuple of floats."""
+    sigma_max = check_positive_float("sigma_max", sigma_max)
+    sigma_min = check_positive_float("sigma_min", sigma_min)
+    n = check_int("n", n)
+    if n > 1 and not sigma_min < sigma_max:
+        raise ValueError(f"argument 'sigma_min'={sigma_min} must be below 'sigma_max'={sigma_max}")
+    if n == 1:
+        return (sigma_max,)
+    ratio = (sigma_min / sigma_max) ** (1.0 / (n - 1))
+    return tuple(sigma_max * ratio**i for i in range(n - 1)) + (sigma_min,)
+
+
+# ms_dsm's default noise levels: geometric from 1.0 to 0.01 over 10 levels (the issue's and
+# the paper's shape; the paper's CIFAR-10 run uses 1.0..0.01 as well)
+DEFAULT_SIGMAS = geometric_sigmas(1.0, 0.01, 10)
+
+
+def ms_dsm_weight(sigma, weighting: str):
+    """``lambda(sigma)``: ``sigma^2`` (``"sigma2"``, the paper's choice, which makes every
+    level's term of order one) or 1 (``"none"``). Works on floats and on arrays."""
+    return sigma * sigma if weighting == "sigma2" else sigma * 0 + 1
+
+
 PROJECTIONS = ("rademacher", "gaussian", "sphere")
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -89,6 +127,9 @@ class ObjectiveSpec:
     # derivatives by central differences along directions u scaled to length eps (fd_*): the
     # drawn directions are unit vectors, explicit ones are normalized, zero ones rejected
     finite_difference: bool = False
+    # fn is noise-conditional, fn(x, sigma) with sigma [B] (ms_dsm): a level per example,
+    # drawn uniformly from the option `sigmas` or given as `noise_levels`
+    noise_conditional: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "defaults", FrozenMapping(self.defaults))
@@ -154,8 +195,27 @@ OBJECTIVES: Mapping[str, ObjectiveSpec] = FrozenMapping(
             uses_noise=True,
             reference="Pang, Xu, Li, Song, Ermon, Zhu (2020), NeurIPS.",
         ),
+        "ms_dsm": ObjectiveSpec(
+            name="ms_dsm",
+            noise_conditional=True,
+            summary=(
+                "Multi-scale denoising score matching of a noise-conditional model, a noise level "
+                "per example drawn uniformly from sigmas."
+            ),
+            formula=(
+                "lambda(sigma_b)/2 || s(x~, sigma_b) + (x~ - x)/sigma_b^2 ||^2,  x~ = x + sigma_b n,  "
+                "n ~ N(0, I),  sigma_b ~ U(sigmas),  lambda = sigma^2 ('sigma2') or 1 ('none')"
+            ),
+            defaults={"sigmas": DEFAULT_SIGMAS, "weighting": "sigma2"},
+            uses_noise=True,
+            reference="Song, Ermon (2019), NeurIPS.",
+        ),
     }
 )
+
+# The methods whose fn is a plain fn(x) (every one but the noise-conditional ms_dsm): what
+# the front ends' plain models, the demo and fit_energy's MLP energies take.
+UNCONDITIONAL_METHODS: tuple = tuple(name for name, obj in OBJECTIVES.items() if not obj.noise_conditional)
 
 
 @dataclass(frozen=True)
@@ -186,7 +246,83 @@ def _check_eps(eps: float) -> float:
     return eps
 
 
+def check_sigmas(value: Any) -> tuple:
+    """A non-empty, strictly decreasing sequence of positive finite floats, as a tuple."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise TypeError(
+            f"option 'sigmas' must be a sequence of noise levels (e.g. ppl_score.spec.geometric_sigmas(1.0, 0.01, 10)), "
+            f"got {type(value).__name__}"
+        )
+    try:
+        levels = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise TypeError("option 'sigmas' must hold real numbers") from None
+    if not levels:
+        raise ValueError("option 'sigmas' must hold at least one noise level")
+    for v in levels:
+        if not (math.isfinite(v) and v > 0.0):
+            raise ValueError(f"option 'sigmas' must hold positive finite noise levels, got {v!r}")
+    if any(b >= a for a, b in zip(levels, levels[1:])):
+        raise ValueError(f"option 'sigmas' must be strictly decreasing (largest first), got {levels}")
+    return levels
+
+
+def check_noise_conditional_fn(fn: Any, method: str) -> None:
+    """``fn`` of a noise-conditional method must accept ``fn(x, sigma)``: a ``TypeError`` up
+    front instead of one from inside the objective. Callables whose signature cannot be
+    read are let through."""
+    import inspect
+
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        raise TypeError(
+            f"method {method!r} needs a noise-conditional argument 'fn': fn(x, sigma) with sigma of shape [B] "
+            f"(e.g. ppl_score.torch.nets.NoiseConditionalScore); got a callable with signature {signature}"
+        ) from None
+
+
+def check_noise_conditioning(condition_on_sigma: Any, divide_by_sigma: Any) -> None:
+    """The noise-conditional score networks' two switches: bools, at least one on."""
+    for name, value in (("condition_on_sigma", condition_on_sigma), ("divide_by_sigma", divide_by_sigma)):
+        if not isinstance(value, bool):
+            raise TypeError(f"argument {name!r} must be a bool, got {type(value).__name__}")
+    if not (condition_on_sigma or divide_by_sigma):
+        raise ValueError(
+            "a noise-conditional score network needs condition_on_sigma=True or divide_by_sigma=True "
+            "(else it does not depend on sigma)"
+        )
+
+
+def check_noise_levels_shape(shape: tuple, batch: int) -> None:
+    if tuple(shape) != (batch,):
+        raise ValueError(f"argument 'noise_levels' must have shape [B] = ({batch},), got {tuple(shape)}")
+
+
+def check_noise_levels(levels: Any, sigmas: tuple, batch: int) -> None:
+    """Explicit ``noise_levels`` (numpy-convertible ``[B]``): each value one of ``sigmas``
+    (to float32 precision, so levels cast to float32 still match)."""
+    import numpy as np
+
+    values = np.asarray(levels, dtype=np.float64)
+    check_noise_levels_shape(values.shape, batch)
+    table = np.asarray(sigmas, dtype=np.float64)
+    close = np.abs(values[:, None] - table[None, :]) <= 1e-6 * table[None, :]
+    bad = ~close.any(axis=1)
+    if bad.any():
+        raise ValueError(
+            f"argument 'noise_levels' must hold values of option 'sigmas' {tuple(round(t, 6) for t in sigmas)}; "
+            f"got {values[bad][:3].tolist()} (at positions {np.flatnonzero(bad)[:3].tolist()})"
+        )
+
+
 _OPTION_CHECKS = {
+    "sigmas": check_sigmas,
+    "weighting": lambda v: check_choice("weighting", v, WEIGHTINGS, what="option"),
     "sigma": lambda v: check_positive_float("sigma", v, what="option"),
     "eps": lambda v: _check_eps(check_positive_float("eps", v, what="option")),
     "n_projections": lambda v: check_int("n_projections", v, what="option"),
@@ -263,12 +399,15 @@ def check_projection_shape(resolved: Resolved, proj_shape: tuple, x_shape: tuple
     return m
 
 
-def check_unused(resolved: Resolved, has_projections: bool, has_noise: bool) -> None:
-    """Explicit ``projections`` / ``noise`` for a method that draws none is an error."""
+def check_unused(resolved: Resolved, has_projections: bool, has_noise: bool, has_noise_levels: bool = False) -> None:
+    """Explicit ``projections`` / ``noise`` / ``noise_levels`` for a method that draws none is
+    an error."""
     if has_projections and not resolved.spec.uses_projections:
         raise ValueError(f"argument 'projections' is not used by method {resolved.method!r}")
     if has_noise and not resolved.spec.uses_noise:
         raise ValueError(f"argument 'noise' is not used by method {resolved.method!r}")
+    if has_noise_levels and not resolved.spec.noise_conditional:
+        raise ValueError(f"argument 'noise_levels' is only used by method 'ms_dsm', not {resolved.method!r}")
 
 
 def check_noise_shape(resolved: Resolved, noise_shape: tuple, x_shape: tuple) -> None:
@@ -304,6 +443,8 @@ def nonfinite_cause(method: str | None, options: Mapping[str, Any], subject: str
         causes.append(f"eps={options['eps']:g} out of range for {subject} and the dtype (c = D/eps^2)")
     if method is not None and "sigma" in options:
         causes.append(f"sigma={options['sigma']:g} too small (the target (x~ - x)/sigma^2 overflows)")
+    if method is not None and "sigmas" in options:
+        causes.append(f"the smallest of sigmas, {min(options['sigmas']):g}, too small (the target overflows)")
     causes.append("an overflow in float32 (try float64)")
     return "; or ".join(causes)
 

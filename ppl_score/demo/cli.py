@@ -25,7 +25,7 @@ import sys
 
 import numpy as np
 
-from ..common.objectives import OBJECTIVES
+from ..common.objectives import OBJECTIVES, UNCONDITIONAL_METHODS
 from ..datasets import find_idx_dir
 from . import datasets
 
@@ -73,7 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``demo`` subcommand's options."""
     parser.add_argument("--backend", choices=BACKENDS, default="torch", help="array framework (default: torch)")
     parser.add_argument(
-        "--method", choices=tuple(OBJECTIVES), default="ssm_vr", help="score-matching objective (default: ssm_vr)"
+        "--method",
+        choices=UNCONDITIONAL_METHODS,
+        default="ssm_vr",
+        help="score-matching objective (default: ssm_vr)",
     )
     parser.add_argument(
         "--data",

@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from ..common.objectives import check_noise_conditioning
 from .validate import check_key
 
 
@@ -89,3 +90,64 @@ def score_apply(
 ) -> jax.Array:
     """Score network ``x[B, *event] -> [B, *event]``; mirrors ``torch.nets.MLPScore``."""
     return mlp_apply(params, x.reshape(x.shape[0], -1), activation).reshape(x.shape)
+
+
+def noise_conditional_score_init(
+    key: jax.Array,
+    dim: int,
+    hidden: Sequence[int] = (256, 256),
+    dtype: jnp.dtype | type = jnp.float32,
+    *,
+    condition_on_sigma: bool = True,
+    divide_by_sigma: bool = False,
+) -> list[tuple[jax.Array, jax.Array]]:
+    """Parameters of ``noise_conditional_score_apply`` (mirrors
+    ``torch.nets.NoiseConditionalScore``): an MLP ``dim (+1 for log sigma) -> hidden -> dim``."""
+    check_noise_conditioning(condition_on_sigma, divide_by_sigma)
+    return mlp_init(key, (dim + int(condition_on_sigma), *hidden, dim), dtype)
+
+
+def noise_conditional_score_apply(
+    params: Sequence[tuple[jax.Array, jax.Array]],
+    x: jax.Array,
+    sigma: jax.Array,
+    activation: Callable[[jax.Array], jax.Array] = jax.nn.softplus,
+    *,
+    condition_on_sigma: bool = True,
+    divide_by_sigma: bool = False,
+) -> jax.Array:
+    """``s(x, sigma)``, ``x[B, *event], sigma[B] -> [B, *event]``: the MLP of ``params`` on
+    ``[x, log sigma]`` (``condition_on_sigma``), divided by ``sigma`` (``divide_by_sigma``,
+    NCSNv2's ``s_theta(x) / sigma``); mirrors ``torch.nets.NoiseConditionalScore``."""
+    flat = x.reshape(x.shape[0], -1)
+    sigma = jnp.broadcast_to(jnp.asarray(sigma, flat.dtype), (x.shape[0],))
+    h = jnp.concatenate([flat, jnp.log(sigma)[:, None]], -1) if condition_on_sigma else flat
+    out = mlp_apply(params, h, activation)
+    if divide_by_sigma:
+        out = out / sigma[:, None]
+    return out.reshape(x.shape)
+
+
+def noise_conditional_energy_init(
+    key: jax.Array, dim: int, hidden: Sequence[int] = (256, 256), dtype: jnp.dtype | type = jnp.float32
+) -> list[tuple[jax.Array, jax.Array | None]]:
+    """Parameters of ``noise_conditional_energy_apply`` (mirrors
+    ``torch.nets.NoiseConditionalEnergy``): ``energy_init`` with one more input, ``log sigma``."""
+    return energy_init(key, dim + 1, hidden, dtype)
+
+
+def noise_conditional_energy_apply(
+    params: Sequence[tuple[jax.Array, jax.Array | None]],
+    x: jax.Array,
+    sigma: jax.Array,
+    activation: Callable[[jax.Array], jax.Array] = jax.nn.softplus,
+    quadratic: float = 0.0,
+) -> jax.Array:
+    """``log p_sigma(x) + const``, ``x[B, *event], sigma[B] -> [B]``; mirrors
+    ``torch.nets.NoiseConditionalEnergy``."""
+    flat = x.reshape(x.shape[0], -1)
+    sigma = jnp.broadcast_to(jnp.asarray(sigma, flat.dtype), (x.shape[0],))
+    out = mlp_apply(params, jnp.concatenate([flat, jnp.log(sigma)[:, None]], -1), activation)[:, 0]
+    if quadratic:
+        out = out - 0.5 * quadratic * (flat * flat).sum(-1)
+    return out

@@ -1,4 +1,4 @@
-"""The six score-matching objectives of ``ppl_score.spec.OBJECTIVES`` (JAX).
+"""The score-matching objectives of ``ppl_score.spec.OBJECTIVES`` (JAX).
 
 Each ``_per_example_<method>`` returns the per-example value ``[B]``; ``score_matching_loss``
 validates, draws what is random, and reduces. The math is in ``ppl_score.spec`` and in
@@ -20,6 +20,7 @@ from . import derivatives as d
 from .projections import (
     draw_directions,
     draw_noise,
+    draw_noise_levels,
     draw_projections,
     has_zero_direction,
     unit_directions,
@@ -93,6 +94,13 @@ def _per_example_fd_dsm(fn, kind, x, *, u, noise, sigma, eps, **_):
     return (0.5 * c * inner**2).reshape(m, b).mean(0)
 
 
+def _per_example_ms_dsm(fn, kind, x, *, noise, levels, weighting, **_):
+    # levels: sigma_b [B]; (x~ - x) / sigma_b^2 = n / sigma_b
+    sig = levels.reshape((-1,) + (1,) * (x.ndim - 1))
+    s = d.score_fn(lambda z: fn(z, levels), kind)(x + sig * noise)
+    return 0.5 * spec.ms_dsm_weight(levels, weighting) * d.flat_sum((s + noise / sig) ** 2)
+
+
 _PER_EXAMPLE = {
     "esm": _per_example_esm,
     "ssm": _per_example_ssm,
@@ -100,6 +108,7 @@ _PER_EXAMPLE = {
     "dsm": _per_example_dsm,
     "fd_ssm": _per_example_fd_ssm,
     "fd_dsm": _per_example_fd_dsm,
+    "ms_dsm": _per_example_ms_dsm,
 }
 
 
@@ -129,6 +138,7 @@ def score_matching_loss(
     kind: str = "log_prob",
     projections: jax.Array | np.ndarray | None = None,
     noise: jax.Array | np.ndarray | None = None,
+    noise_levels: jax.Array | np.ndarray | None = None,
     reduction: str = "mean",
     **options: Any,
 ) -> jax.Array:
@@ -136,14 +146,17 @@ def score_matching_loss(
 
     Args:
         fn: ``kind="log_prob"``: ``x[B, *event] -> [B]``, a log density up to a constant;
-            ``kind="score"``: ``x[B, *event] -> [B, *event]``, a score network.
+            ``kind="score"``: ``x[B, *event] -> [B, *event]``, a score network. For
+            ``ms_dsm`` noise-conditional: ``fn(x, sigma)`` with ``sigma`` ``[B]``.
         x: data ``[B, *event]``, floating dtype.
         method: one of ``ppl_score.spec.OBJECTIVES`` (``esm``, ``ssm``, ``ssm_vr``, ``dsm``,
-            ``fd_ssm``, ``fd_dsm``).
+            ``fd_ssm``, ``fd_dsm``, ``ms_dsm``).
         key: PRNG key, required when something random must be drawn.
         projections: explicit ``v`` (``ssm``, ``ssm_vr``) or directions ``u`` (``fd_*``),
             ``[M, B, *event]`` or ``[B, *event]``.
-        noise: explicit ``n ~ N(0, I)`` for ``dsm`` / ``fd_dsm``, ``[B, *event]``.
+        noise: explicit ``n ~ N(0, I)`` for ``dsm`` / ``fd_dsm`` / ``ms_dsm``, ``[B, *event]``.
+        noise_levels: ``ms_dsm`` only: explicit ``sigma_b`` ``[B]``, each one of the option
+            ``sigmas`` (default: drawn uniformly from them; checked eagerly, not under jit).
         reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (per-example ``[B]``).
         **options: the method's options (see ``OBJECTIVES[method].defaults``).
 
@@ -168,21 +181,31 @@ def score_matching_loss(
     spec.check_reduction(reduction)
     if not callable(fn):
         raise TypeError(f"argument 'fn' must be callable, got {type(fn).__name__}")
+    if resolved.spec.noise_conditional:
+        spec.check_noise_conditional_fn(fn, resolved.method)
     if isinstance(x, np.ndarray) and x.dtype == np.float64 and not jax.config.jax_enable_x64:
         _warn_x64_once("x")
     x = check_array("x", x)
     spec.check_x_shape(tuple(x.shape))
-    spec.check_unused(resolved, projections is not None, noise is not None)
+    spec.check_unused(resolved, projections is not None, noise is not None, noise_levels is not None)
     opts = dict(resolved.options)
     name, fd = resolved.method, resolved.spec.finite_difference
     kwargs = {k: opts[k] for k in ("sigma", "eps") if k in opts}
-    needs_key = (resolved.spec.uses_projections and projections is None) or (resolved.spec.uses_noise and noise is None)
+    draws_levels = resolved.spec.noise_conditional and noise_levels is None
+    needs_key = (
+        (resolved.spec.uses_projections and projections is None)
+        or (resolved.spec.uses_noise and noise is None)
+        or draws_levels
+    )
     if needs_key and key is None:
-        raise ValueError(
-            f"argument 'key' is required: method {name!r} draws random "
-            f"{'projections' if projections is None and resolved.spec.uses_projections else 'noise'}"
-            " (or pass them explicitly)"
+        what = (
+            "projections"
+            if projections is None and resolved.spec.uses_projections
+            else "noise"
+            if noise is None
+            else "noise levels"
         )
+        raise ValueError(f"argument 'key' is required: method {name!r} draws random {what} (or pass them explicitly)")
     if key is not None:
         key = check_key(key)
     key_proj, key_noise = jax.random.split(key) if needs_key else (None, None)
@@ -210,6 +233,17 @@ def score_matching_loss(
         else:
             noise = draw_noise(key_noise, x.shape, x.dtype)
         kwargs["noise"] = noise
+    if resolved.spec.noise_conditional:
+        kwargs = {"noise": kwargs["noise"], "weighting": opts["weighting"]}
+        if noise_levels is not None:
+            noise_levels = check_array("noise_levels", noise_levels, dtype="real", cast=x.dtype)
+            spec.check_noise_levels_shape(tuple(noise_levels.shape), x.shape[0])
+            if is_validation_enabled() and is_concrete(noise_levels):
+                spec.check_noise_levels(np.asarray(noise_levels), opts["sigmas"], x.shape[0])
+            kwargs["levels"] = noise_levels
+        else:
+            # a third stream, so the noise of a given key is that of dsm
+            kwargs["levels"] = draw_noise_levels(jax.random.fold_in(key, 1), opts["sigmas"], x.shape[0], x.dtype)
     if "eps" in opts:
         spec.fd_roundoff_warning(opts["eps"], float(jnp.finfo(x.dtype).eps), str(x.dtype))
     per_example = _PER_EXAMPLE[name](fn, resolved.kind, x, **kwargs)

@@ -71,3 +71,9 @@ def draw_directions(key: jax.Array, shape: Sequence[int], dtype: jnp.dtype | typ
 def draw_noise(key: jax.Array, shape: Sequence[int], dtype: jnp.dtype | type) -> jax.Array:
     """Standard normal noise ``n`` of shape ``[B, *event]``."""
     return jax.random.normal(key, tuple(shape), dtype=dtype)
+
+
+def draw_noise_levels(key: jax.Array, sigmas: Sequence[float], batch: int, dtype: jnp.dtype | type) -> jax.Array:
+    """``[B]`` noise levels drawn uniformly (with replacement) from ``sigmas`` (``ms_dsm``)."""
+    index = jax.random.randint(key, (batch,), 0, len(sigmas))
+    return jnp.asarray(tuple(sigmas), dtype=dtype)[index]

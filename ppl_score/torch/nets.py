@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..common.objectives import check_noise_conditioning
+
 
 class MLPEnergy(nn.Module):
     """Deep energy model: ``log p(x) = -E(x) + const`` with ``E`` an MLP on the flattened
@@ -65,6 +67,76 @@ class MLPScore(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.reshape(x.shape[0], -1)).reshape(x.shape)
+
+
+class NoiseConditionalScore(nn.Module):
+    """Noise-conditional score network ``s(x, sigma)``, ``x[B, *event], sigma[B] ->
+    [B, *event]`` (an MLP on the flattened event), for ``ms_dsm`` and annealed Langevin.
+
+    ``condition_on_sigma``: the MLP sees ``log sigma`` as one more input (NCSN's
+    conditioning, here by concatenation). ``divide_by_sigma``: the output is divided by
+    ``sigma``, ``s(x, sigma) = s_theta(x) / sigma`` (NCSNv2's parametrization, Song & Ermon
+    2020, which matches the ``1/sigma`` scale of the noisy scores; with
+    ``condition_on_sigma=False`` the network itself is unconditional). At least one of them.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: Sequence[int] = (256, 256),
+        activation: Callable[[], nn.Module] = nn.Softplus,
+        *,
+        condition_on_sigma: bool = True,
+        divide_by_sigma: bool = False,
+    ):
+        super().__init__()
+        check_noise_conditioning(condition_on_sigma, divide_by_sigma)
+        self.condition_on_sigma, self.divide_by_sigma = bool(condition_on_sigma), bool(divide_by_sigma)
+        sizes = (dim + int(self.condition_on_sigma), *hidden)
+        layers = []
+        for a, b in zip(sizes[:-1], sizes[1:]):
+            layers += [nn.Linear(a, b), activation()]
+        layers.append(nn.Linear(sizes[-1], dim))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(x.shape[0], -1)
+        sigma = torch.as_tensor(sigma, dtype=flat.dtype, device=flat.device).expand(x.shape[0])
+        h = torch.cat([flat, sigma.log().unsqueeze(-1)], -1) if self.condition_on_sigma else flat
+        out = self.net(h)
+        if self.divide_by_sigma:
+            out = out / sigma.unsqueeze(-1)
+        return out.reshape(x.shape)
+
+
+class NoiseConditionalEnergy(nn.Module):
+    """Noise-conditional energy ``log p_sigma(x) = -E(x, log sigma) + const``,
+    ``x[B, *event], sigma[B] -> [B]``: an ``MLPEnergy`` whose MLP also sees ``log sigma``
+    (kind ``"log_prob"`` for ``ms_dsm``); ``quadratic`` adds ``-quadratic/2 ||x||^2``."""
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: Sequence[int] = (256, 256),
+        activation: Callable[[], nn.Module] = nn.Softplus,
+        quadratic: float = 0.0,
+    ):
+        super().__init__()
+        sizes = (dim + 1, *hidden)
+        layers = []
+        for a, b in zip(sizes[:-1], sizes[1:]):
+            layers += [nn.Linear(a, b), activation()]
+        layers.append(nn.Linear(sizes[-1], 1, bias=False))
+        self.net = nn.Sequential(*layers)
+        self.quadratic = float(quadratic)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(x.shape[0], -1)
+        sigma = torch.as_tensor(sigma, dtype=flat.dtype, device=flat.device).expand(x.shape[0])
+        out = self.net(torch.cat([flat, sigma.log().unsqueeze(-1)], -1)).squeeze(-1)
+        if self.quadratic:
+            out = out - 0.5 * self.quadratic * (flat * flat).sum(-1)
+        return out
 
 
 def _drop_state_key(name: str, state_dict: dict, prefix: str, *args: object) -> None:

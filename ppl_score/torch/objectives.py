@@ -1,4 +1,4 @@
-"""The six score-matching objectives of ``ppl_score.spec.OBJECTIVES`` (torch).
+"""The score-matching objectives of ``ppl_score.spec.OBJECTIVES`` (torch).
 
 Each ``_per_example_<method>`` returns the per-example value ``[B]``; ``score_matching_loss``
 validates, draws what is random, and reduces. The math is in ``ppl_score.spec`` and in
@@ -15,7 +15,14 @@ import torch
 from ..common import objectives as spec
 from ..common.validate import warn_nonfinite
 from . import derivatives as d
-from .projections import draw_directions, draw_noise, draw_projections, has_zero_direction, unit_directions
+from .projections import (
+    draw_directions,
+    draw_noise,
+    draw_noise_levels,
+    draw_projections,
+    has_zero_direction,
+    unit_directions,
+)
 from .validate import all_finite, check_array, check_grad_mode, validating
 
 __all__ = ["score_matching_loss"]
@@ -119,6 +126,15 @@ def _per_example_fd_dsm(fn, kind, x, *, u, noise, sigma, eps, **_):
     return _mean_over_projections(0.5 * c * inner**2, m)
 
 
+def _per_example_ms_dsm(fn, kind, x, *, noise, levels, weighting, **_):
+    # levels: sigma_b [B]; (x~ - x) / sigma_b^2 = n / sigma_b
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    sig = levels.reshape(shape)
+    xg = d.differentiable_input(x + sig * noise)
+    s = d.score(lambda z: fn(z, levels), kind, xg)
+    return 0.5 * spec.ms_dsm_weight(levels, weighting) * d.flat_sum((s + noise / sig) ** 2)
+
+
 _PER_EXAMPLE = {
     "esm": _per_example_esm,
     "ssm": _per_example_ssm,
@@ -126,6 +142,7 @@ _PER_EXAMPLE = {
     "dsm": _per_example_dsm,
     "fd_ssm": _per_example_fd_ssm,
     "fd_dsm": _per_example_fd_dsm,
+    "ms_dsm": _per_example_ms_dsm,
 }
 
 
@@ -137,6 +154,7 @@ def score_matching_loss(
     kind: str = "log_prob",
     projections: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
+    noise_levels: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     reduction: str = "mean",
     **options: Any,
@@ -145,13 +163,16 @@ def score_matching_loss(
 
     Args:
         fn: ``kind="log_prob"``: ``x[B, *event] -> [B]``, a log density up to a constant;
-            ``kind="score"``: ``x[B, *event] -> [B, *event]``, a score network.
+            ``kind="score"``: ``x[B, *event] -> [B, *event]``, a score network. For
+            ``ms_dsm`` noise-conditional: ``fn(x, sigma)`` with ``sigma`` ``[B]``.
         x: data ``[B, *event]``, floating dtype. Its own graph is kept when it requires grad.
         method: one of ``ppl_score.spec.OBJECTIVES`` (``esm``, ``ssm``, ``ssm_vr``, ``dsm``,
-            ``fd_ssm``, ``fd_dsm``).
+            ``fd_ssm``, ``fd_dsm``, ``ms_dsm``).
         projections: explicit ``v`` (``ssm``, ``ssm_vr``) or directions ``u`` (``fd_*``),
             ``[M, B, *event]`` or ``[B, *event]``.
-        noise: explicit ``n ~ N(0, I)`` for ``dsm`` / ``fd_dsm``, ``[B, *event]``.
+        noise: explicit ``n ~ N(0, I)`` for ``dsm`` / ``fd_dsm`` / ``ms_dsm``, ``[B, *event]``.
+        noise_levels: ``ms_dsm`` only: explicit ``sigma_b`` ``[B]``, each one of the option
+            ``sigmas`` (default: drawn uniformly from them).
         generator: ``torch.Generator`` for the random draws (default: the global one).
         reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (per-example ``[B]``).
         **options: the method's options (see ``OBJECTIVES[method].defaults``).
@@ -176,11 +197,13 @@ def score_matching_loss(
     spec.check_reduction(reduction)
     if not callable(fn):
         raise TypeError(f"argument 'fn' must be callable, got {type(fn).__name__}")
+    if resolved.spec.noise_conditional:
+        spec.check_noise_conditional_fn(fn, resolved.method)
     check_array("x", x)
     spec.check_x_shape(tuple(x.shape))
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"argument 'generator' must be a torch.Generator, got {type(generator).__name__}")
-    spec.check_unused(resolved, projections is not None, noise is not None)
+    spec.check_unused(resolved, projections is not None, noise is not None, noise_levels is not None)
     check_grad_mode("score_matching_loss")
     opts = dict(resolved.options)
     draw = dict(generator=generator, dtype=x.dtype, device=x.device)
@@ -207,6 +230,16 @@ def score_matching_loss(
         else:
             noise = draw_noise(x.shape, **draw)
         kwargs["noise"] = noise
+    if resolved.spec.noise_conditional:
+        kwargs = {"noise": kwargs["noise"], "weighting": opts["weighting"]}
+        if noise_levels is not None:
+            noise_levels = check_array("noise_levels", noise_levels, dtype="real").to(dtype=x.dtype, device=x.device)
+            spec.check_noise_levels_shape(tuple(noise_levels.shape), x.shape[0])
+            if validate:
+                spec.check_noise_levels(noise_levels.detach().cpu().numpy(), opts["sigmas"], x.shape[0])
+            kwargs["levels"] = noise_levels
+        else:
+            kwargs["levels"] = draw_noise_levels(opts["sigmas"], x.shape[0], **draw)
     if "eps" in opts:
         spec.fd_roundoff_warning(opts["eps"], torch.finfo(x.dtype).eps, str(x.dtype))
     grad_mode = torch.is_grad_enabled()

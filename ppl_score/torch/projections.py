@@ -88,3 +88,16 @@ def draw_noise(
 ) -> torch.Tensor:
     """Standard normal noise ``n`` of shape ``[B, *event]``."""
     return torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
+
+
+def draw_noise_levels(
+    sigmas: Sequence[float],
+    batch: int,
+    *,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """``[B]`` noise levels drawn uniformly (with replacement) from ``sigmas`` (``ms_dsm``)."""
+    index = torch.randint(len(sigmas), (batch,), generator=generator, device=device)
+    return torch.tensor(tuple(sigmas), dtype=dtype, device=device)[index]

@@ -26,6 +26,12 @@ def test_every_objective_callable(backend, kind):
     """One call per method and kind, with drawn randomness, gives a finite scalar."""
     x = np.random.default_rng(0).normal(size=(4, 3))
     builder = (lambda ops: lambda y: -0.5 * (y * y).sum(-1)) if kind == "log_prob" else (lambda ops: lambda y: -y)
+    conditional = (
+        (lambda ops: lambda y, sigma: -0.5 * (y * y).sum(-1) / (1 + sigma**2))
+        if kind == "log_prob"
+        else (lambda ops: lambda y, sigma: -y / (1 + sigma[:, None] ** 2))
+    )
     for method in OBJECTIVES:
-        out = backend.loss(builder, x, method, kind=kind, seed=0)
+        fn = conditional if OBJECTIVES[method].noise_conditional else builder
+        out = backend.loss(fn, x, method, kind=kind, seed=0)
         assert out.shape == () and np.isfinite(out), method

@@ -7,9 +7,9 @@ import re
 
 import numpy as np
 
-from ppl_score.spec import OBJECTIVES
+from ppl_score.spec import OBJECTIVES, UNCONDITIONAL_METHODS
 
-METHODS = tuple(OBJECTIVES)
+METHODS = UNCONDITIONAL_METHODS
 B, EVENT = 4, (2, 3)
 D = math.prod(EVENT)
 _RNG = np.random.default_rng(0)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ppl_score.spec import OBJECTIVES
+from ppl_score.spec import OBJECTIVES, UNCONDITIONAL_METHODS
 
-METHODS = tuple(OBJECTIVES)
+METHODS = UNCONDITIONAL_METHODS
 KINDS = ("log_prob", "score")
 
 

@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 import pytest
 
-from ppl_score.spec import OBJECTIVES
+from ppl_score.spec import UNCONDITIONAL_METHODS
 from tests.helpers.deq import BAD_OPTIONS, GAMMA, RTOL, TIGHT, B, D, H, _jax_params, _jax_quantities_fn, _rel
 
 
@@ -79,7 +79,7 @@ def test_jax_every_objective(jdeq, tdeq, data):
     @jax.jit
     def losses(p, key):
         fn = lambda y: jdeq.deq_energy_apply(p, y, config, quadratic=0.5)  # noqa: E731
-        return jnp.stack([score_matching_loss(fn, x, m, key=key) for m in OBJECTIVES])
+        return jnp.stack([score_matching_loss(fn, x, m, key=key) for m in UNCONDITIONAL_METHODS])
 
     vals = losses(params, jax.random.PRNGKey(0))
     assert bool(jnp.isfinite(vals).all())

@@ -29,7 +29,7 @@ from numpyro.infer.autoguide import AutoDelta, AutoMultivariateNormal, AutoNorma
 from ppl_score.jax import score_matching_loss  # noqa: E402
 from ppl_score.jax.nets import energy_apply, energy_init  # noqa: E402
 from ppl_score.numpyro import ScoreMatching, Unnormalized  # noqa: E402
-from ppl_score.spec import OBJECTIVES  # noqa: E402
+from ppl_score.spec import OBJECTIVES, UNCONDITIONAL_METHODS  # noqa: E402
 from tests.helpers.score_matching import BETA_GB, TAU, _mask, esm_gamma, esm_gaussian, gb_target, mvn_case
 from tests.helpers.shared import empty_guide
 
@@ -104,7 +104,7 @@ def test_gamma_matched_in_log_space_closed_form(rng):
     assert loss_of(ScoreMatching("esm"), model_u, empty_guide, jnp.asarray(x)) == pytest.approx(value, rel=1e-10)
 
 
-@pytest.mark.parametrize("method", sorted(OBJECTIVES))
+@pytest.mark.parametrize("method", sorted(UNCONDITIONAL_METHODS))
 def test_every_method_matches_the_backend_and_differentiates_under_jit(rng, method):
     """The loss equals the backend function with the objective's key (the third of the
     particle key's split), and has a gradient in the model's parameters under ``jit``."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ppl_score.spec import OBJECTIVES
+from ppl_score.spec import OBJECTIVES, UNCONDITIONAL_METHODS
 
 torch = pytest.importorskip("torch")
 jax = pytest.importorskip("jax")
@@ -22,7 +22,7 @@ from ppl_score.jax.nets import energy_apply, score_apply  # noqa: E402
 from ppl_score.torch import score_matching_loss as torch_loss  # noqa: E402
 from ppl_score.torch.nets import MLPEnergy, MLPScore, mlp_params  # noqa: E402
 
-METHODS = tuple(OBJECTIVES)
+METHODS = UNCONDITIONAL_METHODS
 EVENT = (2, 3)
 DIM = 6
 B, M = 4, 3

@@ -34,7 +34,7 @@ from ppl_score.pyro import (  # noqa: E402
     Unnormalized,
 )
 from ppl_score.pyro.distributed import shard_scale  # noqa: E402
-from ppl_score.spec import OBJECTIVES  # noqa: E402
+from ppl_score.spec import UNCONDITIONAL_METHODS  # noqa: E402
 from ppl_score.torch.distributed import rank_generator  # noqa: E402
 from ppl_score.torch.nets import MLPEnergy  # noqa: E402
 from tests.helpers.shared import empty_guide  # noqa: E402
@@ -47,7 +47,7 @@ N, D = 8, 2
 STEPS = 3
 LR = 1e-3  # SGD on the DDP route
 ADAM = {"lr": 1e-2}  # pyro.optim.Adam on the SVI route
-METHODS = sorted(OBJECTIVES)
+METHODS = sorted(UNCONDITIONAL_METHODS)
 # disjoint shards, interleaved as DistributedSampler(shuffle=False) deals them
 SHARDS = [torch.arange(r, N, WORLD) for r in range(WORLD)]
 UNION = torch.arange(N)

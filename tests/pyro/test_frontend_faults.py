@@ -19,7 +19,7 @@ from pyro.optim import Adam  # noqa: E402
 from ppl_score.pyro import ScoreMatching as PSM  # noqa: E402
 from ppl_score.pyro import Unnormalized as PUnnormalized  # noqa: E402
 from ppl_score.pyro.wae import WAE as PWAE  # noqa: E402
-from ppl_score.spec import OBJECTIVES  # noqa: E402
+from ppl_score.spec import UNCONDITIONAL_METHODS  # noqa: E402
 from ppl_score.torch.estimators import LearnedScoreEstimator  # noqa: E402
 from ppl_score.torch.nets import MLPEnergy  # noqa: E402
 from tests.helpers.frontends import F64, ROUNDTRIPS, X, _pyro_model, quadratic
@@ -50,7 +50,7 @@ class EnergyModel:
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", sorted(OBJECTIVES))
+@pytest.mark.parametrize("method", sorted(UNCONDITIONAL_METHODS))
 def test_pyro_loss_under_no_grad_equals_the_loss_outside(method):
     energy = PyroModule[MLPEnergy](2, hidden=(4,), quadratic=1.0).double()
 

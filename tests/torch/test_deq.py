@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 import pytest
 
-from ppl_score.spec import OBJECTIVES
+from ppl_score.spec import UNCONDITIONAL_METHODS
 from tests.helpers.deq import (
     BAD_OPTIONS,
     GAMMA,
@@ -121,7 +121,7 @@ def test_torch_phantom_error_decreases_with_k(tdeq, data, record_property):
     assert errors[0].max() > 1e-3 and errors[-1].max() < 1e-5  # biased at K=1, ~gamma^K after
 
 
-@pytest.mark.parametrize("method", list(OBJECTIVES))
+@pytest.mark.parametrize("method", list(UNCONDITIONAL_METHODS))
 def test_torch_every_objective(tdeq, data, method):
     import torch
 

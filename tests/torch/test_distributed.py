@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
-from ppl_score.spec import OBJECTIVES  # noqa: E402
+from ppl_score.spec import OBJECTIVES, UNCONDITIONAL_METHODS  # noqa: E402
 from ppl_score.torch import score_matching_loss  # noqa: E402
 from ppl_score.torch.deq import DEQEnergy, deq_params  # noqa: E402
 from ppl_score.torch.distributed import rank_generator  # noqa: E402
@@ -29,7 +29,7 @@ F64 = torch.float64
 B, D, M = 8, 3, 2  # rows (all ranks), event size, projections
 STEPS = 3
 LR = 1e-2
-METHODS = sorted(OBJECTIVES)
+METHODS = sorted(UNCONDITIONAL_METHODS)
 SHARDS = [torch.arange(r, B, WORLD) for r in range(WORLD)]
 DEQ_OPTIONS = dict(gamma=0.8, tol=1e-12, max_iter=400)
 
