@@ -16,14 +16,26 @@ plate) times its mask.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import numbers
 from types import TracebackType
-from typing import Any, Collection, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Collection, Iterator, Mapping, NamedTuple, Sequence
 
 from . import objectives as spec
 from .validate import check_int, check_positive_float, check_sites
 
 __all__ = [
+    "NoiseLevel",
+    "noise_level",
+    "current_noise_level",
+    "noise_conditional_fn",
+    "noise_level_repeats",
+    "at_noise_level",
+    "check_annealed_site",
+    "check_default_sigma",
+    "missing_noise_level_error",
+    "not_noise_conditional_error",
     "Config",
     "make_config",
     "check_beta",
@@ -442,3 +454,127 @@ def nonfinite_loss_warning(what: str, sites: Sequence[str], resolved: spec.Resol
     method, options = (None, {}) if resolved is None else (resolved.method, resolved.options)
     cause = spec.nonfinite_cause(method, options, subject=f"the log density of {where}")
     return f"{what} loss at {where}", cause + "; or guide samples outside the prior's support"
+
+
+# ---------------------------------------------------------------------------------------
+# Noise-conditional models (ms_dsm): the noise level a NoiseConditional site is evaluated at
+# ---------------------------------------------------------------------------------------
+
+
+class NoiseLevel:
+    """The noise level in force: ``sigma`` (a number, or an array ``[m]`` of one level per
+    datum or per chain), and whether a ``NoiseConditional`` site read it (``used``)."""
+
+    __slots__ = ("sigma", "used")
+
+    def __init__(self, sigma: Any):
+        self.sigma, self.used = sigma, False
+
+
+_NOISE_LEVEL: contextvars.ContextVar = contextvars.ContextVar("ppl_score_noise_level", default=None)
+
+
+@contextlib.contextmanager
+def noise_level(sigma: Any) -> Iterator[NoiseLevel]:
+    """Evaluate ``NoiseConditional`` sites at noise level ``sigma`` inside the block: a number,
+    or an array ``[m]`` whose entries cover a site's points in ``m`` equal consecutive blocks
+    (one level per datum, or per chain). ``ScoreMatching("ms_dsm")`` and the annealed mode of
+    ``langevin`` set it; use it yourself to evaluate a fitted model at a level (e.g. under
+    ``Predictive`` or ``poutine.trace``)."""
+    if isinstance(sigma, numbers.Real) and not (sigma > 0 and sigma < float("inf")):
+        raise ValueError(f"argument 'sigma' must be a positive finite noise level, got {sigma!r}")
+    level = NoiseLevel(sigma)
+    token = _NOISE_LEVEL.set(level)
+    try:
+        yield level
+    finally:
+        _NOISE_LEVEL.reset(token)
+
+
+def current_noise_level() -> NoiseLevel | None:
+    """The innermost ``noise_level`` in force, or None."""
+    return _NOISE_LEVEL.get()
+
+
+def noise_conditional_fn(fn: Callable[[Any], Any]) -> tuple[Callable[[Any, Any], Any], list]:
+    """``fn(rows) -> log density`` of a model made noise-conditional for the backends:
+    ``(rows, sigma) -> fn(rows)`` evaluated under ``noise_level(sigma)``. Returns it and a list
+    that records, per call, whether a ``NoiseConditional`` site read the level."""
+    record: list = []
+
+    def conditional(rows, sigma):
+        with noise_level(sigma) as level:
+            out = fn(rows)
+        record.append(level.used)
+        return out
+
+    return conditional, record
+
+
+def at_noise_level(log_prob: Callable[[Any], Any]) -> Callable[[Any, Any], Any]:
+    """``(u, sigma) -> log_prob(u)`` evaluated under ``noise_level(sigma)``: a sampled site's
+    log density made noise-conditional for ``annealed_langevin``."""
+
+    def conditional(u, sigma):
+        with noise_level(sigma):
+            return log_prob(u)
+
+    return conditional
+
+
+def check_annealed_site(log_prob: Callable[[Any], Any], u0: Any, sigma: float, site: str, num_samples: Any) -> None:
+    """The annealed mode of ``langevin`` samples a ``NoiseConditional`` site: evaluated once at
+    ``u0`` and the first level, its log density must read the level.
+
+    Raises:
+        ValueError: ``num_samples`` / ``num_steps`` given (one sample per chain), or a site
+            whose density does not depend on the noise level.
+    """
+    if num_samples is not None:
+        raise ValueError(
+            "arguments 'num_samples' / 'num_steps' do not apply with 'sigmas' (annealed Langevin keeps one "
+            "sample per chain: ask for more chains)"
+        )
+    with noise_level(sigma) as level:
+        log_prob(u0)
+    if not level.used:
+        raise ValueError(
+            f"argument 'sigmas' (annealed Langevin) needs a noise-conditional site: {site!r} is not observed "
+            "with a NoiseConditional distribution"
+        )
+
+
+def noise_level_repeats(m: int, n_points: int) -> int:
+    """How many consecutive points each of ``m`` levels covers among ``n_points``.
+
+    Raises:
+        ValueError: ``n_points`` is not a multiple of ``m``.
+    """
+    if m < 1 or n_points % m:
+        raise ValueError(
+            f"a NoiseConditional site with {n_points} points cannot be evaluated at {m} noise levels "
+            "(one level per datum, or per chain, must divide the points evenly); give the site the "
+            "batch of the data (the plate of the matched sites)"
+        )
+    return n_points // m
+
+
+def check_default_sigma(sigma: Any) -> float | None:
+    """``NoiseConditional``'s ``sigma=``: None or a positive finite number."""
+    return None if sigma is None else check_positive_float("sigma", sigma)
+
+
+def missing_noise_level_error() -> ValueError:
+    return ValueError(
+        "a NoiseConditional site needs a noise level: fit it with ScoreMatching('ms_dsm'), sample it with "
+        "langevin(..., sigmas=...), evaluate it under `with noise_level(sigma):`, or give the distribution "
+        "a default `sigma=`"
+    )
+
+
+def not_noise_conditional_error(method: str) -> ValueError:
+    return ValueError(
+        f"method {method!r} needs a noise-conditional model: observe the matched site with a "
+        "NoiseConditional(log_density_fn(x, sigma), event_shape) distribution (no matched site read the "
+        "noise level)"
+    )

@@ -11,7 +11,9 @@ Metrics, on held-out data:
   known, the gap to the true density's own loss estimates the Fisher divergence;
 - where the true score is known (the mixture): the Fisher divergence
   ``1/2 E||s_model(x) - s_true(x)||^2``;
-- for 2-D data: the log-likelihood with the model normalized numerically on the plot grid.
+- for 2-D data: the log-likelihood with the model normalized numerically on the plot grid;
+- the kernel Stein discrepancy test (IMQ kernel, wild bootstrap) of the held-out data under
+  the fitted model: ``KSD^2`` and its p-value.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ BACKENDS = ("torch", "jax")
 # Options the CLI passes through, when the method takes them.
 _PASSED_OPTIONS = ("sigma", "eps", "n_projections")
 GRID = 160  # density grid per axis for 2-D data
+KSD_POINTS = 500  # held-out points of the kernel Stein discrepancy test (O(N^2) pairs)
+KSD_BOOTSTRAP = 500  # its wild-bootstrap draws
 QUIVER = 17  # score arrows per axis
 LANGEVIN_STEPS = 300
 
@@ -259,6 +263,30 @@ def _grid_log_density(log_prob, gx, gy, points):
     top = lp.max()
     log_z = top + math.log(np.exp(lp - top).sum() * cell)
     return lp - log_z, log_z
+
+
+def _ksd_test(args, x: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """The backend's kernel Stein discrepancy test of ``x`` under the fitted model (its
+    ``scores`` at ``x``): ``(KSD^2, p-value)``."""
+    flat_x, flat_s = x.reshape(len(x), -1), np.asarray(scores).reshape(len(x), -1)
+    if args.backend == "torch":
+        import torch
+
+        from ..torch import ksd_test
+
+        out = ksd_test(
+            torch.as_tensor(flat_x),
+            torch.as_tensor(flat_s, dtype=torch.float64),
+            n_bootstrap=KSD_BOOTSTRAP,
+            generator=torch.Generator().manual_seed(args.seed),
+        )
+    else:
+        import jax
+
+        from ..jax import ksd_test
+
+        out = ksd_test(flat_x, flat_s, key=jax.random.PRNGKey(args.seed), n_bootstrap=KSD_BOOTSTRAP)
+    return float(out.statistic), float(out.p_value)
 
 
 def _langevin(args, log_density, score, x0: np.ndarray, step: float, n_steps: int, bound: float):
@@ -543,6 +571,15 @@ def _evaluate_and_report(args, data, fit, log_density, hidden, quadratic, option
             f"Fisher divergence 1/2 E||s_model - s_true||^2 (held-out): {fisher:.4f} +- {fisher_se:.4f}   "
             f"[1/2 E||s_true||^2 = {metrics['half_mean_sq_true_score']:.4f}]"
         )
+
+    n_ksd = min(len(test), KSD_POINTS)
+    ksd2, p_value = _ksd_test(args, test[:n_ksd], fit.score(test[:n_ksd]))
+    metrics.update(ksd=ksd2, ksd_p_value=p_value, ksd_points=n_ksd)
+    say(
+        f"kernel Stein discrepancy test (IMQ, {n_ksd} held-out points, {KSD_BOOTSTRAP} wild-bootstrap draws): "
+        f"KSD^2 {ksd2:.4g}, p-value {p_value:.3f}"
+        + ("   [a small p-value: the held-out data are unlikely under the fitted model]" if p_value < 0.05 else "")
+    )
 
     fig_path = os.path.join(args.out, "demo.png")
     title = f"{data.name}: {args.method} on {args.backend}, {args.steps} steps" + (

@@ -3,6 +3,7 @@ model), to be fitted by :class:`~ppl_score.numpyro.ScoreMatching`."""
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NoReturn, Sequence
 
 import jax
@@ -12,7 +13,7 @@ from numpyro.distributions import Distribution, constraints
 from ..common import frontend
 from ..common import langevin as shared
 
-__all__ = ["Unnormalized"]
+__all__ = ["Unnormalized", "NoiseConditional", "noise_level"]
 
 
 class Unnormalized(Distribution):
@@ -157,6 +158,96 @@ class Unnormalized(Distribution):
 
     def __repr__(self) -> str:
         return frontend.unnormalized_repr(self.log_density_fn, self.event_shape, self.batch_shape, self.batched)
+
+
+noise_level = frontend.noise_level
+
+
+class NoiseConditional(Unnormalized):
+    r"""A noise-conditional unnormalized density :math:`p_\sigma(x) \propto \exp(f(x, \sigma))`,
+    the model of multi-scale denoising score matching (``ScoreMatching("ms_dsm")``, Song &
+    Ermon 2019): ``log_prob(x) = f(x, sigma)`` at the noise level in force; mirrors
+    ``ppl_score.pyro.NoiseConditional``.
+
+    The level comes from the innermost ``noise_level(sigma)`` block (``ScoreMatching("ms_dsm")``
+    sets one level per datum; ``langevin(..., sigmas=...)`` one per chain and level), else
+    from ``sigma=`` given here; with neither, ``log_prob`` raises. An array of ``m`` levels
+    covers the site's points in ``m`` equal consecutive blocks::
+
+        def model(x):
+            params = numpyro.param("energy", noise_conditional_energy_init(key, 2, (64, 64)))
+            with numpyro.plate("data", len(x)):
+                numpyro.sample("x", NoiseConditional(partial(noise_conditional_energy_apply, params), (2,)), obs=x)
+        svi = SVI(model, lambda x: None, optax.adam(1e-3), loss=ScoreMatching("ms_dsm"))
+
+    Args:
+        log_density_fn: ``f(x, sigma)``: rows form ``f(x[n, *event_shape], sigma[n]) -> [n]``;
+            batched form ``f(x[*batch, *event_shape], sigma[*batch]) -> [*batch]``.
+        event_shape, support, batch_shape, batched: as for :class:`Unnormalized`.
+        sigma: the level used outside any ``noise_level`` block (default: none).
+
+    References:
+        1. Y. Song, S. Ermon. Generative modeling by estimating gradients of the data
+           distribution. NeurIPS, 2019.
+    """
+
+    pytree_aux_fields = ("log_density_fn", "_support", "batched", "sigma")
+
+    def __init__(
+        self,
+        log_density_fn: Callable[[jax.Array, jax.Array], jax.Array],
+        event_shape: int | Sequence[int],
+        support: constraints.Constraint = constraints.real,
+        *,
+        sigma: float | None = None,
+        batch_shape: int | Sequence[int] = (),
+        batched: bool = False,
+        validate_args: bool | None = None,
+    ) -> None:
+        super().__init__(
+            log_density_fn, event_shape, support, batch_shape=batch_shape, batched=batched, validate_args=validate_args
+        )
+        self.sigma = frontend.check_default_sigma(sigma)
+
+    def expand(self, batch_shape: Sequence[int]) -> NoiseConditional:
+        batch_shape = shared.check_expand(self.batch_shape, batch_shape)
+        if batch_shape == tuple(self.batch_shape):
+            return self
+        return NoiseConditional(
+            self.log_density_fn,
+            self.event_shape,
+            sigma=self.sigma,
+            batch_shape=batch_shape,
+            batched=self.batched,
+            validate_args=self._validate_args,
+        )._with_support(self._support)
+
+    def _levels(self, value: jax.Array, lead: tuple) -> jax.Array:
+        """One level per point ``[*lead]``, from the level in force (or ``sigma``)."""
+        level = frontend.current_noise_level()
+        if level is not None:
+            level.used = True
+            sigma = level.sigma
+        elif self.sigma is not None:
+            sigma = self.sigma
+        else:
+            raise frontend.missing_noise_level_error()
+        sigma = jnp.asarray(sigma, jnp.result_type(value)).reshape(-1)
+        n = math.prod(lead)
+        if sigma.size == 1:
+            return jnp.broadcast_to(sigma, (n,)).reshape(lead)
+        return jnp.repeat(sigma, frontend.noise_level_repeats(sigma.size, n)).reshape(lead)
+
+    def _evaluate(self, value, lead, expected):
+        levels = self._levels(value, tuple(lead))
+        if self.batched:
+            fn = lambda x: self.log_density_fn(x, levels)  # noqa: E731
+        else:
+            fn = lambda x: self.log_density_fn(x, levels.reshape(-1))  # noqa: E731
+        return _OPS.evaluate(fn, self.batched, self.event_shape, value, lead, expected)
+
+    def __repr__(self) -> str:
+        return "NoiseConditional" + super().__repr__()[len("Unnormalized") :]
 
 
 class _JaxOps(shared.UnnormalizedOps):

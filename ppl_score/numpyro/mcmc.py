@@ -53,7 +53,7 @@ accept_rate, layout)``, has samples ``[num_samples, num_chains, *layout.shape]``
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +63,9 @@ from numpyro import handlers
 from numpyro.distributions import ExpandedDistribution
 from numpyro.distributions.transforms import biject_to
 
+from ..common import frontend
 from ..common import langevin as shared
+from ..common.objectives import check_sigmas
 from ..jax import langevin as backend
 from ..jax.validate import check_key
 from .distributions import Unnormalized
@@ -324,6 +326,10 @@ def langevin(
     latents: dict | None = None,
     vectorize: str = "plate",
     progress_bar: bool = False,
+    sigmas: Sequence[float] | None = None,
+    n_steps_each: int = 100,
+    step_lr: float = 2e-5,
+    denoise: bool = True,
     **kwargs: Any,
 ) -> SiteSamples:
     r"""Langevin chains (MALA, or ULA with ``adjusted=False``) on the observed ``site`` of a
@@ -350,6 +356,12 @@ def langevin(
             come from (a guide draws them once per chain, or per point in draws mode).
         vectorize: ``"plate"`` (default) or ``"vmap"``, see ``site_log_density``.
         progress_bar: as in ``ppl_score.jax.langevin.mala``.
+        sigmas: the annealed mode, for a site observed with ``NoiseConditional`` (fitted by
+            ``ScoreMatching("ms_dsm")``): annealed Langevin over these decreasing levels
+            (``n_steps_each`` ULA steps per level of size ``step_lr * sigma_i^2 / sigma_L^2``,
+            then with ``denoise`` the Tweedie step), as ``annealed_langevin`` of the backend;
+            one sample per chain, so ``num_samples`` / ``num_steps`` must be left out and
+            ``num_warmup``, ``step_size``, ``adjusted`` and ``thin`` do not apply.
 
     Returns:
         ``SiteSamples(samples [num_samples, num_chains, *layout.shape], accept_rate, layout)``.
@@ -382,6 +394,23 @@ def langevin(
         **kwargs,
     )
     u0 = dens.init_unconstrained(init).reshape(dens.num_rows, *dens.unconstrained_shape)
+    if sigmas is not None:
+        levels = check_sigmas(sigmas)
+        frontend.check_annealed_site(
+            dens.log_prob, u0, levels[0], site, num_samples if num_steps is None else num_steps
+        )
+        out = backend.annealed_langevin(
+            frontend.at_noise_level(dens.log_prob),
+            u0,
+            levels,
+            n_steps_each,
+            step_lr,
+            denoise=denoise,
+            kind="log_prob",
+            key=key_run,
+            progress_bar=progress_bar,
+        )
+        return shared.site_samples(dens, out.samples[None], jnp.ones(u0.shape[:1], u0.dtype))
     sampler = backend.mala if adjusted else backend.ula
     result = sampler(
         dens.log_prob,

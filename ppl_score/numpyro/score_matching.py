@@ -165,10 +165,17 @@ class ScoreMatching(ELBO):
         return sites.matched_density(_OPS, blocks, deps, joint), cls
 
     def _datum_values(self, dens, key):
+        fn, record = dens.fn, None
+        if self.config.resolved.spec.noise_conditional:
+            # ms_dsm: the backend draws a level per datum; NoiseConditional sites read it
+            fn, record = frontend.noise_conditional_fn(dens.fn)
         with warnings.catch_warnings():
             # a non-finite loss is reported once, by the loss, naming the sites
             warnings.simplefilter("ignore", validate.NonFiniteWarning)
-            return score_matching_loss(dens.fn, dens.x, self.method, key=key, reduction="none", **self.options)
+            values = score_matching_loss(fn, dens.x, self.method, key=key, reduction="none", **self.options)
+        if record is not None and not any(record):
+            raise frontend.not_noise_conditional_error(self.method)
+        return values
 
     def loss_with_mutable_state(
         self,
@@ -222,6 +229,30 @@ class ScoreMatching(ELBO):
         model_trace, _, _, rerun, sm_key = self._traces(rng_key, param_map, model, guide, args, kwargs)
         dens, _ = self._matched(model_trace, rerun)
         return self._datum_values(dens, sm_key), dens.weight
+
+    def datum_scores(
+        self,
+        rng_key: jax.Array,
+        param_map: Mapping[str, Any],
+        model: Callable,
+        guide: Callable,
+        *args: Any,
+        **kwargs: Any,
+    ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+        """The matched data and the model's score at them, for one draw of the guide (for
+        goodness-of-fit tests and diagnostics; ``method`` and its options play no part).
+
+        Returns:
+            ``(x [n, D], scores [n, D], weights [n] or None)``: the matched sites' data in
+            unconstrained coordinates (one row per data point; several matched sites
+            concatenated), the score of the model's joint log density in them (the density
+            the objectives match), and the weights (scale x mask); traceable. When a site
+            couples the data points, ``n = 1``.
+        """
+        model_trace, _, _, rerun, _ = self._traces(rng_key, param_map, model, guide, args, kwargs)
+        dens, _ = self._matched(model_trace, rerun)
+        scores = jax.grad(lambda x: jnp.sum(dens.fn(x)))(dens.x)
+        return dens.x, scores, dens.weight
 
     def _warn_if_nonfinite(self, loss, matched) -> None:
         # eagerly only: under jit / vmap the value is a tracer and cannot be inspected

@@ -9,11 +9,12 @@ auto-encoders (``WAE``), relative-gradient flows and DEQ energies, and data-para
 from .calibration import calibrate_beta
 from .deq import DEQEnergy, DEQScore
 from .distributed import DistributedOptimizer
-from .distributions import Unnormalized
+from .distributions import NoiseConditional, Unnormalized, noise_level
 from .flows import InvertibleMLPTransform, RelativeGradientMLE
 from .implicit import ImplicitELBO
 from .mcmc import langevin, nuts, potential_fn, site_log_density
 from .score_matching import ScoreMatching
+from .stein import goodness_of_fit
 from .wae import WAE
 
 __all__ = [
@@ -22,12 +23,15 @@ __all__ = [
     "DistributedOptimizer",
     "ImplicitELBO",
     "InvertibleMLPTransform",
+    "NoiseConditional",
     "RelativeGradientMLE",
     "ScoreMatching",
     "Unnormalized",
     "WAE",
     "calibrate_beta",
+    "goodness_of_fit",
     "langevin",
+    "noise_level",
     "nuts",
     "potential_fn",
     "site_log_density",

@@ -3,6 +3,7 @@ model), to be fitted by :class:`~ppl_score.pyro.ScoreMatching`."""
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NoReturn, Sequence
 
 import torch
@@ -11,7 +12,7 @@ from pyro.distributions import TorchDistribution, constraints
 from ..common import frontend
 from ..common import langevin as shared
 
-__all__ = ["Unnormalized"]
+__all__ = ["Unnormalized", "NoiseConditional", "noise_level"]
 
 
 class Unnormalized(TorchDistribution):
@@ -149,6 +150,87 @@ class Unnormalized(TorchDistribution):
 
     def __repr__(self) -> str:
         return frontend.unnormalized_repr(self.log_density_fn, self.event_shape, self.batch_shape, self.batched)
+
+
+noise_level = frontend.noise_level
+
+
+class NoiseConditional(Unnormalized):
+    r"""A noise-conditional unnormalized density :math:`p_\sigma(x) \propto \exp(f(x, \sigma))`,
+    the model of multi-scale denoising score matching (``ScoreMatching("ms_dsm")``, Song &
+    Ermon 2019): ``log_prob(x) = f(x, sigma)`` at the noise level in force.
+
+    The level comes from the innermost ``noise_level(sigma)`` block (``ScoreMatching("ms_dsm")``
+    sets one level per datum; ``langevin(..., sigmas=...)`` one per chain and level), else
+    from ``sigma=`` given here; with neither, ``log_prob`` raises. An array of ``m`` levels
+    covers the site's points in ``m`` equal consecutive blocks::
+
+        score_net = PyroModule[NoiseConditionalEnergy](2, hidden=(64, 64))
+        def model(x):
+            with pyro.plate("data", len(x)):
+                pyro.sample("x", NoiseConditional(score_net, event_shape=(2,)), obs=x)
+        svi = SVI(model, lambda x: None, Adam({"lr": 1e-3}), loss=ScoreMatching("ms_dsm"))
+
+    Args:
+        log_density_fn: ``f(x, sigma)``: rows form ``f(x[n, *event_shape], sigma[n]) -> [n]``;
+            batched form ``f(x[*batch, *event_shape], sigma[*batch]) -> [*batch]``.
+        event_shape, support, batch_shape, batched: as for :class:`Unnormalized`.
+        sigma: the level used outside any ``noise_level`` block (default: none).
+
+    References:
+        1. Y. Song, S. Ermon. Generative modeling by estimating gradients of the data
+           distribution. NeurIPS, 2019.
+    """
+
+    def __init__(
+        self,
+        log_density_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        event_shape: int | Sequence[int],
+        support: constraints.Constraint = constraints.real,
+        *,
+        sigma: float | None = None,
+        batch_shape: int | Sequence[int] = (),
+        batched: bool = False,
+        validate_args: bool | None = None,
+    ) -> None:
+        super().__init__(
+            log_density_fn, event_shape, support, batch_shape=batch_shape, batched=batched, validate_args=validate_args
+        )
+        self.sigma = frontend.check_default_sigma(sigma)
+
+    def expand(self, batch_shape: Sequence[int], _instance: NoiseConditional | None = None) -> NoiseConditional:
+        new = self._get_checked_instance(NoiseConditional, _instance)
+        super().expand(batch_shape, _instance=new)
+        new.sigma = self.sigma
+        return new
+
+    def _levels(self, value: torch.Tensor, lead: tuple) -> torch.Tensor:
+        """One level per point ``[*lead]``, from the level in force (or ``sigma``)."""
+        level = frontend.current_noise_level()
+        if level is not None:
+            level.used = True
+            sigma = level.sigma
+        elif self.sigma is not None:
+            sigma = self.sigma
+        else:
+            raise frontend.missing_noise_level_error()
+        sigma = torch.as_tensor(sigma, dtype=value.dtype, device=value.device).reshape(-1)
+        n = math.prod(lead)
+        if sigma.numel() == 1:
+            return sigma.expand(n).reshape(lead)
+        return sigma.repeat_interleave(frontend.noise_level_repeats(sigma.numel(), n)).reshape(lead)
+
+    def _evaluate(self, value, lead, expected):
+        levels = self._levels(value, tuple(lead))
+        if self.batched:
+            fn = lambda x: self.log_density_fn(x, levels)  # noqa: E731
+        else:
+            fn = lambda x: self.log_density_fn(x, levels.reshape(-1))  # noqa: E731
+        return _OPS.evaluate(fn, self.batched, self.event_shape, value, lead, expected)
+
+    def __repr__(self) -> str:
+        base = super().__repr__()
+        return "NoiseConditional" + base[len("Unnormalized") :]
 
 
 class _TorchOps(shared.UnnormalizedOps):

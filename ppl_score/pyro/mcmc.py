@@ -55,7 +55,7 @@ first trace. The result, ``SiteSamples(samples, accept_rate, layout)``, has samp
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import pyro
 import pyro.poutine as poutine
@@ -66,7 +66,9 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
 
+from ..common import frontend
 from ..common import langevin as shared
+from ..common.objectives import check_sigmas
 from ..common.validate import inference_mode_error
 from ..torch import langevin as backend
 from .distributions import Unnormalized
@@ -267,6 +269,10 @@ def langevin(
     latents: dict | None = None,
     generator: torch.Generator | None = None,
     progress_bar: bool = False,
+    sigmas: Sequence[float] | None = None,
+    n_steps_each: int = 100,
+    step_lr: float = 2e-5,
+    denoise: bool = True,
     **kwargs: Any,
 ) -> SiteSamples:
     r"""Langevin chains (MALA, or ULA with ``adjusted=False``) on the observed ``site`` of a
@@ -291,6 +297,12 @@ def langevin(
         guide / latents: where the latent sites' values come from (a guide draws them once
             per chain, or per point in draws mode: the posterior predictive).
         generator, progress_bar: as in ``ppl_score.torch.langevin.mala``.
+        sigmas: the annealed mode, for a site observed with ``NoiseConditional`` (fitted by
+            ``ScoreMatching("ms_dsm")``): annealed Langevin over these decreasing levels
+            (``n_steps_each`` ULA steps per level of size ``step_lr * sigma_i^2 / sigma_L^2``,
+            then with ``denoise`` the Tweedie step), as ``annealed_langevin`` of the backend;
+            one sample per chain, so ``num_samples`` / ``num_steps`` must be left out and
+            ``num_warmup``, ``step_size``, ``adjusted`` and ``thin`` do not apply.
 
     Returns:
         ``SiteSamples(samples [num_samples, num_chains, *layout.shape], accept_rate, layout)``.
@@ -310,6 +322,23 @@ def langevin(
         model, site, *args, num_chains=num_chains, num_draws=num_draws, guide=guide, latents=latents, **kwargs
     )
     u0 = dens.init_unconstrained(init).reshape(dens.num_rows, *dens.unconstrained_shape)
+    if sigmas is not None:
+        levels = check_sigmas(sigmas)
+        frontend.check_annealed_site(
+            dens.log_prob, u0, levels[0], site, num_samples if num_steps is None else num_steps
+        )
+        out = backend.annealed_langevin(
+            frontend.at_noise_level(dens.log_prob),
+            u0,
+            levels,
+            n_steps_each,
+            step_lr,
+            denoise=denoise,
+            kind="log_prob",
+            generator=generator,
+            progress_bar=progress_bar,
+        )
+        return shared.site_samples(dens, out.samples.unsqueeze(0), u0.new_ones(u0.shape[0]))
     sampler = backend.mala if adjusted else backend.ula
     result = sampler(
         dens.log_prob,

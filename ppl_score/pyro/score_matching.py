@@ -214,12 +214,19 @@ class ScoreMatching(GeneratorState, ELBO):
         return sites.matched_density(_OPS, blocks, deps, rerun), cls
 
     def _datum_values(self, dens) -> torch.Tensor:
+        fn, record = dens.fn, None
+        if self.config.resolved.spec.noise_conditional:
+            # ms_dsm: the backend draws a level per datum; NoiseConditional sites read it
+            fn, record = frontend.noise_conditional_fn(dens.fn)
         with warnings.catch_warnings():
             # a non-finite loss is reported once, by the loss, naming the sites
             warnings.simplefilter("ignore", validate.NonFiniteWarning)
-            return score_matching_loss(
-                dens.fn, dens.x, self.method, reduction="none", generator=self.generator, **self.options
+            values = score_matching_loss(
+                fn, dens.x, self.method, reduction="none", generator=self.generator, **self.options
             )
+        if record is not None and not any(record):
+            raise frontend.not_noise_conditional_error(self.method)
+        return values
 
     def _particle_loss(self, model_trace, guide_trace, context) -> tuple:
         """The loss of one particle (or of all, vectorized) and the names of its matched sites."""
@@ -281,6 +288,32 @@ class ScoreMatching(GeneratorState, ELBO):
             model_trace, _, context = self._traces_of(model, guide, args, kwargs)
             dens, _ = self._matched(model_trace, context)
             return self._datum_values(dens), dens.weight
+
+    def datum_scores(
+        self, model: Callable, guide: Callable, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The matched data and the model's score at them, for one draw of the guide (for
+        goodness-of-fit tests and diagnostics; ``method`` and its options play no part).
+
+        Returns:
+            ``(x [n, D], scores [n, D], weights [n] or None)``: the matched sites' data in
+            unconstrained coordinates (one row per data point; several matched sites
+            concatenated), the score of the model's joint log density in them (the density
+            the objectives match), and the weights (scale x mask), all without gradient.
+            When a site couples the data points, ``n = 1``.
+
+        Raises:
+            RuntimeError: under ``torch.inference_mode()`` (the score needs autograd;
+                ``torch.no_grad()`` is fine).
+        """
+        self._check_grad_mode()
+        with torch.enable_grad():
+            model_trace, _, context = self._traces_of(model, guide, args, kwargs)
+            dens, _ = self._matched(model_trace, context)
+            x = dens.x.detach().requires_grad_(True)
+            (scores,) = torch.autograd.grad(dens.fn(x).sum(), x)
+        weight = None if dens.weight is None else dens.weight.detach()
+        return x.detach(), scores.detach(), weight
 
     def differentiable_loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The loss as a differentiable tensor (the ``ELBOModule`` route).

@@ -68,8 +68,10 @@ def test_demo_mixture(backend, tmp_path, capsys):
     assert (tmp_path / "demo.png").read_bytes()[:8] == PNG_MAGIC
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["backend"] == backend and metrics["method"] == "ssm_vr" and metrics["n_eval"] == 300
-    for key in ("heldout_esm", "fisher_divergence", "train_seconds", "heldout_loglik_grid_normalized"):
+    for key in ("heldout_esm", "fisher_divergence", "train_seconds", "heldout_loglik_grid_normalized", "ksd"):
         assert math.isfinite(metrics[key]), key
+    assert 0 < metrics["ksd_p_value"] <= 1 and metrics["ksd_points"] == 300
+    assert "kernel Stein discrepancy test (IMQ, 300 held-out points" in out
     # the printed Fisher divergence is the one in metrics.json
     assert f"{metrics['fisher_divergence']:.4f}" in out
     if backend == "torch":

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TUTORIALS = {
     "gaussian_graphical_model": ["MLE (inverse sample covariance)", "L1-SM (Pyro)", "L1-SM (NumPyro)"],
     "deep_energy_2d": ["Pyro    : held-out log-lik", "NumPyro : held-out log-lik"],
+    "noise_conditional": ["annealed Langevin :", "plain Langevin    :", "KSD test at sigma", "digits (JAX backend)"],
     "generalized_bayes": [
         "closed form (generalized Bayes)",
         "NUTS on the potential (Pyro)",
