@@ -17,7 +17,9 @@ samples with ``lambda x: energy(params, x)`` made afresh each time compiles once
 a plain Python function closes over (directly, in nested closures, or in dicts, lists and
 tuples) are passed to the compiled program as dynamic arguments, and the compilation is
 cached per code object (weakly) and per the closure's non-array contents (numbers,
-strings, types). A ``jax.tree_util.Partial(energy, params)`` works the same way. Any other
+strings, types). A ``jax.tree_util.Partial(energy, params)`` works the same way when
+``energy`` is a plain function (a ``functools.partial`` inside it is a new object each time
+``Partial`` wraps it, so it compiles each time: write ``def energy(params, x)`` instead). Any other
 ``fn`` (a bound method, an object holding arrays in its attributes) is compiled once per
 ``fn`` object and released with it.
 
