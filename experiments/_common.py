@@ -72,8 +72,11 @@ def single_thread() -> None:
     measured on a shared 2-core machine, and two run side by side."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     flags = os.environ.get("XLA_FLAGS", "")
-    if "intra_op_parallelism_threads" not in flags:
-        os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+    # only well-formed "--name=value" flags: a bare token (the often quoted
+    # "intra_op_parallelism_threads=1") makes XLA drop the flags after it, e.g. a later
+    # --xla_force_host_platform_device_count in a child process that inherits this environment
+    if "xla_cpu_multi_thread_eigen" not in flags:
+        os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false").strip()
     try:
         import torch
 
