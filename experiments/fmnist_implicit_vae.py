@@ -21,6 +21,15 @@ logits), prior ``N(0, I_8)``, the same budget (``--steps`` Adam steps at lr 1e-3
   ``--particles`` codes per image (a kernel estimator needs several particles; the decoder
   then also sees that many codes per image, an advantage in gradient variance).
 
+``--frontend numpyro``: the same three encoders, architectures (``ppl_score.jax.nets``
+MLPs with torch's default initialization), data, budget and seeds, trained with NumPyro
+``SVI`` (``optax.adam``, the steps in one jitted ``lax.scan``; minibatches and dynamic
+binarization drawn from JAX keys): NumPyro's ``Trace_ELBO`` for the Gaussian encoder,
+``ppl_score.numpyro.ImplicitELBO`` with a ``learned_score_estimator`` (same network, SSM-VR,
+optimizer and steps; state declared with ``score_state``) or ``"stein"`` (``--particles``
+codes, ``vmap``) for the implicit ones. The trained weights are then copied into the torch
+modules above, so both front ends are scored by the identical torch evaluation below.
+
 Metric: test ``-log p(x)`` by annealed importance sampling (AIS), written here in torch and
 vectorized over images and chains: from the prior to the posterior through
 ``p(z) p(x|z)^beta`` on a sigmoid schedule of ``--ais-temps`` temperatures, one HMC
@@ -44,6 +53,8 @@ fixed small budget.
 
     python experiments/fmnist_implicit_vae.py --json experiments/results/fmnist_implicit_vae.json
     python experiments/fmnist_implicit_vae.py --smoke        # seconds, what the test runs
+    python experiments/fmnist_implicit_vae.py --frontend numpyro \
+        --json experiments/results/fmnist_implicit_vae_numpyro.json
 """
 
 from __future__ import annotations
@@ -195,6 +206,150 @@ def train(kind, x_train, *, steps, batch, seed, lr, particles, score_steps, scor
         losses[step] = svi.step(xb) / batch
     seconds = time.perf_counter() - t0
     return decoder.eval(), encoder.eval(), losses, seconds
+
+
+# ---------------------------------------------------------------------------------------
+# NumPyro model, guides, losses (``--frontend numpyro``)
+
+_NUMPYRO_CACHE = {}  # (kind, settings) -> (svi, jitted run, estimator): one compilation per encoder
+
+
+def _numpyro_svi(kind, *, n_train, steps, batch, lr, particles, score_steps, score_lr):
+    """NumPyro ``SVI`` of one encoder and its jitted training loop (``lax.scan`` over
+    ``steps`` updates, each on a fresh minibatch, drawn with replacement and dynamically
+    binarized inside the loop); built once per encoder and reused across seeds (the seed
+    enters only through the initial state and the key)."""
+    cache_key = (kind, n_train, steps, batch, lr, particles, score_steps, score_lr)
+    if cache_key in _NUMPYRO_CACHE:
+        return _NUMPYRO_CACHE[cache_key]
+    import jax
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as dist
+    import optax
+
+    from ppl_score.jax.estimators import learned_score_estimator
+    from ppl_score.jax.nets import mlp_apply
+    from ppl_score.numpyro import ImplicitELBO
+    from ppl_score.numpyro.implicit import score_state
+
+    def net(params, h):
+        return mlp_apply(params, h, jax.nn.tanh)
+
+    est = None
+    if kind == "implicit_ssm_vr":
+        est = learned_score_estimator(
+            LATENT,
+            context_dim=PIXELS,
+            hidden=(HIDDEN, HIDDEN),
+            activation=jax.nn.tanh,
+            method="ssm_vr",
+            optimizer=optax.adam(score_lr),
+            n_steps=score_steps,
+            n_projections=1,
+            projection="gaussian",
+        )
+
+    def model(x):
+        dec = numpyro.param("dec", None)  # initial values: SVI.init(init_params=...)
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Normal(jnp.zeros(LATENT), 1.0).to_event(1))
+            numpyro.sample("x", dist.Bernoulli(logits=net(dec, z)).to_event(1), obs=x)
+
+    def guide(x):
+        if est is not None:
+            score_state("z", est)  # the per-seed initial state comes through init_params
+        enc = numpyro.param("enc", None)
+        with numpyro.plate("data", x.shape[0]):
+            if kind == "gaussian":
+                loc, raw = jnp.split(net(enc, x), 2, -1)
+                numpyro.sample("z", dist.Normal(loc, jax.nn.softplus(raw) + 1e-4).to_event(1))
+            else:
+                eps = jax.random.normal(numpyro.prng_key(), (*x.shape[:-1], NOISE))
+                numpyro.sample("z", dist.Delta(net(enc, jnp.concatenate([x, eps], -1)), event_dim=1))
+
+    if kind == "gaussian":
+        loss = numpyro.infer.Trace_ELBO()
+    elif kind == "implicit_ssm_vr":
+        loss = ImplicitELBO(est, sites="z", context=lambda x: x)
+    elif kind == "implicit_stein":
+        loss = ImplicitELBO("stein", sites="z", num_particles=particles)
+    else:
+        raise ValueError(kind)
+    svi = numpyro.infer.SVI(model, guide, optax.adam(lr), loss)
+    dec_sizes = (LATENT, HIDDEN, HIDDEN, PIXELS)
+    enc_sizes = (PIXELS, HIDDEN, HIDDEN, 2 * LATENT) if kind == "gaussian" else (PIXELS + NOISE, HIDDEN, HIDDEN, LATENT)
+
+    @jax.jit
+    def run(state, x_all, key):
+        def body(s, k):
+            k_idx, k_bin = jax.random.split(k)
+            idx = jax.random.randint(k_idx, (batch,), 0, x_all.shape[0])
+            xb = jax.random.bernoulli(k_bin, x_all[idx]).astype(x_all.dtype)  # dynamic binarization
+            return svi.update(s, xb)
+
+        return jax.lax.scan(body, state, jax.random.split(key, steps))
+
+    entry = {"svi": svi, "run": run, "est": est, "sizes": (dec_sizes, enc_sizes), "compiled": None}
+    _NUMPYRO_CACHE[cache_key] = entry
+    return entry
+
+
+def _to_torch(params, sizes):
+    """A torch ``mlp(sizes)`` holding the weights of the JAX MLP ``params`` (``[(W [in, out], b)]``)."""
+    import torch
+
+    module = mlp(sizes)
+    linears = [m for m in module if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == len(params)
+    with torch.no_grad():
+        for lin, (w, b) in zip(linears, params):
+            lin.weight.copy_(torch.from_numpy(np.array(w, dtype=np.float32).T))
+            lin.bias.copy_(torch.from_numpy(np.array(b, dtype=np.float32)))
+    return module.eval()
+
+
+def train_numpyro(kind, x_train, *, steps, batch, seed, lr, particles, score_steps, score_lr):
+    """Fit (decoder, encoder) with NumPyro SVI (optax Adam, jitted ``lax.scan``) and copy
+    them into the torch modules of ``train`` (same architecture), so that the evaluation is
+    the identical torch code; returns them, per-step losses and seconds (compilation
+    excluded; it is reported separately)."""
+    import jax
+    import jax.numpy as jnp
+
+    from ppl_score.jax.nets import mlp_init
+    from ppl_score.numpyro.implicit import score_state_name
+
+    entry = _numpyro_svi(
+        kind,
+        n_train=x_train.shape[0],
+        steps=steps,
+        batch=batch,
+        lr=lr,
+        particles=particles,
+        score_steps=score_steps,
+        score_lr=score_lr,
+    )
+    dec_sizes, enc_sizes = entry["sizes"]
+    svi, est = entry["svi"], entry["est"]
+    k_dec, k_enc, k_est, k_init, k_run = jax.random.split(jax.random.PRNGKey(1000 * seed + 17), 5)
+    init = {"dec": mlp_init(k_dec, dec_sizes), "enc": mlp_init(k_enc, enc_sizes)}  # torch's default init
+    if est is not None:
+        init[score_state_name("z")] = est.init(k_est)
+    x_all = jnp.asarray(x_train.numpy() if hasattr(x_train, "numpy") else x_train)
+    x0 = jax.random.bernoulli(k_init, x_all[:batch]).astype(x_all.dtype)
+    state = svi.init(k_init, x0, init_params=init)
+    compile_seconds = 0.0
+    if entry["compiled"] is None:  # the first seed of this encoder
+        t0 = time.perf_counter()
+        entry["compiled"] = entry["run"].lower(state, x_all, k_run).compile()
+        compile_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    state, losses = entry["compiled"](state, x_all, k_run)
+    losses = np.asarray(jax.block_until_ready(losses)) / batch
+    seconds = time.perf_counter() - t0
+    params = svi.get_params(state)
+    return _to_torch(params["dec"], dec_sizes), _to_torch(params["enc"], enc_sizes), losses, seconds, compile_seconds
 
 
 # ---------------------------------------------------------------------------------------
@@ -427,7 +582,12 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--encoders", default=",".join(ENCODERS), help="comma-separated subset of " + ",".join(ENCODERS)
     )
-    parser.add_argument("--frontend", choices=("pyro",), default="pyro", help="only Pyro is implemented")
+    parser.add_argument(
+        "--frontend",
+        choices=("pyro", "numpyro"),
+        default="pyro",
+        help="train with Pyro (torch) or NumPyro (JAX; weights copied to torch for the same AIS)",
+    )
     args = parser.parse_args(argv)
     t_start = time.perf_counter()
 
@@ -457,7 +617,7 @@ def main(argv=None) -> dict:
     x_test = torch.bernoulli(torch.as_tensor(test_np), generator=torch.Generator().manual_seed(12345))
     print(
         f"Fashion-MNIST: {len(x_train)} training images (dynamic binarization), {len(x_test)} test images "
-        f"(fixed binarization); {steps} steps of batch {batch}, {seeds} seeds",
+        f"(fixed binarization); {steps} steps of batch {batch}, {seeds} seeds, {args.frontend}",
         flush=True,
     )
 
@@ -465,9 +625,8 @@ def main(argv=None) -> dict:
     shown = {}
     for seed in range(args.seed, args.seed + seeds):
         for kind in encoders:
-            decoder, encoder, losses, seconds = train(
-                kind,
-                x_train,
+            compile_seconds = None
+            fit = dict(
                 steps=steps,
                 batch=batch,
                 seed=seed,
@@ -476,6 +635,10 @@ def main(argv=None) -> dict:
                 score_steps=args.score_steps,
                 score_lr=args.score_lr,
             )
+            if args.frontend == "pyro":
+                decoder, encoder, losses, seconds = train(kind, x_train, **fit)
+            else:
+                decoder, encoder, losses, seconds, compile_seconds = train_numpyro(kind, x_train, **fit)
             res = evaluate(
                 kind,
                 decoder,
@@ -493,6 +656,8 @@ def main(argv=None) -> dict:
                 ms_per_step=1000 * seconds / steps,
                 final_train_loss=float(np.mean(losses[-max(1, steps // 20) :])),
             )
+            if compile_seconds is not None:
+                res["compile_seconds"] = compile_seconds
             runs[kind].append(res)
             if seed == args.seed:
                 shown[kind] = (decoder, encoder)
@@ -507,7 +672,8 @@ def main(argv=None) -> dict:
             print(
                 f"seed {seed} {kind:16s} NLL {res['nll']:.2f} (+-{res['nll_se_images']:.2f} over images){extra} "
                 f"recon {res['recon']:.2f} | train {seconds:.1f}s ({res['ms_per_step']:.1f} ms/step), "
-                f"AIS {res['ais_seconds']:.1f}s acc {res['ais_accept']:.2f}",
+                f"AIS {res['ais_seconds']:.1f}s acc {res['ais_accept']:.2f}"
+                + (f", jit compile {compile_seconds:.1f}s" if compile_seconds else ""),
                 flush=True,
             )
 
@@ -555,7 +721,8 @@ def main(argv=None) -> dict:
     print(table)
     print(f"\nwall time {wall:.0f} s")
 
-    fig_path = Path(args.figures) / "fmnist_implicit_vae.png"
+    suffix = "" if args.frontend == "pyro" else "_numpyro"
+    fig_path = Path(args.figures) / f"fmnist_implicit_vae{suffix}.png"
     figure(shown, x_test, summary, fig_path)
     print(f"figure: {fig_path}")
     result = {
@@ -566,7 +733,7 @@ def main(argv=None) -> dict:
             "steps": steps,
             "batch": batch,
             "lr": args.lr,
-            "optimizer": "Adam",
+            "optimizer": "Adam" if args.frontend == "pyro" else "optax.adam",
             "latent": LATENT,
             "hidden": HIDDEN,
             "noise": NOISE,

@@ -20,9 +20,16 @@ SCRIPT = ROOT / "experiments" / "fmnist_implicit_vae.py"
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("fmnist_implicit_vae", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    # the script sets single-thread settings in os.environ at import: keep them out of the
+    # test session (later subprocesses inherit os.environ)
+    saved = dict(os.environ)
+    try:
+        spec = importlib.util.spec_from_file_location("fmnist_implicit_vae", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     return module
 
 
