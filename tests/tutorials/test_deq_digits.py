@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import subprocess
 import sys
 
@@ -24,4 +26,10 @@ def test_tutorial_smoke(tmp_path):
         env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "held-out" in proc.stdout
+    assert "held-out exact SM loss" in proc.stdout, proc.stdout
+    # the KSD test of the fitted energy on the 32 held-out points of --smoke
+    ksd = re.search(r"KSD test \(held-out, N=32\): KSD\^2 (\S+), p-value (\S+)", proc.stdout)
+    assert ksd, proc.stdout
+    statistic, p_value = float(ksd.group(1)), float(ksd.group(2))
+    assert math.isfinite(statistic) and 0.0 < p_value <= 1.0, proc.stdout
+    assert "reference, the Gaussian with the training digits' mean and covariance" in proc.stdout, proc.stdout

@@ -13,8 +13,22 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 TUTORIALS = {
-    "gaussian_graphical_model": ["MLE (inverse sample covariance)", "L1-SM (Pyro)", "L1-SM (NumPyro)"],
-    "deep_energy_2d": ["Pyro    : held-out log-lik", "NumPyro : held-out log-lik"],
+    "gaussian_graphical_model": [
+        "MLE (inverse sample covariance)",
+        "L1-SM (Pyro)",
+        "L1-SM (NumPyro)",
+        "true P (reference): KSD test (held-out, N=100): KSD^2",
+        "SM (Pyro)         : KSD test (held-out, N=100): KSD^2",
+        "L1-SM (Pyro)      : KSD test (held-out, N=100): KSD^2",
+        "SM (NumPyro)      : KSD test (held-out, N=100): KSD^2",
+        "L1-SM (NumPyro)   : KSD test (held-out, N=100): KSD^2",
+    ],
+    "deep_energy_2d": [
+        "Pyro    : held-out log-lik",
+        "NumPyro : held-out log-lik",
+        "Pyro    : KSD test (held-out, N=100): KSD^2",
+        "NumPyro : KSD test (held-out, N=100): KSD^2",
+    ],
     "noise_conditional": ["annealed Langevin :", "plain Langevin    :", "KSD test at sigma", "digits (JAX backend)"],
     "generalized_bayes": [
         "closed form (generalized Bayes)",
