@@ -3,6 +3,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# test workers (pytest-xdist): the suite is CPU-bound and its tests independent; 1 runs it in one process
+PYTEST_WORKERS ?= 2
 DOCS_STAMP := $(VENV)/.installed-docs
 SPHINX_ARGS ?=
 
@@ -22,7 +24,7 @@ demo: install
 	$(PY) -m ppl_score demo --out out/demo
 
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 lint: install
 	$(PY) -m ruff check .

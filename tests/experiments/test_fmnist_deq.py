@@ -4,7 +4,6 @@ layer."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 
 from tests.helpers.idx import write_fake_fashion_mnist
+from tests.helpers.scripts import load_script
 
 pytest.importorskip("torch")
 pytest.importorskip("matplotlib")
@@ -25,17 +25,7 @@ SCRIPT = ROOT / "experiments" / "fmnist_deq.py"
 
 
 def _script():
-    # the script sets single-thread settings in os.environ at import: keep them out of the
-    # test session (later subprocesses inherit os.environ)
-    saved = dict(os.environ)
-    try:
-        spec = importlib.util.spec_from_file_location("fmnist_deq_under_test", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    return module
+    return load_script(SCRIPT, "fmnist_deq_under_test")
 
 
 def test_fmnist_deq_smoke(tmp_path):

@@ -3,7 +3,6 @@ estimator on a linear-Gaussian model whose marginal likelihood is known in close
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -14,23 +13,14 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.idx import write_fake_fashion_mnist
+from tests.helpers.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "experiments" / "fmnist_implicit_vae.py"
 
 
 def _load_script():
-    # the script sets single-thread settings in os.environ at import: keep them out of the
-    # test session (later subprocesses inherit os.environ)
-    saved = dict(os.environ)
-    try:
-        spec = importlib.util.spec_from_file_location("fmnist_implicit_vae", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    return module
+    return load_script(SCRIPT, "fmnist_implicit_vae")
 
 
 def test_ais_linear_gaussian():
