@@ -1,5 +1,5 @@
 """Goodness of fit of an unnormalized model
-=======================================
+========================================
 
 Tutorial: checking a model fitted by score matching with the kernel Stein discrepancy.
 
