@@ -61,3 +61,12 @@ def test_tutorial_smoke(name, tmp_path):
     figure = tmp_path / f"{name}.png"
     assert f"figure: {figure}" in proc.stdout
     assert figure.read_bytes()[:8] == PNG_MAGIC and figure.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "tutorials").glob("*.py")), ids=lambda p: p.stem)
+def test_gallery_title_underline(path):
+    """The docs gallery (Sphinx, warnings as errors) needs each tutorial's title underlined at
+    least as long as the title."""
+    lines = path.read_text().splitlines()
+    title, underline = lines[0].lstrip('"'), lines[1]
+    assert set(underline) == {"="} and len(underline) >= len(title), f"{path.name}: {title!r} / {underline!r}"
