@@ -82,7 +82,10 @@ class ImplicitELBO(RankState, Trace_ELBO):
         num_particles: guide samples per step.
         vectorize_particles: draw them in one vectorized trace (a particle plate, like
             ``Trace_ELBO``; the guide's noise must then be drawn inside the plate, e.g. by
-            ``pyro.sample(..., infer={"is_auxiliary": True})``), else sequentially.
+            ``pyro.sample(..., infer={"is_auxiliary": True})``; such a site's log density,
+            a constant in the parameters, then enters the reported loss as it does in
+            ``Trace_ELBO``: mask it, ``dist.Normal(0, 1).expand(...).mask(False)``, to leave
+            it out), else sequentially.
         sites: names of the implicit sites (default: every ``Delta`` site of the guide).
         context: for amortized guides, a callable ``context(*args, **kwargs) -> [*batch, C]``
             computed from the guide's inputs (e.g. ``lambda x: x``), or a dict per site; the
