@@ -29,7 +29,9 @@ __all__ = [
     "NoiseLevel",
     "noise_level",
     "current_noise_level",
+    "noise_level_for_site",
     "noise_conditional_fn",
+    "objective_values",
     "noise_level_repeats",
     "at_noise_level",
     "check_annealed_site",
@@ -494,6 +496,40 @@ def noise_level(sigma: Any) -> Iterator[NoiseLevel]:
 def current_noise_level() -> NoiseLevel | None:
     """The innermost ``noise_level`` in force, or None."""
     return _NOISE_LEVEL.get()
+
+
+def noise_level_for_site(default_sigma: Any) -> Any:
+    """The level a ``NoiseConditional`` site is evaluated at: the innermost ``noise_level``
+    (marked as read), else the site's ``sigma=``.
+
+    Raises:
+        ValueError: neither is set (``missing_noise_level_error``).
+    """
+    level = current_noise_level()
+    if level is not None:
+        level.used = True
+        return level.sigma
+    if default_sigma is not None:
+        return default_sigma
+    raise missing_noise_level_error()
+
+
+def objective_values(resolved: spec.Resolved, fn: Callable[[Any], Any], compute: Callable[[Callable], Any]) -> Any:
+    """``compute(fn)``, the backend objective of a model's matched density ``fn(rows)``; for a
+    noise-conditional method (``ms_dsm``) of ``fn`` made noise-conditional
+    (``noise_conditional_fn``), which must read the level.
+
+    Raises:
+        ValueError: a noise-conditional method on a model whose matched sites ignore the
+            level (``not_noise_conditional_error``).
+    """
+    if not resolved.spec.noise_conditional:
+        return compute(fn)
+    conditional, record = noise_conditional_fn(fn)
+    values = compute(conditional)
+    if not any(record):
+        raise not_noise_conditional_error(resolved.method)
+    return values
 
 
 def noise_conditional_fn(fn: Callable[[Any], Any]) -> tuple[Callable[[Any, Any], Any], list]:

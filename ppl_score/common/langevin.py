@@ -110,7 +110,7 @@ class AnnealedPlan(NamedTuple):
 
 def check_annealed(sigmas: Any, n_steps_each: Any, step_lr: Any, denoise: Any) -> AnnealedPlan:
     """Validate annealed Langevin's arguments and compute its step sizes."""
-    levels = objectives.check_sigmas(sigmas)
+    levels = objectives.check_sigmas(sigmas, what="argument")
     n = check_int("n_steps_each", n_steps_each, low=1)
     lr = check_positive_float("step_lr", step_lr)
     if not isinstance(denoise, bool):

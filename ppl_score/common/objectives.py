@@ -73,8 +73,9 @@ DEFAULT_SIGMAS = geometric_sigmas(1.0, 0.01, 10)
 
 def ms_dsm_weight(sigma, weighting: str):
     """``lambda(sigma)``: ``sigma^2`` (``"sigma2"``, the paper's choice, which makes every
-    level's term of order one) or 1 (``"none"``). Works on floats and on arrays."""
-    return sigma * sigma if weighting == "sigma2" else sigma * 0 + 1
+    level's term of order one) or 1 (``"none"``, a scalar that broadcasts). Works on floats
+    and on arrays."""
+    return sigma * sigma if weighting == "sigma2" else 1.0
 
 
 PROJECTIONS = ("rademacher", "gaussian", "sphere")
@@ -246,24 +247,25 @@ def _check_eps(eps: float) -> float:
     return eps
 
 
-def check_sigmas(value: Any) -> tuple:
-    """A non-empty, strictly decreasing sequence of positive finite floats, as a tuple."""
+def check_sigmas(value: Any, what: str = "option") -> tuple:
+    """A non-empty, strictly decreasing sequence of positive finite floats, as a tuple;
+    errors name ``what 'sigmas'`` (the objective's option, or a sampler's argument)."""
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
         raise TypeError(
-            f"option 'sigmas' must be a sequence of noise levels (e.g. ppl_score.spec.geometric_sigmas(1.0, 0.01, 10)), "
+            f"{what} 'sigmas' must be a sequence of noise levels (e.g. ppl_score.spec.geometric_sigmas(1.0, 0.01, 10)), "
             f"got {type(value).__name__}"
         )
     try:
         levels = tuple(float(v) for v in value)
     except (TypeError, ValueError):
-        raise TypeError("option 'sigmas' must hold real numbers") from None
+        raise TypeError(f"{what} 'sigmas' must hold real numbers") from None
     if not levels:
-        raise ValueError("option 'sigmas' must hold at least one noise level")
+        raise ValueError(f"{what} 'sigmas' must hold at least one noise level")
     for v in levels:
         if not (math.isfinite(v) and v > 0.0):
-            raise ValueError(f"option 'sigmas' must hold positive finite noise levels, got {v!r}")
+            raise ValueError(f"{what} 'sigmas' must hold positive finite noise levels, got {v!r}")
     if any(b >= a for a, b in zip(levels, levels[1:])):
-        raise ValueError(f"option 'sigmas' must be strictly decreasing (largest first), got {levels}")
+        raise ValueError(f"{what} 'sigmas' must be strictly decreasing (largest first), got {levels}")
     return levels
 
 

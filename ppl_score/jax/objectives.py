@@ -234,7 +234,7 @@ def score_matching_loss(
             noise = draw_noise(key_noise, x.shape, x.dtype)
         kwargs["noise"] = noise
     if resolved.spec.noise_conditional:
-        kwargs = {"noise": kwargs["noise"], "weighting": opts["weighting"]}
+        kwargs["weighting"] = opts["weighting"]
         if noise_levels is not None:
             noise_levels = check_array("noise_levels", noise_levels, dtype="real", cast=x.dtype)
             spec.check_noise_levels_shape(tuple(noise_levels.shape), x.shape[0])

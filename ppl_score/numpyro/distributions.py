@@ -224,15 +224,7 @@ class NoiseConditional(Unnormalized):
 
     def _levels(self, value: jax.Array, lead: tuple) -> jax.Array:
         """One level per point ``[*lead]``, from the level in force (or ``sigma``)."""
-        level = frontend.current_noise_level()
-        if level is not None:
-            level.used = True
-            sigma = level.sigma
-        elif self.sigma is not None:
-            sigma = self.sigma
-        else:
-            raise frontend.missing_noise_level_error()
-        sigma = jnp.asarray(sigma, jnp.result_type(value)).reshape(-1)
+        sigma = jnp.asarray(frontend.noise_level_for_site(self.sigma), jnp.result_type(value)).reshape(-1)
         n = math.prod(lead)
         if sigma.size == 1:
             return jnp.broadcast_to(sigma, (n,)).reshape(lead)

@@ -395,7 +395,7 @@ def langevin(
     )
     u0 = dens.init_unconstrained(init).reshape(dens.num_rows, *dens.unconstrained_shape)
     if sigmas is not None:
-        levels = check_sigmas(sigmas)
+        levels = check_sigmas(sigmas, what="argument")
         frontend.check_annealed_site(
             dens.log_prob, u0, levels[0], site, num_samples if num_steps is None else num_steps
         )

@@ -165,17 +165,14 @@ class ScoreMatching(ELBO):
         return sites.matched_density(_OPS, blocks, deps, joint), cls
 
     def _datum_values(self, dens, key):
-        fn, record = dens.fn, None
-        if self.config.resolved.spec.noise_conditional:
-            # ms_dsm: the backend draws a level per datum; NoiseConditional sites read it
-            fn, record = frontend.noise_conditional_fn(dens.fn)
+        def compute(fn):
+            return score_matching_loss(fn, dens.x, self.method, key=key, reduction="none", **self.options)
+
         with warnings.catch_warnings():
             # a non-finite loss is reported once, by the loss, naming the sites
             warnings.simplefilter("ignore", validate.NonFiniteWarning)
-            values = score_matching_loss(fn, dens.x, self.method, key=key, reduction="none", **self.options)
-        if record is not None and not any(record):
-            raise frontend.not_noise_conditional_error(self.method)
-        return values
+            # ms_dsm: the backend draws a level per datum; NoiseConditional sites read it
+            return frontend.objective_values(self.config.resolved, dens.fn, compute)
 
     def loss_with_mutable_state(
         self,

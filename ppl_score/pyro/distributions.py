@@ -206,14 +206,7 @@ class NoiseConditional(Unnormalized):
 
     def _levels(self, value: torch.Tensor, lead: tuple) -> torch.Tensor:
         """One level per point ``[*lead]``, from the level in force (or ``sigma``)."""
-        level = frontend.current_noise_level()
-        if level is not None:
-            level.used = True
-            sigma = level.sigma
-        elif self.sigma is not None:
-            sigma = self.sigma
-        else:
-            raise frontend.missing_noise_level_error()
+        sigma = frontend.noise_level_for_site(self.sigma)
         sigma = torch.as_tensor(sigma, dtype=value.dtype, device=value.device).reshape(-1)
         n = math.prod(lead)
         if sigma.numel() == 1:

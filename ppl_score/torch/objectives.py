@@ -231,7 +231,7 @@ def score_matching_loss(
             noise = draw_noise(x.shape, **draw)
         kwargs["noise"] = noise
     if resolved.spec.noise_conditional:
-        kwargs = {"noise": kwargs["noise"], "weighting": opts["weighting"]}
+        kwargs["weighting"] = opts["weighting"]
         if noise_levels is not None:
             noise_levels = check_array("noise_levels", noise_levels, dtype="real").to(dtype=x.dtype, device=x.device)
             spec.check_noise_levels_shape(tuple(noise_levels.shape), x.shape[0])

@@ -137,7 +137,8 @@ def test_log_prob_kind(sampler):
 @pytest.mark.parametrize(
     "kw, error, match",
     [
-        (dict(sigmas=(0.1, 1.0)), ValueError, "strictly decreasing"),
+        (dict(sigmas=(0.1, 1.0)), ValueError, "argument 'sigmas' must be strictly decreasing"),
+        (dict(sigmas="big"), TypeError, "argument 'sigmas' must be a sequence"),
         (dict(n_steps_each=0), ValueError, "n_steps_each"),
         (dict(step_lr=0.0), ValueError, "step_lr"),
         (dict(denoise=1), TypeError, "argument 'denoise' must be a bool"),
@@ -148,6 +149,11 @@ def test_errors(sampler, kw, error, match):
     kw = {"sigmas": (1.0, 0.1), "n_steps_each": 1, "step_lr": 1e-3, **kw}
     with pytest.raises(error, match=match):
         sampler.annealed(sampler.score, _x0(4), **kw)
+
+
+def test_fn_must_be_callable(sampler):
+    with pytest.raises(TypeError, match="argument 'fn' must be callable"):
+        sampler.annealed(3, _x0(4), sigmas=(1.0, 0.1), n_steps_each=1, step_lr=1e-3)
 
 
 def test_fn_must_be_noise_conditional_and_divergence_is_reported(sampler):

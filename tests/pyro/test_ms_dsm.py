@@ -125,6 +125,8 @@ def test_annealed_langevin_mode_recovers_the_weights():
     assert abs((out.samples[0, :, 0] < 0).double().mean().item() - 0.8) < 0.03 + 3 * (0.16 / 600) ** 0.5
     with pytest.raises(ValueError, match="'num_samples' / 'num_steps' do not apply"):
         langevin(model, "x", num_chains=2, sigmas=sigmas, num_samples=5)
+    with pytest.raises(ValueError, match="argument 'sigmas' must be strictly decreasing"):
+        langevin(model, "x", num_chains=2, sigmas=(0.1, 1.0))
 
     def plain():
         pyro.sample("x", Unnormalized(lambda z: -(z**2).sum(-1), event_shape=(2,)), obs=torch.zeros(2))
