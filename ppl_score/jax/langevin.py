@@ -540,8 +540,9 @@ def annealed_langevin(
             jax.block_until_ready(x)
             bar.update(b - a)
     levels = pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
+    finite = np.asarray(jnp.isfinite(levels).reshape(n_levels, -1).all(axis=1))  # one transfer
     for i, sigma in enumerate(plan.sigmas):
-        if not bool(jnp.isfinite(levels[i]).all()):
+        if not finite[i]:
             raise ValueError(
                 f"annealed Langevin diverged at noise level {sigma:g} (step size {plan.step_sizes[i]:g}): "
                 "decrease 'step_lr'"
