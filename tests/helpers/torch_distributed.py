@@ -5,12 +5,17 @@ each sets ``torch.set_num_threads(1)``, joins a gloo group through a fresh ``fil
 file and calls ``worker(rank, world_size, *args)`` (a module-level function, so that the
 spawned process can import it); what it returns comes back to the parent through a file
 (``torch.save``), one per rank, in rank order. The single-process references are computed in
-the parent, by the test itself.
+the parent, by the test itself. A rank's standard error (C++ aborts and ``faulthandler``'s
+tracebacks included) goes to a file that the parent quotes when a rank fails; the ranks meet
+at a barrier before closing the group and leave with ``os._exit(0)`` once their result is
+saved.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import sys
 import tempfile
 import traceback
 
@@ -24,17 +29,43 @@ WORLD = 2
 
 
 def _entry(rank, world_size, init_file, out_dir, worker, args):
+    # What a rank prints, C++ aborts (gloo, c10) included, goes to a file the parent shows.
+    log = open(os.path.join(out_dir, f"stderr{rank}.txt"), "w")
+    sys.stderr.flush()
+    os.dup2(log.fileno(), 2)
+    faulthandler.enable(log, all_threads=True)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         result = worker(rank, world_size, *args)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        # No rank closes its connections while another still works (a peer's close seen by
+        # gloo's event loop can abort the other process).
+        dist.barrier()
     except BaseException:  # the parent shows which rank failed and why
         with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
             f.write(traceback.format_exc())
         raise
     finally:
         dist.destroy_process_group()
-    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    # The work is done and saved: leave without running the interpreter's and the C++
+    # libraries' exit-time destructors (a crash there would only hide the results).
+    sys.stdout.flush()
+    log.flush()
+    os._exit(0)
+
+
+def _report(out_dir: str, rank: int, tail: int = 6000) -> str:
+    """Rank ``rank``'s Python traceback (if it raised) and the tail of what it printed."""
+    parts = []
+    for name in (f"error{rank}.txt", f"stderr{rank}.txt"):
+        path = os.path.join(out_dir, name)
+        if os.path.exists(path):
+            with open(path, errors="replace") as f:
+                text = f.read()[-tail:].strip()
+            if text:
+                parts.append(f"--- rank {rank} {name}:\n{text}")
+    return "\n".join(parts)
 
 
 def run_ranks(worker, *args, world_size: int = WORLD) -> list:
@@ -47,9 +78,8 @@ def run_ranks(worker, *args, world_size: int = WORLD) -> list:
         try:
             mp.spawn(_entry, args=(world_size, init_file, out_dir, worker, args), nprocs=world_size, join=True)
         except Exception as err:
-            errors = [os.path.join(out_dir, f"error{r}.txt") for r in range(world_size)]
-            found = [f"rank {r}:\n{open(p).read()}" for r, p in enumerate(errors) if os.path.exists(p)]
-            raise AssertionError("a rank failed:\n" + "\n".join(found or [str(err)])) from None
+            found = [_report(out_dir, r) for r in range(world_size)]
+            raise AssertionError(f"a rank failed: {err}\n" + "\n".join(f for f in found if f)) from None
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
 
 

@@ -5,7 +5,8 @@
 The problems are built alike in the parent (single-process references on the whole batch)
 and in the ranks (gloo, ``torch.multiprocessing.spawn``), in float64 and with all randomness
 fixed: explicit prior draws, explicit guide noise, seeded estimators. Each rank runs every
-check in one spawn and saves its results with ``torch.save``; :func:`run_ranks` returns them.
+check in one spawn (``tests.helpers.torch_distributed.run_ranks``); :func:`run_ranks` returns
+the results.
 
 Checks (``name -> {"value", "grads", ...}`` per rank; ``reference(name)`` in the parent):
 
@@ -27,10 +28,7 @@ Checks (``name -> {"value", "grads", ...}`` per rank; ``reference(name)`` in the
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
-import traceback
 
 import numpy as np
 
@@ -380,36 +378,19 @@ def _extras(rank, group):
     return out
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    import torch
+def _checks(rank: int, world_size: int) -> dict:
+    """Every check on this rank (run by ``tests.helpers.torch_distributed.run_ranks``)."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
-    results = {}
-    try:
-        group = dist.group.WORLD
-        for name in CHECKS:
-            results[name] = _run(name, DDP, rank, group)
-        results["extras"] = _extras(rank, group)
-    except Exception:  # reported by the parent
-        results["error"] = traceback.format_exc()
-    finally:
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+    group = dist.group.WORLD
+    results = {name: _run(name, DDP, rank, group) for name in CHECKS}
+    results["extras"] = _extras(rank, group)
+    return results
 
 
 def run_ranks() -> list[dict]:
     """Run every check on ``WORLD_SIZE`` ranks (one spawn); their results, by rank."""
-    import torch
-    import torch.multiprocessing as mp
+    from tests.helpers.torch_distributed import run_ranks as spawn
 
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "init")
-        mp.spawn(_worker, args=(init_file, tmp), nprocs=WORLD_SIZE, join=True)
-        out = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(WORLD_SIZE)]
-    for r, res in enumerate(out):
-        if "error" in res:
-            raise AssertionError(f"rank {r} failed:\n{res['error']}")
-    return out
+    return spawn(_checks, world_size=WORLD_SIZE)

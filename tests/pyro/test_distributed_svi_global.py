@@ -7,9 +7,6 @@ each rank's shard in a subsampled plate)."""
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import numpy as np
 import pytest
 
@@ -17,6 +14,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("pyro")
 
 from tests.helpers import torch_distributed_implicit as h  # noqa: E402
+from tests.helpers.torch_distributed import run_ranks  # noqa: E402
 
 STEPS, LR = 3, 0.05
 
@@ -104,25 +102,15 @@ def _fit_flow(optim, rank: int | None) -> list[np.ndarray]:
     return [p.detach().numpy().copy() for p in flow.parameters()]
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
+def _worker(rank: int, world_size: int) -> dict:
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=h.WORLD_SIZE)
-    try:
-        out = {kind: _fit(kind, rank, dist.group.WORLD) for kind in ("wae", "implicit", "flow")}
-        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    return {kind: _fit(kind, rank, dist.group.WORLD) for kind in ("wae", "implicit", "flow")}
 
 
 @pytest.fixture(scope="module")
 def ranks():
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=h.WORLD_SIZE, join=True)
-        yield [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(h.WORLD_SIZE)]
+    return run_ranks(_worker, world_size=h.WORLD_SIZE)
 
 
 @pytest.mark.distributed
