@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -31,7 +32,8 @@ class FitResult(NamedTuple):
 
     ``log_prob(x) -> [N]`` (unnormalized), ``score(x) -> [N, *event]`` and ``esm(x) -> [N]``
     (the per-example exact score-matching objective ``tr H + 1/2 ||s||^2``) take and return
-    float64 numpy arrays. ``losses[t]`` is the training objective at step ``t``.
+    float64 numpy arrays, compiled once per ``apply_fn`` (see :func:`evaluator`). ``losses[t]``
+    is the training objective at step ``t``.
     """
 
     params: Any
@@ -57,15 +59,54 @@ def _chunked(f, x: np.ndarray, dtype) -> np.ndarray:
     return np.concatenate(outs) if outs else np.zeros((0,))
 
 
+# The jitted evaluators of an ``apply_fn``, with the parameters as an argument, held no longer
+# than ``apply_fn`` itself: every model fitted with the same ``apply_fn`` reuses one
+# compilation per chunk shape (closing over the parameters would compile again per model and
+# embed the parameters in the program).
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _compiled(apply_fn: Callable[[Params, jax.Array], jax.Array]) -> tuple[Callable, Callable, Callable]:
+    try:
+        return _COMPILED[apply_fn]
+    except (KeyError, TypeError):  # TypeError: not weak-referenceable (or unhashable)
+        pass
+    try:
+        ref = weakref.ref(apply_fn)
+    except TypeError:
+        ref = lambda: apply_fn  # noqa: E731 - no cache: the closure may hold it
+    # The compiled functions reach ``apply_fn`` through ``ref`` only, or the cache's values
+    # would keep its keys alive; the callables ``evaluator`` returns hold it.
+
+    def log_prob(p, x):
+        return ref()(p, x)
+
+    def score(p, x):
+        return jax.grad(lambda y: ref()(p, y).sum())(x)
+
+    def esm(p, x):
+        return score_matching_loss(lambda y: ref()(p, y), x, "esm", reduction="none")
+
+    fns = tuple(jax.jit(f) for f in (log_prob, score, esm))
+    try:
+        _COMPILED[apply_fn] = fns
+    except TypeError:
+        pass
+    return fns
+
+
 def evaluator(
     apply_fn: Callable[[Params, jax.Array], jax.Array], params: Params, dtype: jnp.dtype | type = jnp.float32
 ) -> tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]:
     """``(log_prob, score, esm)`` numpy callables for the log density
-    ``apply_fn(params, x) -> [B]``, jitted and chunked."""
-    log_prob = jax.jit(lambda x: apply_fn(params, x))
-    score = jax.jit(jax.grad(lambda x: apply_fn(params, x).sum()))
-    esm = jax.jit(lambda x: score_matching_loss(lambda y: apply_fn(params, y), x, "esm", reduction="none"))
-    return tuple((lambda x, f=f: _chunked(f, x, dtype)) for f in (log_prob, score, esm))
+    ``apply_fn(params, x) -> [B]``, jitted and chunked.
+
+    The compilations are cached per ``apply_fn`` (weakly) with ``params`` as an argument, so
+    that models fitted with the same ``apply_fn`` share them.
+    """
+    return tuple(
+        (lambda x, f=f, keep=apply_fn: _chunked(lambda xb: f(params, xb), x, dtype)) for f in _compiled(apply_fn)
+    )
 
 
 def fit_energy(
