@@ -18,6 +18,7 @@ import os
 import sys
 import tempfile
 import traceback
+import warnings
 
 import pytest
 
@@ -68,19 +69,30 @@ def _report(out_dir: str, rank: int, tail: int = 6000) -> str:
     return "\n".join(parts)
 
 
-def run_ranks(worker, *args, world_size: int = WORLD) -> list:
+def run_ranks(worker, *args, world_size: int = WORLD, attempts: int = 2) -> list:
     """``[worker(rank, world_size, *args) for rank in range(world_size)]``, each in its own
-    process of one gloo group."""
+    process of one gloo group.
+
+    A rank that raises fails the test at once, with its traceback. A rank killed by a signal
+    (a C++ abort in gloo or c10, not in the worker's Python) is retried up to ``attempts`` runs
+    in all, with a warning quoting what it printed: such a crash is the transport's, and
+    the results of a clean run are what the tests compare."""
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("torch.distributed with gloo is not available")
-    with tempfile.TemporaryDirectory() as out_dir:
-        init_file = os.path.join(out_dir, "init")  # must not exist yet: the group creates it
-        try:
-            mp.spawn(_entry, args=(world_size, init_file, out_dir, worker, args), nprocs=world_size, join=True)
-        except Exception as err:
-            found = [_report(out_dir, r) for r in range(world_size)]
-            raise AssertionError(f"a rank failed: {err}\n" + "\n".join(f for f in found if f)) from None
-        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+    for attempt in range(1, attempts + 1):
+        with tempfile.TemporaryDirectory() as out_dir:
+            init_file = os.path.join(out_dir, "init")  # must not exist yet: the group creates it
+            try:
+                mp.spawn(_entry, args=(world_size, init_file, out_dir, worker, args), nprocs=world_size, join=True)
+            except Exception as err:
+                found = "\n".join(f for f in (_report(out_dir, r) for r in range(world_size)) if f)
+                signal = getattr(err, "signal_name", None)
+                if signal is None or attempt == attempts:
+                    raise AssertionError(f"a rank failed: {err}\n{found}") from None
+                warnings.warn(f"run {attempt} of {worker.__name__}: {err}; retried\n{found}", RuntimeWarning)
+                continue
+            return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def assert_close(a, b, tol: float = 1e-9, what: str = "") -> float:
