@@ -233,6 +233,10 @@ class TorchBackend:
             **options,
         )
 
+    def evaluator(self, fit):
+        """``(log_prob, score, esm)`` numpy callables: the library's ``FitResult`` ones."""
+        return fit.log_prob, fit.score, fit.esm
+
     def langevin(self, fit, x0: np.ndarray, h: float, n_steps: int, seed: int) -> np.ndarray:
         torch = self.torch
         from ppl_score.torch.langevin import ula
@@ -255,15 +259,30 @@ class JaxBackend:
         self.jax, self.jnp, self.loss = jax, jnp, score_matching_loss
         self.params = [(jnp.asarray(w), None if b is None else jnp.asarray(b)) for w, b in weights]
 
-        # One plain function for every model, so that the evaluators of ``fit_energy`` and
-        # ``ula(Partial(apply, params))`` compile once: a ``functools.partial`` here would not do
-        # for the sampler (``jax.tree_util.Partial`` wraps one in a fresh shim object per call,
-        # and the sampler's compilation cache is keyed by it).
+        # One plain function for every model, so that ``ula(Partial(apply, params))`` compiles
+        # once: a ``functools.partial`` here would not do (``jax.tree_util.Partial`` wraps one in
+        # a fresh shim object per call, and the sampler's compilation cache is keyed by it).
         def apply(params, x):
             return energy_apply(params, x, jax.nn.softplus, quadratic)
 
         self.apply = apply
         self.seed = seed
+        # evaluators jitted once with the parameters as an argument (written before
+        # ``FitResult``'s evaluators did the same; kept so that the published results come from
+        # this code)
+        apply, loss = self.apply, score_matching_loss
+        self._log_prob = jax.jit(apply)
+        self._score = jax.jit(lambda p, x: jax.grad(lambda y: apply(p, y).sum())(x))
+        self._esm = jax.jit(lambda p, x: loss(lambda y: apply(p, y), x, "esm", reduction="none"))
+
+    def evaluator(self, fit):
+        """``(log_prob, score, esm)`` numpy callables at ``fit.params``, float64 out."""
+        jnp = self.jnp
+
+        def bind(f):
+            return lambda x: np.asarray(f(fit.params, jnp.asarray(x, jnp.float32)), np.float64)
+
+        return bind(self._log_prob), bind(self._score), bind(self._esm)
 
     def step_fn(self, x: np.ndarray, method: str, options: dict):
         """The compiled ``value_and_grad`` of the loss in the parameters on the fixed batch ``x``."""
@@ -491,7 +510,7 @@ def main(argv=None) -> dict:
                 rows.append(row)
                 continue
             fits[(b, m)] = fit
-            evals[(b, m)] = (fit.log_prob, fit.score, fit.esm)
+            evals[(b, m)] = be.evaluator(fit)
             esm, esm_se = mean_se(evals[(b, m)][2](test))
             tail = fit.losses[-max(1, len(fit.losses) // 10) :]
             row.update(
