@@ -59,7 +59,7 @@ import numbers
 from typing import Any, NamedTuple
 
 from .estimators import check_bandwidth
-from .validate import check_choice, check_int, check_positive_float
+from .validate import check_choice, check_int, check_positive_float, warn_nonfinite
 
 __all__ = [
     "KERNELS",
@@ -78,6 +78,9 @@ __all__ = [
     "normalizer",
     "median_zero_message",
     "too_few_points_error",
+    "check_site_scores",
+    "NONFINITE_CAUSE",
+    "warn_if_nonfinite",
 ]
 
 KERNELS = ("imq", "rbf")
@@ -209,6 +212,32 @@ def median_zero_message() -> str:
     return (
         "argument 'samples': the median heuristic gives bandwidth 0 (most points coincide); pass 'bandwidth' explicitly"
     )
+
+
+# what a non-finite statistic most likely comes from (the inputs are checked finite)
+NONFINITE_CAUSE = (
+    "an overflow of the Stein kernel, s(x)^T s(y) k, with very large scores (try float64, or a model "
+    "whose score is finite and moderate at the samples); the p-value is nan"
+)
+
+
+def warn_if_nonfinite(what: str, statistic: float, stacklevel: int = 4) -> None:
+    """Warn (``NonFiniteWarning``) that ``what``'s statistic is nan or infinite; the default
+    ``stacklevel`` points at the caller of the backend's function that calls this."""
+    if not math.isfinite(statistic):
+        warn_nonfinite(what, NONFINITE_CAUSE, stacklevel=stacklevel)
+
+
+def check_site_scores(site: str, finite_rows: Any) -> None:
+    """``goodness_of_fit``: a ``ValueError`` naming ``site`` when the model's score is not
+    finite at some data points (``finite_rows``: a boolean numpy array, one entry per point)."""
+    bad = int((~finite_rows).sum())
+    if bad:
+        raise ValueError(
+            f"site {site!r}: the model's score is not finite (nan or inf) at {bad} of {finite_rows.size} "
+            "data points; likely cause: a nan/inf parameter, data outside the support of the site's "
+            "density, or an overflow in float32 (try float64)"
+        )
 
 
 def too_few_points_error(site: str, n: int) -> ValueError:

@@ -26,6 +26,7 @@ import numpy as np
 from ..common import stein as common
 from ..common.estimators import bandwidth_underflow_message
 from ..common.stein import KSDTest
+from ..common.validate import is_validation_enabled
 from .estimators import median_bandwidth
 from .projections import draw_projections
 from .validate import check_array, check_key, is_concrete
@@ -128,6 +129,8 @@ def _ksd_test(samples, scores, weights, key, bandwidth, c, beta, u_stat, *, kern
     total, boot, h_raw = _sums(samples, scores, weights, bandwidth, c, beta, u_stat, kernel, chunk)
     exceed = jnp.sum(boot >= jax.lax.stop_gradient(total))
     p_value = (1.0 + exceed.astype(total.dtype)) / (1.0 + n_bootstrap)
+    # a non-finite statistic has no p-value (nan >= b is false for every b: it would read as a rejection)
+    p_value = jnp.where(jnp.isfinite(jax.lax.stop_gradient(total)), p_value, jnp.nan)
     return total / _normalizer(samples.shape[0], u_stat, total.dtype), p_value, h_raw
 
 
@@ -135,6 +138,12 @@ def _check_bandwidth_values(options, dtype):
     bandwidth = options.bandwidth
     if bandwidth is not None and is_concrete(bandwidth) and float(jnp.asarray(bandwidth, dtype)) == 0.0:
         raise ValueError(bandwidth_underflow_message(bandwidth, str(dtype)))
+
+
+def _warn_if_nonfinite(what, value):
+    # eagerly only: under jit / grad the value is a tracer
+    if is_validation_enabled() and is_concrete(value):
+        common.warn_if_nonfinite(what, float(value), stacklevel=5)
 
 
 def _check_median(options, h_raw):
@@ -208,6 +217,7 @@ def ksd(
         chunk=chunk,
     )
     _check_median(options, h_raw)
+    _warn_if_nonfinite("ksd", value)
     return value
 
 
@@ -284,4 +294,5 @@ def ksd_test(
         n_bootstrap=n_bootstrap,
     )
     _check_median(options, h_raw)
+    _warn_if_nonfinite("ksd_test", statistic)
     return KSDTest(statistic, p_value)

@@ -55,7 +55,12 @@ def _datum_scores(loss, key, params, model, guide, args, kwargs):
 
     try:
         x, scores, w = jax.jit(run)(key, params, [v for v in leaves if _is_array(v)])
-    except jax.errors.ConcretizationTypeError:  # the model reads values (Python control flow)
+    # the model needs values (Python control flow on them, numpy conversions, int(...))
+    except (
+        jax.errors.ConcretizationTypeError,
+        jax.errors.TracerArrayConversionError,
+        jax.errors.TracerIntegerConversionError,
+    ):
         return loss.datum_scores(key, params, model, guide, *args, **kwargs)
     if is_validation_enabled() and not np.isfinite(np.asarray(x)).all():
         return loss.datum_scores(key, params, model, guide, *args, **kwargs)  # raises, naming the site
@@ -129,6 +134,8 @@ def goodness_of_fit(
         x, scores = x[keep], scores[keep]
     if x.shape[0] < 2:
         raise common.too_few_points_error(site, int(x.shape[0]))
+    if is_validation_enabled():
+        common.check_site_scores(site, np.isfinite(np.asarray(scores)).all(-1))
     return ksd_test(
         x,
         scores,

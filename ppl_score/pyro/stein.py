@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from ..common import stein as common
-from ..common.validate import inference_mode_error
+from ..common.validate import inference_mode_error, is_validation_enabled
 from ..torch.distributed import check_generator
 from ..torch.stein import KSDTest, ksd_test
 from .score_matching import ScoreMatching
@@ -107,6 +107,8 @@ def goodness_of_fit(
         x, scores = x[keep], scores[keep]
     if x.shape[0] < 2:
         raise common.too_few_points_error(site, int(x.shape[0]))
+    if is_validation_enabled():
+        common.check_site_scores(site, torch.isfinite(scores.detach()).all(-1).cpu().numpy())
     return ksd_test(
         x,
         scores,

@@ -32,7 +32,7 @@ from ..common.estimators import bandwidth_underflow_message
 from ..common.stein import KSDTest
 from .estimators import median_bandwidth
 from .projections import draw_projections
-from .validate import check_array
+from .validate import check_array, validating
 
 __all__ = ["KSDTest", "ksd", "ksd_test"]
 
@@ -173,7 +173,10 @@ def ksd(
     options = common.check_ksd_options(kernel, c, beta, bandwidth, statistic)
     chunk = common.check_chunk_size(chunk_size, n)
     total, _ = _sums(samples, scores, options, chunk)
-    return total / common.normalizer(n, options.statistic)
+    value = total / common.normalizer(n, options.statistic)
+    if validating():
+        common.warn_if_nonfinite("ksd", float(value))
+    return value
 
 
 def ksd_test(
@@ -249,4 +252,8 @@ def ksd_test(
     statistic = total / norm
     exceed = (boot >= total.detach()).sum()
     p_value = (1.0 + exceed.to(samples.dtype)) / (1.0 + n_bootstrap)
+    # a non-finite statistic has no p-value (nan >= b is false for every b: it would read as a rejection)
+    p_value = torch.where(torch.isfinite(statistic.detach()), p_value, torch.nan)
+    if validating():
+        common.warn_if_nonfinite("ksd_test", float(statistic))
     return KSDTest(statistic, p_value)

@@ -28,12 +28,12 @@ class TorchKS:
     def ksd(self, x, s, **kw):
         return float(self.mod.ksd(self.arr(x), self.arr(s), **kw))
 
-    def test(self, x, s, seed=0, **kw):
+    def test(self, x, s, seed=0, dtype=np.float64, **kw):
         if "weights" in kw:
             kw["weights"] = self.arr(kw["weights"])
         else:
             kw["generator"] = self.torch.Generator().manual_seed(seed)
-        out = self.mod.ksd_test(self.arr(x), self.arr(s), **kw)
+        out = self.mod.ksd_test(self.arr(x, dtype), self.arr(s, dtype), **kw)
         return float(out.statistic), float(out.p_value)
 
     def p_values(self, xs, **kw):
@@ -63,12 +63,12 @@ class JaxKS:
     def ksd(self, x, s, **kw):
         return float(self.mod.ksd(self.arr(x), self.arr(s), **kw))
 
-    def test(self, x, s, seed=0, **kw):
+    def test(self, x, s, seed=0, dtype=np.float64, **kw):
         if "weights" in kw:
             kw["weights"] = self.arr(kw["weights"])
         else:
             kw["key"] = self.jax.random.key(seed)
-        out = self.mod.ksd_test(self.arr(x), self.arr(s), **kw)
+        out = self.mod.ksd_test(self.arr(x, dtype), self.arr(s, dtype), **kw)
         return float(out.statistic), float(out.p_value)
 
     def p_values(self, xs, **kw):
@@ -292,3 +292,24 @@ def test_errors(ks, rng):
         ks.test(x, s, n_bootstrap=10, weights=np.ones((10, 5)))
     with pytest.raises(ValueError, match="'weights'.*non-finite"):
         ks.test(x, s, n_bootstrap=2, weights=np.full((2, 6), np.nan))
+
+
+def test_nonfinite_statistic_warns_and_has_no_p_value(ks, rng):
+    """Finite float32 scores whose Stein kernel overflows: the statistic is nan or inf, the
+    function warns (``NonFiniteWarning``), and the p-value is nan, not ``1 / (B + 1)`` (a nan
+    statistic exceeds no bootstrap draw, which would read as the strongest rejection)."""
+    from ppl_score import NonFiniteWarning
+
+    x = rng.normal(size=(20, 2))
+    s = -x.copy()
+    s[:4] = [[1e20, 1e20], [1e20, 1e20], [-1e20, -1e20], [-1e20, -1e20]]  # inf - inf: nan
+    X, S = ks.arr(x, np.float32), ks.arr(s, np.float32)
+    with pytest.warns(NonFiniteWarning, match="ksd is not finite.*overflow"):
+        assert not np.isfinite(float(ks.mod.ksd(X, S)))
+    with pytest.warns(NonFiniteWarning, match="ksd_test is not finite"):
+        statistic, p_value = ks.test(x, s, dtype=np.float32, n_bootstrap=50)
+    assert np.isnan(statistic) and np.isnan(p_value)
+    s[2:4] = -x[2:4]  # only +1e20 rows: the statistic is +inf
+    with pytest.warns(NonFiniteWarning, match="ksd_test is not finite"):
+        statistic, p_value = ks.test(x, s, dtype=np.float32, n_bootstrap=50)
+    assert statistic == np.inf and np.isnan(p_value)

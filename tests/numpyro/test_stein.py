@@ -130,3 +130,26 @@ def test_errors(data):
     # the compiled scores are rerun eagerly on non-finite data, so that the site's check names it
     with pytest.raises(ValueError, match="observed site 'y'.*outside"):
         goodness_of_fit(lognormal_model, "y", -jnp.ones(5), rng_key=KEY)
+
+
+def test_nonfinite_scores_name_the_site(data):
+    """Finite data where the model's score overflows: the error names the site."""
+    x, _ = data
+    with pytest.raises(ValueError, match="site 'x': the model's score is not finite.*at 300 of 300"):
+        goodness_of_fit(gaussian_model, "x", x, params={"mu": jnp.full(2, jnp.inf)}, rng_key=KEY, n_bootstrap=B)
+
+
+def test_a_model_that_converts_its_data_to_numpy_runs_eagerly():
+    """A model that calls ``np.asarray`` on its data cannot be traced: it runs eagerly, as
+    ``ScoreMatching.datum_scores`` does, with the same numbers as a traceable model."""
+
+    def numpy_model(x):
+        xs = np.asarray(x)
+        with numpyro.plate("data", len(xs)):
+            numpyro.sample("x", Unnormalized(lambda v: -0.5 * (v**2).sum(-1), event_shape=(2,)), obs=xs)
+
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(40, 2)))
+    got = goodness_of_fit(numpy_model, "x", x, rng_key=KEY, n_bootstrap=B)
+    want = goodness_of_fit(normal_model, "x", x, rng_key=KEY, n_bootstrap=B)
+    np.testing.assert_allclose(float(got.statistic), float(want.statistic), rtol=1e-10)
+    assert float(got.p_value) == float(want.p_value)

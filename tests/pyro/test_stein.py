@@ -150,3 +150,11 @@ def test_errors(data):
         goodness_of_fit(gaussian_model, "x", x.clone().index_fill_(0, torch.tensor([0]), float("nan")))
     with pytest.raises(ValueError, match="'weights'"):
         goodness_of_fit(gaussian_model, "x", x, n_bootstrap=5, weights=torch.ones(5, 7))
+
+
+def test_nonfinite_scores_name_the_site(data):
+    """Finite data where the model's score overflows: the error names the site, not the
+    internal argument of ``ksd_test``."""
+    x, _ = data
+    with pytest.raises(ValueError, match="site 'x': the model's score is not finite.*at 300 of 300"):
+        goodness_of_fit(gaussian_model, "x", x, mu=float("inf"))
