@@ -29,6 +29,7 @@ __all__ = [
     "check_noise_conditioning",
     "check_noise_conditional_fn",
     "check_noise_levels_shape",
+    "check_sigma_shape",
     "KINDS",
     "PROJECTIONS",
     "REDUCTIONS",
@@ -297,6 +298,16 @@ def check_noise_conditioning(condition_on_sigma: Any, divide_by_sigma: Any) -> N
         raise ValueError(
             "a noise-conditional score network needs condition_on_sigma=True or divide_by_sigma=True "
             "(else it does not depend on sigma)"
+        )
+
+
+def check_sigma_shape(shape: tuple, batch: int) -> None:
+    """The ``sigma`` of a noise-conditional network's ``forward(x, sigma)``: one level for
+    the batch (``()`` or ``(1,)``) or one per row (``(B,)``)."""
+    if tuple(shape) not in ((), (1,), (batch,)):
+        raise ValueError(
+            f"argument 'sigma' must be a scalar or shaped [B] = [{batch}] (one noise level per row of x), "
+            f"got shape {tuple(shape)}"
         )
 
 

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from ..common.objectives import check_noise_conditioning
+from ..common.objectives import check_noise_conditioning, check_sigma_shape
 from .validate import check_key
 
 
@@ -120,7 +120,9 @@ def noise_conditional_score_apply(
     ``[x, log sigma]`` (``condition_on_sigma``), divided by ``sigma`` (``divide_by_sigma``,
     NCSNv2's ``s_theta(x) / sigma``); mirrors ``torch.nets.NoiseConditionalScore``."""
     flat = x.reshape(x.shape[0], -1)
-    sigma = jnp.broadcast_to(jnp.asarray(sigma, flat.dtype), (x.shape[0],))
+    sigma = jnp.asarray(sigma, flat.dtype)
+    check_sigma_shape(sigma.shape, x.shape[0])
+    sigma = jnp.broadcast_to(sigma, (x.shape[0],))
     h = jnp.concatenate([flat, jnp.log(sigma)[:, None]], -1) if condition_on_sigma else flat
     out = mlp_apply(params, h, activation)
     if divide_by_sigma:
@@ -146,7 +148,9 @@ def noise_conditional_energy_apply(
     """``log p_sigma(x) + const``, ``x[B, *event], sigma[B] -> [B]``; mirrors
     ``torch.nets.NoiseConditionalEnergy``."""
     flat = x.reshape(x.shape[0], -1)
-    sigma = jnp.broadcast_to(jnp.asarray(sigma, flat.dtype), (x.shape[0],))
+    sigma = jnp.asarray(sigma, flat.dtype)
+    check_sigma_shape(sigma.shape, x.shape[0])
+    sigma = jnp.broadcast_to(sigma, (x.shape[0],))
     out = mlp_apply(params, jnp.concatenate([flat, jnp.log(sigma)[:, None]], -1), activation)[:, 0]
     if quadratic:
         out = out - 0.5 * quadratic * (flat * flat).sum(-1)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..common.objectives import check_noise_conditioning
+from ..common.objectives import check_noise_conditioning, check_sigma_shape
 
 
 class MLPEnergy(nn.Module):
@@ -101,7 +101,9 @@ class NoiseConditionalScore(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(x.shape[0], -1)
-        sigma = torch.as_tensor(sigma, dtype=flat.dtype, device=flat.device).expand(x.shape[0])
+        sigma = torch.as_tensor(sigma, dtype=flat.dtype, device=flat.device)
+        check_sigma_shape(tuple(sigma.shape), x.shape[0])
+        sigma = sigma.expand(x.shape[0])
         h = torch.cat([flat, sigma.log().unsqueeze(-1)], -1) if self.condition_on_sigma else flat
         out = self.net(h)
         if self.divide_by_sigma:
@@ -132,7 +134,9 @@ class NoiseConditionalEnergy(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(x.shape[0], -1)
-        sigma = torch.as_tensor(sigma, dtype=flat.dtype, device=flat.device).expand(x.shape[0])
+        sigma = torch.as_tensor(sigma, dtype=flat.dtype, device=flat.device)
+        check_sigma_shape(tuple(sigma.shape), x.shape[0])
+        sigma = sigma.expand(x.shape[0])
         out = self.net(torch.cat([flat, sigma.log().unsqueeze(-1)], -1)).squeeze(-1)
         if self.quadratic:
             out = out - 0.5 * self.quadratic * (flat * flat).sum(-1)

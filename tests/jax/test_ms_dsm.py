@@ -35,3 +35,20 @@ def test_jit_with_drawn_and_traced_levels():
         given(x, n, jnp.ones(3))
     with pytest.raises(ValueError, match="argument 'key' is required: method 'ms_dsm' draws random noise levels"):
         score_matching_loss(fn, x, "ms_dsm", kind="score", noise=n, sigmas=SIGMAS)
+
+
+@pytest.mark.parametrize("which", ["score", "energy"])
+def test_networks_check_the_shape_of_sigma(which):
+    """One level for the batch or one per row; any other shape is a ``ValueError`` naming ``sigma``."""
+    from ppl_score.jax import nets
+
+    init, apply = {
+        "score": (nets.noise_conditional_score_init, nets.noise_conditional_score_apply),
+        "energy": (nets.noise_conditional_energy_init, nets.noise_conditional_energy_apply),
+    }[which]
+    params = init(jax.random.key(0), 3, (8,))
+    x = jnp.ones((6, 3))
+    np.testing.assert_allclose(apply(params, x, 0.5), apply(params, x, jnp.full((6,), 0.5)))
+    for bad in (jnp.full((6, 1), 0.5), jnp.full((5,), 0.5)):
+        with pytest.raises(ValueError, match=r"'sigma'.*\[B\] = \[6\].*got shape"):
+            apply(params, x, bad)

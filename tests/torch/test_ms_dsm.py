@@ -54,3 +54,15 @@ def test_networks_survive_a_checkpoint():
         out = annealed_langevin(net, x0, SIGMAS, 2, 1e-3, generator=torch.Generator().manual_seed(0))
     assert torch.equal(x0, before) and out.samples.shape == (5, 3) and out.levels.shape == (2, 5, 3)
     assert net(x, 0.5).shape == x.shape
+
+
+@pytest.mark.parametrize("cls", [NoiseConditionalScore, NoiseConditionalEnergy])
+def test_networks_check_the_shape_of_sigma(cls):
+    """One level for the batch or one per row; any other shape is a ``ValueError`` naming ``sigma``."""
+    net = cls(3, (8,))
+    x = torch.randn(6, 3)
+    assert net(x, torch.tensor(0.5)).shape == net(x, torch.full((6,), 0.5)).shape == net(x, 0.5).shape
+    torch.testing.assert_close(net(x, torch.tensor([0.5])), net(x, torch.full((6,), 0.5)))
+    for bad in (torch.full((6, 1), 0.5), torch.full((5,), 0.5)):
+        with pytest.raises(ValueError, match=r"'sigma'.*\[B\] = \[6\].*got shape"):
+            net(x, bad)
