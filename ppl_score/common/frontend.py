@@ -34,6 +34,8 @@ __all__ = [
     "objective_values",
     "noise_level_repeats",
     "at_noise_level",
+    "PLAIN_LANGEVIN_DEFAULTS",
+    "check_annealed_options",
     "check_annealed_site",
     "check_default_sigma",
     "missing_noise_level_error",
@@ -558,19 +560,40 @@ def at_noise_level(log_prob: Callable[[Any], Any]) -> Callable[[Any, Any], Any]:
     return conditional
 
 
-def check_annealed_site(log_prob: Callable[[Any], Any], u0: Any, sigma: float, site: str, num_samples: Any) -> None:
-    """The annealed mode of ``langevin`` samples a ``NoiseConditional`` site: evaluated once at
-    ``u0`` and the first level, its log density must read the level.
+# The plain sampler's options and their defaults in both front ends' ``langevin``: with
+# ``sigmas`` (annealed Langevin) they do not apply, so a value other than the default is an error.
+PLAIN_LANGEVIN_DEFAULTS = {"num_warmup": 500, "step_size": 1e-2, "adjusted": True, "thin": 1}
+
+
+def check_annealed_options(num_samples: Any, num_steps: Any, **plain: Any) -> None:
+    """The annealed mode of ``langevin`` (``sigmas`` given) keeps one sample per chain and
+    runs its own schedule: ``num_samples`` / ``num_steps`` must be left out, and the plain
+    sampler's options (``PLAIN_LANGEVIN_DEFAULTS``) left at their defaults.
 
     Raises:
-        ValueError: ``num_samples`` / ``num_steps`` given (one sample per chain), or a site
-            whose density does not depend on the noise level.
+        ValueError: naming the arguments that do not apply.
     """
-    if num_samples is not None:
+    if num_samples is not None or num_steps is not None:
         raise ValueError(
             "arguments 'num_samples' / 'num_steps' do not apply with 'sigmas' (annealed Langevin keeps one "
             "sample per chain: ask for more chains)"
         )
+    given = [k for k, v in plain.items() if not (v is PLAIN_LANGEVIN_DEFAULTS[k] or v == PLAIN_LANGEVIN_DEFAULTS[k])]
+    if given:
+        names = ", ".join(repr(k) for k in given)
+        raise ValueError(
+            f"argument(s) {names} do not apply with 'sigmas': annealed Langevin runs 'n_steps_each' ULA steps "
+            "of size 'step_lr * sigma_i^2 / sigma_L^2' per level, with no warm-up, thinning or MALA correction"
+        )
+
+
+def check_annealed_site(log_prob: Callable[[Any], Any], u0: Any, sigma: float, site: str) -> None:
+    """The annealed mode of ``langevin`` samples a ``NoiseConditional`` site: evaluated once at
+    ``u0`` and the first level, its log density must read the level.
+
+    Raises:
+        ValueError: a site whose density does not depend on the noise level.
+    """
     with noise_level(sigma) as level:
         log_prob(u0)
     if not level.used:

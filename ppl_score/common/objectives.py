@@ -256,6 +256,9 @@ def check_sigmas(value: Any, what: str = "option") -> tuple:
             f"{what} 'sigmas' must be a sequence of noise levels (e.g. ppl_score.spec.geometric_sigmas(1.0, 0.01, 10)), "
             f"got {type(value).__name__}"
         )
+    value = list(value)
+    if any(isinstance(v, bool) or str(getattr(v, "dtype", "")) in ("bool", "torch.bool") for v in value):
+        raise TypeError(f"{what} 'sigmas' must hold real numbers, got a bool")
     try:
         levels = tuple(float(v) for v in value)
     except (TypeError, ValueError):

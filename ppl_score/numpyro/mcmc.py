@@ -360,8 +360,9 @@ def langevin(
             ``ScoreMatching("ms_dsm")``): annealed Langevin over these decreasing levels
             (``n_steps_each`` ULA steps per level of size ``step_lr * sigma_i^2 / sigma_L^2``,
             then with ``denoise`` the Tweedie step), as ``annealed_langevin`` of the backend;
-            one sample per chain, so ``num_samples`` / ``num_steps`` must be left out and
-            ``num_warmup``, ``step_size``, ``adjusted`` and ``thin`` do not apply.
+            one sample per chain, so ``num_samples`` / ``num_steps`` must be left out, and
+            ``num_warmup``, ``step_size``, ``adjusted`` and ``thin``, which do not apply, at
+            their defaults (else a ``ValueError``).
 
     Returns:
         ``SiteSamples(samples [num_samples, num_chains, *layout.shape], accept_rate, layout)``.
@@ -375,6 +376,10 @@ def langevin(
     density, so it is compiled for that call and released afterwards (nothing is cached
     across calls).
     """
+    if sigmas is not None:
+        frontend.check_annealed_options(
+            num_samples, num_steps, num_warmup=num_warmup, step_size=step_size, adjusted=adjusted, thin=thin
+        )
     adjusted = shared.check_adjusted(adjusted)
     plan = shared.check_sampling_run(step_size, num_samples, num_steps, num_warmup, thin)
     if key is None:
@@ -396,9 +401,7 @@ def langevin(
     u0 = dens.init_unconstrained(init).reshape(dens.num_rows, *dens.unconstrained_shape)
     if sigmas is not None:
         levels = check_sigmas(sigmas, what="argument")
-        frontend.check_annealed_site(
-            dens.log_prob, u0, levels[0], site, num_samples if num_steps is None else num_steps
-        )
+        frontend.check_annealed_site(dens.log_prob, u0, levels[0], site)
         out = backend.annealed_langevin(
             frontend.at_noise_level(dens.log_prob),
             u0,

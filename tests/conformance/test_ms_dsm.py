@@ -133,6 +133,7 @@ def test_float32(backend):
         (dict(sigmas=(1.0, -0.1)), ValueError, "positive finite"),
         (dict(sigmas=()), ValueError, "at least one"),
         (dict(sigmas="big"), TypeError, "option 'sigmas' must be a sequence"),
+        (dict(sigmas=(True,)), TypeError, "option 'sigmas' must hold real numbers, got a bool"),
         (dict(weighting="lambda"), ValueError, "option 'weighting'"),
         (dict(sigma=0.1), ValueError, "unknown option"),
     ],

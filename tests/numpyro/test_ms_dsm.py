@@ -94,3 +94,7 @@ def test_annealed_langevin_mode_recovers_the_weights():
     assert abs(float((out.samples[0, :, 0] < 0).mean()) - 0.8) < 0.03 + 3 * (0.16 / 600) ** 0.5
     with pytest.raises(ValueError, match="'num_samples' / 'num_steps' do not apply"):
         langevin(model, "x", key=key, num_chains=2, sigmas=sigmas, num_samples=5)
+    with pytest.raises(ValueError, match="'step_size', 'thin' do not apply with 'sigmas'"):
+        langevin(model, "x", key=key, num_chains=2, sigmas=sigmas, thin=5, step_size=0.3)
+    with pytest.raises(ValueError, match="'num_warmup', 'adjusted' do not apply"):
+        langevin(model, "x", key=key, num_chains=2, sigmas=sigmas, num_warmup=7, adjusted=False)

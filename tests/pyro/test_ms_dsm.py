@@ -125,6 +125,10 @@ def test_annealed_langevin_mode_recovers_the_weights():
     assert abs((out.samples[0, :, 0] < 0).double().mean().item() - 0.8) < 0.03 + 3 * (0.16 / 600) ** 0.5
     with pytest.raises(ValueError, match="'num_samples' / 'num_steps' do not apply"):
         langevin(model, "x", num_chains=2, sigmas=sigmas, num_samples=5)
+    with pytest.raises(ValueError, match="'step_size', 'thin' do not apply with 'sigmas'"):
+        langevin(model, "x", num_chains=2, sigmas=sigmas, thin=5, step_size=0.3)
+    with pytest.raises(ValueError, match="'num_warmup', 'adjusted' do not apply"):
+        langevin(model, "x", num_chains=2, sigmas=sigmas, num_warmup=7, adjusted=False)
     with pytest.raises(ValueError, match="argument 'sigmas' must be strictly decreasing"):
         langevin(model, "x", num_chains=2, sigmas=(0.1, 1.0))
 
