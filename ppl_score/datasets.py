@@ -132,14 +132,13 @@ def write_idx(path, array, *, compress: Optional[bool] = None) -> None:
         f.write(payload)
 
 
-def _candidates(path, subdir: str, system: Sequence[str]) -> list[str]:
+def _candidates(path, subdir: str, system: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The directories to search, in order, and those of them that ``$PPL_SCORE_DATA`` names."""
     if path is not None:
-        return [os.fspath(path)]
-    dirs = []
+        return [os.path.expanduser(os.fsdecode(path))], []
     env = os.environ.get("PPL_SCORE_DATA")
-    if env:
-        dirs += [os.path.join(env, subdir), env]
-    return dirs + list(system)
+    dirs = [os.path.join(os.path.expanduser(env), subdir), os.path.expanduser(env)] if env else []
+    return dirs + list(system), dirs
 
 
 def _split_files(directory: str, split: str) -> Optional[tuple[str, str]]:
@@ -160,19 +159,34 @@ def find_idx_dir(path=None, *, split: str = "train", dataset: str = "fashion-mni
     """The first directory, in the search order of this module, that holds ``split``'s two
     idx files of ``dataset`` (``"fashion-mnist"`` or ``"mnist"``).
 
+    ``path`` and ``$PPL_SCORE_DATA`` may start with ``~``. When ``$PPL_SCORE_DATA`` is set but
+    holds no such files, the search goes on (to the Debian package) with a ``UserWarning``.
+
     Raises:
         FileNotFoundError: with where it looked and how to get the data.
+        TypeError, ValueError: a bad ``split``, ``dataset`` or ``path`` (a file, not a directory).
     """
     if dataset not in ("fashion-mnist", "mnist"):
         raise ValueError(f"argument 'dataset' must be 'fashion-mnist' or 'mnist', got {dataset!r}")
+    if not isinstance(split, str):
+        raise TypeError(f"argument 'split' must be 'train' or 'test' (a str), got {type(split).__name__}")
     if split not in _SPLITS:
         raise ValueError(f"argument 'split' must be 'train' or 'test', got {split!r}")
-    if path is not None and not isinstance(path, (str, os.PathLike)):
+    if path is not None and not isinstance(path, (str, bytes, os.PathLike)):
         raise TypeError(f"argument 'path' must be a directory name (str or os.PathLike), got {type(path).__name__}")
     system = [DEBIAN_FASHION_MNIST] if dataset == "fashion-mnist" else []
-    looked = _candidates(path, dataset, system)
+    looked, from_env = _candidates(path, dataset, system)
+    if path is not None and os.path.exists(looked[0]) and not os.path.isdir(looked[0]):
+        raise ValueError(f"argument 'path' must be the directory holding the idx files, got the file {looked[0]!r}")
     for directory in looked:
         if _split_files(directory, split) is not None:
+            if from_env and directory not in from_env:
+                warnings.warn(
+                    f"PPL_SCORE_DATA={os.environ['PPL_SCORE_DATA']!r} holds no {dataset} {split!r} split; "
+                    f"using {directory!r} instead",
+                    UserWarning,
+                    stacklevel=3,
+                )
             return directory
     prefix = _SPLITS[split]
     files = f"{prefix}-images-idx3-ubyte[.gz] and {prefix}-labels-idx1-ubyte[.gz]"
@@ -189,9 +203,14 @@ def find_idx_dir(path=None, *, split: str = "train", dataset: str = "fashion-mni
 
 
 def _load(dataset: str, split: str, path, flatten: bool, dtype) -> ImageData:
-    if not isinstance(flatten, bool):
+    if not isinstance(flatten, (bool, np.bool_)):
         raise TypeError(f"argument 'flatten' must be a bool, got {type(flatten).__name__}")
-    dtype = np.dtype(dtype)
+    if dtype is None:
+        raise TypeError("argument 'dtype' must be a numpy floating dtype (e.g. np.float32), got None")
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"argument 'dtype' must be a numpy floating dtype (e.g. np.float32), got {dtype!r}") from None
     if dtype.kind != "f":
         raise TypeError(f"argument 'dtype' must be a floating dtype, got {dtype}")
     directory = find_idx_dir(path, split=split, dataset=dataset)
@@ -203,9 +222,11 @@ def _load(dataset: str, split: str, path, flatten: bool, dtype) -> ImageData:
         raise ValueError(
             f"{labels_file!r} must hold one label per image ({len(images)}), got {labels.dtype} {labels.shape}"
         )
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise ValueError(f"{labels_file!r} must hold class labels 0..9, got values in [{labels.min()}, {labels.max()}]")
     x = images.astype(dtype) / dtype.type(255)
     if flatten:
-        x = x.reshape(len(x), -1)
+        x = x.reshape(len(x), images.shape[1] * images.shape[2])
     return ImageData(images=x, labels=labels.astype(np.int64))
 
 
@@ -228,7 +249,9 @@ def load_fashion_mnist(split: str = "train", path=None, *, flatten: bool = False
 
     Raises:
         FileNotFoundError: the files are nowhere; the message says how to get them.
-        ValueError: a file is not idx or is truncated.
+        TypeError: a bad ``split``, ``path``, ``flatten`` or ``dtype``.
+        ValueError: an unknown ``split``, a ``path`` that is a file, or a file that is not idx,
+            is truncated, or does not hold ``uint8`` images and labels 0..9.
     """
     return _load("fashion-mnist", split, path, flatten, dtype)
 

@@ -160,6 +160,39 @@ def test_argument_errors(tmp_path):
         ds.load_fashion_mnist("train", tmp_path, flatten="yes")
     with pytest.raises(ValueError, match="argument 'dataset'"):
         ds.find_idx_dir(dataset="cifar")
+    with pytest.raises(TypeError, match="argument 'split'.*got list"):
+        ds.load_fashion_mnist(["train"])
+    for bad in (None, "foo"):
+        with pytest.raises(TypeError, match="argument 'dtype' must be a numpy floating dtype"):
+            ds.load_fashion_mnist("train", tmp_path, dtype=bad)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError, match="argument 'path' must be the directory.*a-file"):
+        ds.load_fashion_mnist("train", tmp_path / "a-file")
+
+
+def test_home_paths_numpy_bools_and_empty_splits(tmp_path, monkeypatch, no_system_data):
+    """``~`` in ``path`` and in ``$PPL_SCORE_DATA`` is the home directory; ``flatten`` may be a
+    numpy bool; a split of zero images flattens to ``[0, 784]``."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_fake_fashion_mnist(tmp_path / "data", n_train=5, n_test=3)
+    assert len(ds.load_mnist("test", path="~/data").labels) == 3
+    monkeypatch.setenv("PPL_SCORE_DATA", "~/data")
+    assert ds.load_fashion_mnist("train", flatten=np.True_).images.shape == (5, 784)
+    (tmp_path / "e").mkdir()
+    ds.write_idx(tmp_path / "e" / "t10k-images-idx3-ubyte", np.zeros((0, 28, 28), np.uint8))
+    ds.write_idx(tmp_path / "e" / "t10k-labels-idx1-ubyte", np.zeros(0, np.uint8))
+    empty = ds.load_fashion_mnist("test", tmp_path / "e", flatten=True)
+    assert empty.images.shape == (0, 784) and empty.labels.shape == (0,)
+
+
+def test_a_ppl_score_data_without_the_files_warns_and_falls_back(tmp_path, monkeypatch):
+    """A mistyped ``$PPL_SCORE_DATA`` is not silently replaced by the Debian package's data."""
+    debian = tmp_path / "debian"
+    write_fake_fashion_mnist(debian, n_train=7, n_test=2)
+    monkeypatch.setattr(ds, "DEBIAN_FASHION_MNIST", str(debian))
+    monkeypatch.setenv("PPL_SCORE_DATA", str(tmp_path / "nowhere"))
+    with pytest.warns(UserWarning, match="PPL_SCORE_DATA=.*nowhere.*holds no fashion-mnist 'test' split; using"):
+        assert len(ds.load_fashion_mnist("test").labels) == 2
 
 
 def test_mismatched_files_are_rejected(tmp_path, no_system_data):
@@ -170,6 +203,10 @@ def test_mismatched_files_are_rejected(tmp_path, no_system_data):
     ds.write_idx(tmp_path / "train-images-idx3-ubyte.gz", np.zeros((3, 28, 28), np.float32))
     with pytest.raises(ValueError, match="uint8 images"):
         ds.load_fashion_mnist("train", tmp_path)
+    write_fake_fashion_mnist(tmp_path, n_train=4, n_test=2)
+    ds.write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.array([0, 200], np.uint8))
+    with pytest.raises(ValueError, match="class labels 0..9, got values in \\[0, 200\\]"):
+        ds.load_fashion_mnist("test", tmp_path)
 
 
 def test_old_demo_names_still_work_and_warn():
