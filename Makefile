@@ -59,20 +59,29 @@ bench-full: install
 	done
 
 # Fashion-MNIST (MIT licence, ~31 MB) from the Debian/Ubuntu package dataset-fashion-mnist:
-# installed when apt is available and we are root, else how to get it. Nothing needs it:
-# `make demo` and `make test` run without it (the tests that read the real files skip).
+# installed when apt is available and we are root, else how to get it (also printed, with a
+# non-zero exit, when that install fails). Nothing needs it: `make demo` and `make test` run
+# without it (the tests that read the real files skip).
 FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 data:
-	@if ls $(FASHION_MNIST_DIR)/t10k-labels-idx1-ubyte* >/dev/null 2>&1; then \
-		echo "Fashion-MNIST is installed in $(FASHION_MNIST_DIR)"; \
-	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist && \
-		echo "Fashion-MNIST installed in $(FASHION_MNIST_DIR)"; \
-	else \
+	@how_to_get_it() { \
 		echo "Fashion-MNIST is not installed. On Debian/Ubuntu: sudo apt-get install dataset-fashion-mnist"; \
 		echo "Elsewhere: download the four idx files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz,"; \
 		echo "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) from https://github.com/zalandoresearch/fashion-mnist"; \
 		echo "into a directory DIR and export PPL_SCORE_DATA=DIR (or pass path=DIR to ppl_score.datasets.load_fashion_mnist)."; \
+	}; \
+	if ls $(FASHION_MNIST_DIR)/t10k-labels-idx1-ubyte* >/dev/null 2>&1; then \
+		echo "Fashion-MNIST is installed in $(FASHION_MNIST_DIR)"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		if apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; then \
+			echo "Fashion-MNIST installed in $(FASHION_MNIST_DIR)"; \
+		else \
+			echo "make data: apt-get could not install dataset-fashion-mnist (see its output above)." >&2; \
+			how_to_get_it; \
+			exit 1; \
+		fi; \
+	else \
+		how_to_get_it; \
 	fi
 
 clean:

@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
@@ -64,6 +65,7 @@ __all__ = [
     "run_worker",
     "emit_worker_result",
     "single_thread",
+    "exit_with_error",
 ]
 
 
@@ -83,6 +85,14 @@ def single_thread() -> None:
         torch.set_num_threads(1)
     except ImportError:  # pragma: no cover
         pass
+
+
+def exit_with_error(message: str) -> NoReturn:
+    """End the script as argparse's ``parser.error`` does: ``PROG: error: MESSAGE`` on stderr
+    and exit status 2, no traceback."""
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "experiment"
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
 
 
 def make_parser(description: str) -> argparse.ArgumentParser:
@@ -110,11 +120,18 @@ def load_images(
     ``(k + u) / 256`` with ``u ~ U(0, 1)``, so values lie in ``(0, 1)`` (the FD-SSM and SSM
     papers' dequantization). ``n_train`` / ``n_test`` keep the first images of a fixed random
     permutation of each split. Returns ``(train, test)`` or ``(train, test, train_labels,
-    test_labels)``."""
+    test_labels)``.
+
+    Without the data (neither ``path``, ``$PPL_SCORE_DATA`` nor the Debian package holds the
+    idx files) the script ends by :func:`exit_with_error` with the loader's message (where it
+    looked, how to get the data), not a ``FileNotFoundError`` traceback."""
     rng = np.random.default_rng([seed, 14])
     out = []
     for split, n in (("train", n_train), ("test", n_test)):
-        images, labels = load_fashion_mnist(split, path, flatten=True, dtype=np.float64)
+        try:
+            images, labels = load_fashion_mnist(split, path, flatten=True, dtype=np.float64)
+        except FileNotFoundError as err:
+            exit_with_error(str(err))
         idx = rng.permutation(len(images))[: (len(images) if n is None else n)]
         pixels = np.rint(images[idx] * 255.0)
         out.append(((pixels + rng.uniform(size=pixels.shape)) / 256.0).astype(dtype))

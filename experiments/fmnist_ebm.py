@@ -51,7 +51,7 @@ costs 784 Hessian-vector products per image); 64 Langevin chains of 500 steps, p
 rather than annealed, and the samples stay noise-like (plain ULA from noise does not find the
 image modes of these energies; the very negative ESM of ``ssm_vr`` likely comes from tight
 fits of the near-constant background pixels at the [0, 1] boundary, which score matching's
-integration by parts ignores); 20 timing repeats per pass. Measured: 216-330 s wall for the
+integration by parts ignores); 20 timing repeats per pass. Measured: 211-324 s wall for the
 full run at load averages 4-7 on the 2-core machine. ``--smoke`` shrinks everything
 (64 training images, a 16-unit energy, 10 steps) and compiles JAX with
 ``jax_disable_most_optimizations``, so its numbers mean nothing; it checks the pipeline.

@@ -1,5 +1,6 @@
-"""experiments/fmnist_implicit_vae.py: the smoke run on stand-in idx files, and its AIS
-estimator on a linear-Gaussian model whose marginal likelihood is known in closed form."""
+"""experiments/fmnist_implicit_vae.py: the smoke run on stand-in idx files with each front end
+(Pyro, and NumPyro by ``--frontend numpyro``: trained in JAX, scored by the same torch AIS), and
+its AIS estimator on a linear-Gaussian model whose marginal likelihood is known in closed form."""
 
 from __future__ import annotations
 
@@ -51,15 +52,23 @@ def test_ais_linear_gaussian():
     assert (crude - exact).mean() < -1.0 and (crude - exact).abs().mean() > 5 * err.abs().mean()
 
 
-def test_smoke_run(tmp_path):
-    pytest.importorskip("torch")
-    pytest.importorskip("pyro")
-    pytest.importorskip("matplotlib")
+# the front end, the modules it needs (torch for the AIS in both), and the figure's name
+FRONTENDS = {
+    "pyro": (("pyro",), "fmnist_implicit_vae.png"),
+    "numpyro": (("jax", "numpyro", "optax"), "fmnist_implicit_vae_numpyro.png"),
+}
+
+
+@pytest.mark.parametrize("frontend", list(FRONTENDS))
+def test_smoke_run(tmp_path, frontend):
+    modules, figure = FRONTENDS[frontend]
+    for module in ("torch", "matplotlib", *modules):
+        pytest.importorskip(module)
     data = write_fake_fashion_mnist(tmp_path / "data")
     out, figs = tmp_path / "out.json", tmp_path / "figs"
     env = {**os.environ, "PPL_SCORE_DATA": data, "MPLBACKEND": "Agg"}
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--json", str(out), "--figures", str(figs)],
+        [sys.executable, str(SCRIPT), "--smoke", "--frontend", frontend, "--json", str(out), "--figures", str(figs)],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -68,6 +77,7 @@ def test_smoke_run(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
+    assert result["config"]["frontend"] == frontend
     assert set(result["summary"]) == {"gaussian", "implicit_ssm_vr", "implicit_stein"}
     for kind, rows in result["runs"].items():
         assert len(rows) == result["config"]["seeds"] >= 2
@@ -77,5 +87,5 @@ def test_smoke_run(tmp_path):
         assert math.isfinite(s["nll_mean"]) and math.isfinite(s["nll_se"]), kind
     gaussian = result["summary"]["gaussian"]
     assert math.isfinite(gaussian["elbo_mean"]) and gaussian["iwae_mean"] >= gaussian["elbo_mean"] - 1e-6
-    assert (figs / "fmnist_implicit_vae.png").is_file()
+    assert (figs / figure).is_file() and result["figure"] == str(figs / figure)
     assert "| encoder / loss" in proc.stdout
