@@ -26,6 +26,15 @@ Gaussian in closed form; and NUTS (Pyro's and NumPyro's) runs on its potential
 SVI posteriors of both front ends are compared with both. For contrast, the ordinary
 posterior of the model that ignores the truncation altogether (a plain Gaussian) is biased.
 
+Printed last: the kernel Stein discrepancy (KSD) test (``goodness_of_fit``) of held-out
+draws of the truncated Gaussian against the fitted model, the truncated ``N(mu, Sigma)`` with
+``mu`` at each front end's SVI posterior mean, and, for contrast, at the naive posterior mean.
+Like the fit it works in ``u = log x`` with the model's score there (``Z(mu)`` is not needed),
+where the Stein identity holds without boundary terms. A small p-value says the held-out
+data are unlikely under the model at that ``mu``: the naive ``mu`` should be rejected, the
+fitted ones not (full run, 300 held-out points: p-values 0.33 Pyro, 0.28 NumPyro, 0.002 at
+the naive mean).
+
     python tutorials/generalized_bayes.py            # full run, figure in tutorials/figures/
     python tutorials/generalized_bayes.py --smoke    # seconds, for CI
 """
@@ -81,8 +90,9 @@ def naive_gaussian_posterior(x: np.ndarray):
 # ---------------------------------------------------------------------------------------
 
 
-def run_pyro(x: np.ndarray, cfg: dict, seed: int):
-    """SVI with ScoreMatching and AutoMultivariateNormal, and NUTS on the potential."""
+def run_pyro(x: np.ndarray, test: np.ndarray, naive_mu: np.ndarray, cfg: dict, seed: int):
+    """SVI with ScoreMatching and AutoMultivariateNormal, NUTS on the potential, and the KSD
+    test of ``test`` against the model at the SVI posterior mean and at ``naive_mu``."""
     import pyro
     import pyro.distributions as dist
     import torch
@@ -92,7 +102,7 @@ def run_pyro(x: np.ndarray, cfg: dict, seed: int):
     from pyro.infer.mcmc import MCMC, NUTS
     from pyro.optim import ClippedAdam
 
-    from ppl_score.pyro import ScoreMatching, Unnormalized
+    from ppl_score.pyro import ScoreMatching, Unnormalized, goodness_of_fit
     from ppl_score.torch import score_matching_loss
 
     f64 = torch.float64
@@ -139,7 +149,21 @@ def run_pyro(x: np.ndarray, cfg: dict, seed: int):
     )
     mcmc.run()
     nuts = mcmc.get_samples()["mu"].numpy()
-    return dict(svi_mean=svi_mean, svi_cov=svi_cov, nuts=nuts)
+
+    # the KSD test of held-out data against the model at a fixed mu (a Delta guide draws it)
+    def ksd_at(mu):
+        mu = torch.as_tensor(mu, dtype=f64)
+        result = goodness_of_fit(
+            model,
+            "x",
+            torch.as_tensor(test, dtype=f64),
+            guide=lambda data: pyro.sample("mu", dist.Delta(mu, event_dim=1)),
+            n_bootstrap=cfg["ksd_bootstrap"],
+            generator=torch.Generator().manual_seed(seed),
+        )
+        return float(result.statistic), float(result.p_value)
+
+    return dict(svi_mean=svi_mean, svi_cov=svi_cov, nuts=nuts, ksd=ksd_at(svi_mean), ksd_naive=ksd_at(naive_mu))
 
 
 # ---------------------------------------------------------------------------------------
@@ -147,7 +171,7 @@ def run_pyro(x: np.ndarray, cfg: dict, seed: int):
 # ---------------------------------------------------------------------------------------
 
 
-def run_numpyro(x: np.ndarray, cfg: dict, seed: int):
+def run_numpyro(x: np.ndarray, test: np.ndarray, cfg: dict, seed: int):
     import jax
     import jax.numpy as jnp
     import numpyro
@@ -158,7 +182,7 @@ def run_numpyro(x: np.ndarray, cfg: dict, seed: int):
     from numpyro.infer.autoguide import AutoMultivariateNormal
 
     from ppl_score.jax import score_matching_loss
-    from ppl_score.numpyro import ScoreMatching, Unnormalized
+    from ppl_score.numpyro import ScoreMatching, Unnormalized, goodness_of_fit
 
     prec = jnp.asarray(PREC)
     prior = dist.Normal(jnp.zeros(D), PRIOR_SD).to_event(1)
@@ -195,7 +219,19 @@ def run_numpyro(x: np.ndarray, cfg: dict, seed: int):
     )
     mcmc.run(key_nuts, init_params={"mu": jnp.zeros(D)})
     nuts = np.asarray(mcmc.get_samples()["mu"])
-    return dict(svi_mean=svi_mean, svi_cov=svi_cov, nuts=nuts)
+
+    # the KSD test of held-out data against the model at the SVI posterior mean
+    mean = jnp.asarray(svi_mean)
+    result = goodness_of_fit(
+        model,
+        "x",
+        jnp.asarray(test),
+        rng_key=jax.random.PRNGKey(seed),
+        guide=lambda data: numpyro.sample("mu", dist.Delta(mean, event_dim=1)),
+        n_bootstrap=cfg["ksd_bootstrap"],
+    )
+    ksd = (float(result.statistic), float(result.p_value))
+    return dict(svi_mean=svi_mean, svi_cov=svi_cov, nuts=nuts, ksd=ksd)
 
 
 # ---------------------------------------------------------------------------------------
@@ -254,19 +290,26 @@ def main(argv=None) -> dict:
     jax.config.update("jax_enable_x64", True)
 
     if args.smoke:
-        n = 40
-        cfg = {b: dict(svi_steps=5, lr=0.05, particles=2, nuts_warmup=10, nuts_samples=10) for b in ("pyro", "numpyro")}
+        n, n_ksd = 40, 50
+        cfg = {
+            b: dict(svi_steps=5, lr=0.05, particles=2, nuts_warmup=10, nuts_samples=10, ksd_bootstrap=100)
+            for b in ("pyro", "numpyro")
+        }
     else:
         # the guide's scale converges slowly under noisy gradients: NumPyro's jitted steps are
         # cheap, so it gets more of them; Pyro fewer (a Python loop over particles per step)
-        n = 200
+        n, n_ksd = 200, 300
         cfg = dict(
-            pyro=dict(svi_steps=2000, lr=0.05, particles=2, nuts_warmup=300, nuts_samples=700),
-            numpyro=dict(svi_steps=6000, lr=0.05, particles=4, nuts_warmup=500, nuts_samples=1000),
+            pyro=dict(svi_steps=2000, lr=0.05, particles=2, nuts_warmup=300, nuts_samples=700, ksd_bootstrap=500),
+            numpyro=dict(svi_steps=6000, lr=0.05, particles=4, nuts_warmup=500, nuts_samples=1000, ksd_bootstrap=500),
         )
     x = sample_truncated(n, np.random.default_rng(args.seed))
+    test = sample_truncated(n_ksd, np.random.default_rng([args.seed, 1]))  # held out, for the KSD test
     exact, naive = closed_form(x), naive_gaussian_posterior(x)
-    results = {"Pyro": run_pyro(x, cfg["pyro"], args.seed), "NumPyro": run_numpyro(x, cfg["numpyro"], args.seed)}
+    results = {
+        "Pyro": run_pyro(x, test, naive[0], cfg["pyro"], args.seed),
+        "NumPyro": run_numpyro(x, test, cfg["numpyro"], args.seed),
+    }
 
     def row(name, mean, sd):
         cells = "  ".join(f"{m:+.3f} ± {s:.3f}" for m, s in zip(mean, sd))
@@ -297,6 +340,15 @@ def main(argv=None) -> dict:
             f"  {name}: max |mean - exact| / sd: SVI {e['svi_mean_err']:.2f}, NUTS {e['nuts_mean_err']:.2f}; "
             f"max |sd / exact sd - 1|: SVI {e['svi_sd_ratio']:.2f}, NUTS {e['nuts_sd_ratio']:.2f}"
         )
+    print("KSD test of held-out data (in u = log x) against the truncated N(mu, Sigma) with mu at the")
+    print("posterior mean of each fit below (a small p-value rejects the model at that mu):")
+    ksd = {f"SVI posterior mean ({name})": r["ksd"] for name, r in results.items()}
+    ksd["naive posterior mean (Pyro)"] = results["Pyro"]["ksd_naive"]
+    for name, (ksd2, p_value) in ksd.items():
+        print(f"  {name:30s}: KSD test (held-out, N={n_ksd}): KSD^2 {ksd2:.4g}, p-value {p_value:.3f}")
+    for name, r in results.items():
+        report[name].update(ksd=r["ksd"][0], ksd_p_value=r["ksd"][1])
+    report["naive"] = dict(ksd=ksd["naive posterior mean (Pyro)"][0], ksd_p_value=ksd["naive posterior mean (Pyro)"][1])
 
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "generalized_bayes.png"

@@ -31,6 +31,16 @@ def test_tutorial_smoke(tmp_path, capsys):
         assert line in out, out
     assert not re.search(r"\bnan\b|\binf\b", out, re.IGNORECASE), out
     assert report["Pyro"]["beta"] > 0 and report["NumPyro"]["beta"] > 0
+    # the KSD test of held-out data, one line per front end, p-values in [0, 1]
+    p_values = [
+        float(p)
+        for p in re.findall(
+            r"(?:Pyro|NumPyro) \(theta = \S+\)\s*: KSD test \(held-out, N=50\): KSD\^2 \S+, p-value (\S+)", out
+        )
+    ]
+    assert len(p_values) == 2, out
+    assert all(0.0 <= p <= 1.0 for p in p_values), p_values
+    assert all(0.0 <= report[name]["ksd_p_value"] <= 1.0 for name in ("Pyro", "NumPyro"))
     figure = tmp_path / "calibrated_bayes.png"
     assert f"figure: {figure}" in out
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and figure.stat().st_size > 10_000

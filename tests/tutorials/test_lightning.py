@@ -32,6 +32,10 @@ def test_lightning_ddp_smoke(tmp_path):
     assert "replicas equal after training: True" in proc.stdout, proc.stdout
     before, after = map(float, re.search(r"before (\S+), after (\S+)", proc.stdout).groups())
     assert after < before  # a few steps of ssm_vr already lower the held-out esm loss
+    # the KSD test of held-out data against the trained energy: a p-value in [0, 1]
+    match = re.search(r"KSD test \(held-out, N=100\): KSD\^2 (\S+), p-value (\S+)", proc.stdout)
+    assert match, proc.stdout
+    assert 0.0 <= float(match.group(2)) <= 1.0, proc.stdout
 
 
 def test_lightning_tutorial_without_lightning():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -31,3 +32,7 @@ def test_tutorial_smoke(tmp_path):
     assert (tmp_path / "relgrad_scaling.png").stat().st_size > 0
     table = (tmp_path / "relgrad_density.md").read_text()
     assert "mle_relgrad" in table and "ssm_vr" in table
+    # the KSD test of each fit, (2) Pyro, (3) NumPyro, (4) ssm_vr, on held-out data: p-values in [0, 1]
+    p_values = re.findall(r"KSD test \(held-out, N=100\): KSD\^2 \S+, p-value (\S+)", proc.stdout)
+    assert len(p_values) == 3, proc.stdout
+    assert all(0.0 <= float(p) <= 1.0 for p in p_values), p_values
