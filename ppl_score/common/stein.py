@@ -58,7 +58,7 @@ import math
 import numbers
 from typing import Any, NamedTuple
 
-from .estimators import check_bandwidth
+from .estimators import check_bandwidth, check_samples_shape
 from .validate import check_choice, check_int, check_positive_float, warn_nonfinite
 
 __all__ = [
@@ -78,6 +78,7 @@ __all__ = [
     "normalizer",
     "median_zero_message",
     "too_few_points_error",
+    "check_goodness_of_fit_args",
     "check_site_scores",
     "NONFINITE_CAUSE",
     "warn_if_nonfinite",
@@ -157,13 +158,7 @@ def check_ksd_options(
 def check_ksd_shapes(samples_shape: tuple, scores_shape: tuple) -> tuple[int, int]:
     """``samples`` is ``[N, D]`` with ``N >= 2`` and ``D >= 1``, ``scores`` the same shape."""
     samples_shape, scores_shape = tuple(samples_shape), tuple(scores_shape)
-    if len(samples_shape) != 2:
-        raise ValueError(f"argument 'samples' must have shape [N, D], got {samples_shape}")
-    n, d = samples_shape
-    if n < 2:
-        raise ValueError(f"argument 'samples' must hold at least 2 points (N >= 2), got N = {n}")
-    if d < 1:
-        raise ValueError(f"argument 'samples' must have D >= 1 columns, got shape {samples_shape}")
+    n, d = check_samples_shape(samples_shape, "samples")
     if scores_shape != samples_shape:
         raise ValueError(
             f"argument 'scores' must have the shape of 'samples', {samples_shape} (the score at each point), "
@@ -226,6 +221,29 @@ def warn_if_nonfinite(what: str, statistic: float, stacklevel: int = 4) -> None:
     ``stacklevel`` points at the caller of the backend's function that calls this."""
     if not math.isfinite(statistic):
         warn_nonfinite(what, NONFINITE_CAUSE, stacklevel=stacklevel)
+
+
+def check_goodness_of_fit_args(
+    site: Any,
+    guide: Any,
+    n_bootstrap: Any,
+    kernel: Any,
+    c: Any,
+    beta: Any,
+    bandwidth: Any,
+    statistic: Any,
+    chunk_size: Any,
+) -> None:
+    """The arguments of the front ends' ``goodness_of_fit`` that need no data, checked before
+    the model runs (the chunk size again once ``N`` is known)."""
+    if not isinstance(site, str):
+        raise TypeError(f"argument 'site' must be a site name (a string), got {type(site).__name__}")
+    check_ksd_options(kernel, c, beta, bandwidth, statistic)
+    check_n_bootstrap(n_bootstrap)
+    if chunk_size is not None:
+        check_chunk_size(chunk_size, 1)
+    if guide is not None and not callable(guide):
+        raise TypeError(f"argument 'guide' must be callable, got {type(guide).__name__}")
 
 
 def check_site_scores(site: str, finite_rows: Any) -> None:

@@ -116,17 +116,10 @@ def goodness_of_fit(
 
         [3] J. Gorham, L. Mackey, "Measuring sample quality with kernels", ICML, 2017.
     """
-    if not isinstance(site, str):
-        raise TypeError(f"argument 'site' must be a site name (a string), got {type(site).__name__}")
+    common.check_goodness_of_fit_args(site, guide, n_bootstrap, kernel, c, beta, bandwidth, statistic, chunk_size)
     rng_key = check_key(rng_key, "rng_key")
-    common.check_ksd_options(kernel, c, beta, bandwidth, statistic)
-    common.check_n_bootstrap(n_bootstrap)
-    if chunk_size is not None:
-        common.check_chunk_size(chunk_size, 1)
     if params is not None and not isinstance(params, dict):
         raise TypeError(f"argument 'params' must be a dict, got {type(params).__name__}")
-    if guide is not None and not callable(guide):
-        raise TypeError(f"argument 'guide' must be callable, got {type(guide).__name__}")
     model_key, boot_key = random.split(rng_key)
     x, scores, w = _datum_scores(ScoreMatching(sites=[site]), model_key, dict(params or {}), model, guide, args, kwargs)
     if w is not None:

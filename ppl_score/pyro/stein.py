@@ -90,15 +90,8 @@ def goodness_of_fit(
 
         [3] J. Gorham, L. Mackey, "Measuring sample quality with kernels", ICML, 2017.
     """
-    if not isinstance(site, str):
-        raise TypeError(f"argument 'site' must be a site name (a string), got {type(site).__name__}")
-    common.check_ksd_options(kernel, c, beta, bandwidth, statistic)
-    common.check_n_bootstrap(n_bootstrap)
-    if chunk_size is not None:
-        common.check_chunk_size(chunk_size, 1)
+    common.check_goodness_of_fit_args(site, guide, n_bootstrap, kernel, c, beta, bandwidth, statistic, chunk_size)
     check_generator(generator)
-    if guide is not None and not callable(guide):
-        raise TypeError(f"argument 'guide' must be callable, got {type(guide).__name__}")
     if torch.is_inference_mode_enabled():
         raise inference_mode_error("goodness_of_fit", "the model's score at the observed values")
     x, scores, w = ScoreMatching(sites=[site]).datum_scores(model, guide or _no_guide, *args, **kwargs)

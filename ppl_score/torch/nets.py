@@ -12,6 +12,16 @@ from torch import nn
 from ..common.objectives import check_noise_conditioning, check_sigma_shape
 
 
+def _mlp(sizes: Sequence[int], out: int, activation: Callable[[], nn.Module], bias: bool = True) -> nn.Sequential:
+    """``Linear, activation`` through ``sizes``, then a ``Linear`` to ``out`` (``bias`` on it or
+    not): the body of every network here (parameter names ``net.<i>.weight``)."""
+    layers = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), activation()]
+    layers.append(nn.Linear(sizes[-1], out, bias=bias))
+    return nn.Sequential(*layers)
+
+
 class MLPEnergy(nn.Module):
     """Deep energy model: ``log p(x) = -E(x) + const`` with ``E`` an MLP on the flattened
     event, ``x[B, *event] -> [B]``.
@@ -35,15 +45,10 @@ class MLPEnergy(nn.Module):
         quadratic: float = 0.0,
     ):
         super().__init__()
-        sizes = (dim, *hidden)
-        layers = []
-        for a, b in zip(sizes[:-1], sizes[1:]):
-            layers += [nn.Linear(a, b), activation()]
-        layers.append(nn.Linear(sizes[-1], 1, bias=False))
-        self.net = nn.Sequential(*layers)
+        self.net = _mlp((dim, *hidden), 1, activation, bias=False)
         self.quadratic = float(quadratic)
         # a checkpoint of the earlier layout carries the last bias: drop it on load
-        self._register_load_state_dict_pre_hook(functools.partial(_drop_state_key, f"net.{len(layers) - 1}.bias"))
+        self._register_load_state_dict_pre_hook(functools.partial(_drop_state_key, f"net.{len(self.net) - 1}.bias"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(x.shape[0], -1)
@@ -58,12 +63,7 @@ class MLPScore(nn.Module):
 
     def __init__(self, dim: int, hidden: Sequence[int] = (256, 256), activation: Callable[[], nn.Module] = nn.Softplus):
         super().__init__()
-        sizes = (dim, *hidden)
-        layers = []
-        for a, b in zip(sizes[:-1], sizes[1:]):
-            layers += [nn.Linear(a, b), activation()]
-        layers.append(nn.Linear(sizes[-1], dim))
-        self.net = nn.Sequential(*layers)
+        self.net = _mlp((dim, *hidden), dim, activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.reshape(x.shape[0], -1)).reshape(x.shape)
@@ -92,12 +92,7 @@ class NoiseConditionalScore(nn.Module):
         super().__init__()
         check_noise_conditioning(condition_on_sigma, divide_by_sigma)
         self.condition_on_sigma, self.divide_by_sigma = bool(condition_on_sigma), bool(divide_by_sigma)
-        sizes = (dim + int(self.condition_on_sigma), *hidden)
-        layers = []
-        for a, b in zip(sizes[:-1], sizes[1:]):
-            layers += [nn.Linear(a, b), activation()]
-        layers.append(nn.Linear(sizes[-1], dim))
-        self.net = nn.Sequential(*layers)
+        self.net = _mlp((dim + int(self.condition_on_sigma), *hidden), dim, activation)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(x.shape[0], -1)
@@ -124,12 +119,7 @@ class NoiseConditionalEnergy(nn.Module):
         quadratic: float = 0.0,
     ):
         super().__init__()
-        sizes = (dim + 1, *hidden)
-        layers = []
-        for a, b in zip(sizes[:-1], sizes[1:]):
-            layers += [nn.Linear(a, b), activation()]
-        layers.append(nn.Linear(sizes[-1], 1, bias=False))
-        self.net = nn.Sequential(*layers)
+        self.net = _mlp((dim + 1, *hidden), 1, activation, bias=False)
         self.quadratic = float(quadratic)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
